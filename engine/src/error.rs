@@ -1,0 +1,74 @@
+//! Errors, each with the errno a kernel would answer.
+
+use serde::{Deserialize, Serialize};
+
+/// Why an engine operation failed.
+///
+/// Every variant maps to the errno that KVM's guest_memfd (or the host
+/// backing it) would return for the same situation; see [`Error::errno`].
+/// An error never leaves a partial change behind except where a variant
+/// says so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// The range is not 4 KiB aligned, is empty, overflows, or runs past the
+    /// end of the file (EINVAL). Nothing changed but `errors_invalid_range`.
+    #[error("invalid range: offset {offset:#x}, len {len:#x} (must be 4 KiB aligned, non-empty and inside the file)")]
+    InvalidRange {
+        /// The offset the caller passed.
+        offset: u64,
+        /// The length the caller passed.
+        len: u64,
+    },
+    /// A conversion to private was refused because the subpage at `offset`
+    /// has a pending punch (EAGAIN). Populate the range and retry. Nothing
+    /// changed but `convert_calls` and `conversions_rejected`.
+    #[error("conversion refused: subpage at {offset:#x} has a pending punch; populate it and retry")]
+    PendingPunch {
+        /// The first subpage of the range with a pending punch.
+        offset: u64,
+    },
+    /// The file was torn down (EIO, as KVM answers for a dead VM). Nothing
+    /// changed but `errors_torn_down`.
+    #[error("the file was torn down")]
+    TornDown,
+    /// The host could not allocate memory for a populate (the host's errno,
+    /// typically ENOMEM or ENOSPC). Huge pages and subpages of the range
+    /// before `offset` were populated; from `offset` on, nothing was.
+    #[error("the host could not allocate at {offset:#x} (errno {errno})")]
+    AllocationFailed {
+        /// Where the failed allocation starts.
+        offset: u64,
+        /// The host's errno.
+        errno: i32,
+    },
+    /// The configuration cannot describe a file (EINVAL).
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(&'static str),
+}
+
+/// `EINVAL` on Linux.
+pub const EINVAL: i32 = 22;
+/// `EAGAIN` on Linux.
+pub const EAGAIN: i32 = 11;
+/// `EIO` on Linux.
+pub const EIO: i32 = 5;
+
+impl Error {
+    /// The errno a kernel would return for this error.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Error::InvalidRange { .. } | Error::InvalidConfig(_) => EINVAL,
+            Error::PendingPunch { .. } => EAGAIN,
+            Error::TornDown => EIO,
+            Error::AllocationFailed { errno, .. } => *errno,
+        }
+    }
+}
+
+/// A failed host call (`allocate` or `free`), carrying the host's errno.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("host call failed with errno {errno}")]
+pub struct HostError {
+    /// The errno the host saw (for the Linux backend, fallocate's).
+    pub errno: i32,
+}

@@ -1,0 +1,19 @@
+#![doc = include_str!("../../README.md")]
+#![deny(clippy::undocumented_unsafe_blocks)]
+#![warn(missing_docs)]
+
+mod error;
+mod file;
+mod host;
+mod index;
+mod page;
+mod range;
+mod stats;
+mod sync;
+pub mod trace;
+
+pub use error::{Error, HostError, EAGAIN, EINVAL, EIO};
+pub use file::{Backing, Config, HugePunch, SubpageState, TeardownReport, MAX_ORDER};
+pub use host::{Attribute, Host, Policy};
+pub use range::{ByteRange, Hint, SUBPAGE_SHIFT, SUBPAGE_SIZE};
+pub use stats::Stats;

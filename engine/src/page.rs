@@ -1,0 +1,590 @@
+//! One huge page's state: a state word plus the bitmap words, and the
+//! protocol every operation follows on them.
+//!
+//! # State
+//!
+//! Each huge page is `1 + W` atomic words: the **state word** and `W =
+//! ceil(subpages / 64)` **bitmap words** (8 for 2 MiB, 4096 for 1 GiB, 1 for
+//! the tiny orders of tests and loom models). The bitmap is the source of
+//! truth for subpages; the state word is the commit point of every
+//! transition. The state word packs:
+//!
+//! | bits  | field        | meaning |
+//! |-------|--------------|---------|
+//! | 0-1   | `MODE`       | backing: `ABSENT`, `HUGE`, `SPLIT` |
+//! | 2     | `COMPLETING` | a completion owns the huge page (set by one RMW, cleared when it ends) |
+//! | 3     | `BUSY`       | a slow path owns the huge page: a forced split, teardown, an allocation, or any operation on a `SPLIT` huge page |
+//! | 4     | `TORN`       | teardown has visited the huge page; never unset once set |
+//! | 8-17  | `PUNCHING`   | partial/whole punches between their entry and exit RMWs |
+//! | 18-27 | `UNPUNCHING` | populates (and `CancelAndZero` conversions) between entry and exit |
+//! | 28-37 | `CONVERTING` | conversions to private between their mark and unmark |
+//! | 44-63 | `COUNT`      | `HUGE`: punched subpages committed by exits (may be transiently "negative", wrapping in its 20 bits, see below); `SPLIT`: absent subpages; `ABSENT`: 0 |
+//!
+//! Bitmap meaning by mode: `HUGE`, bit set = subpage punched (pending);
+//! `SPLIT`, bit set = subpage absent (freed); `ABSENT`, all bits clear.
+//! The forced split turns punched bits into absent bits without touching
+//! them: the punched subpages are exactly the ones it frees.
+//!
+//! # Invariants
+//!
+//! 1. Bits of a `HUGE` huge page are changed only by an operation registered
+//!    in `PUNCHING` (sets) or `UNPUNCHING` (clears), or by the owner of
+//!    `COMPLETING`/`BUSY`, which is never held while anything is registered.
+//! 2. A registration is taken only on a `HUGE` huge page with neither
+//!    `COMPLETING` nor `BUSY` (an entry RMW), so a life of a huge page cannot
+//!    end while an operation of that life is still touching its bits: the
+//!    registration counts are this engine's generation. No late punch can
+//!    set a bit in the next life.
+//! 3. `COUNT` = bits set by exited punches − bits cleared by exited
+//!    un-punches. An un-punch is registered from before its bits are cleared
+//!    until after `COUNT` is lowered; so whenever `UNPUNCHING == 0`,
+//!    `COUNT` ≤ the number of set bits, and `COUNT == full` means every
+//!    subpage is punched. (While an un-punch is in flight `COUNT` may exceed
+//!    or, by wrapping, undershoot the bits; nobody decides on it then.)
+//!
+//! # Transitions (each a single RMW on the state word)
+//!
+//! * **punch entry**: `HUGE`, no `COMPLETING`/`BUSY` → `PUNCHING + 1`.
+//! * **punch exit**: `PUNCHING − 1`, `COUNT + n` (n = bits this punch newly
+//!   set); if the result is *complete* (`HUGE`, `COUNT == full`, nothing
+//!   registered, no `COMPLETING`/`BUSY`), the same RMW sets `COMPLETING`
+//!   and its caller runs the completion. This is the only way a completion
+//!   is claimed, so exactly one operation wins it: the RMW's previous value
+//!   decides.
+//! * **un-punch entry/exit**: as for punches, in `UNPUNCHING`, with
+//!   `COUNT − k`. An un-punch exit whose result is complete claims the
+//!   completion too (possible only when concurrent punches filled the huge
+//!   page while it found nothing to un-punch).
+//! * **conversion mark/unmark**: `CONVERTING ± 1`, on any mode but `BUSY`.
+//! * **completion end**: freed: bits reset, then `ABSENT`, `COUNT = 0`,
+//!   `COMPLETING` cleared in one RMW; free failed: `COMPLETING` cleared
+//!   only (the huge page stays `HUGE`, every subpage pending).
+//! * **slow claim** (`BUSY`): set when neither `COMPLETING` nor `BUSY` is
+//!   set; the owner then waits until nothing is registered before it
+//!   touches bits (new registrations are refused while `BUSY` is set).
+//!
+//! # Who wins each race
+//!
+//! * Two or three punches completing one huge page: their exits are RMWs on
+//!   one word, so they are totally ordered; only the exit whose result is
+//!   complete sets `COMPLETING`, later ones see it set.
+//! * Un-punch vs. the completing punch: whichever entry/exit comes first in
+//!   the state word's modification order wins. If the completion's claim is
+//!   first, the populate's entry sees `COMPLETING` and waits until the huge
+//!   page is `ABSENT`, then allocates it anew (as a KVM fault retries on
+//!   `mmu_invalidate_seq`). If the un-punch's entry is first, the punch's
+//!   exit sees `UNPUNCHING > 0` and claims nothing; the un-punch's exit
+//!   lowers `COUNT`.
+//! * Punch (shared path) vs. conversion to private: the punch sets its bits,
+//!   then its exit RMW reads `CONVERTING`; the conversion marks
+//!   `CONVERTING` with an RMW, then reads the bits. Both RMWs are on the
+//!   state word: if the conversion's mark is first, the punch's exit sees
+//!   it and invalidates now; if the punch's exit is first, the mark (an
+//!   Acquire RMW reading the exit's Release) makes the punch's bits visible
+//!   to the conversion, which refuses. If the conversion ended before the
+//!   exit, the exit acquires its unmark, so the punch's later `is_shared`
+//!   call sees the private attribute. No SeqCst is needed: the state word,
+//!   not a store-load pair, orders the two sides.
+//!
+//! # Orderings
+//!
+//! Entries are `Acquire` (the operation's bit accesses may not move before
+//! them, and they see the bit reset a completion published). Exits and
+//! releases are `Release` or `AcqRel` (the bit accesses may not move after
+//! them; an exit that claims a completion must see every other exit's bits).
+//! Bitmap RMWs are `Relaxed`: every access to a huge page's bits sits
+//! between an entry and an exit (or inside a claim), which order it.
+
+use crate::sync::{backoff, AtomicU64, Ordering};
+
+pub(crate) const MODE_MASK: u64 = 0b11;
+pub(crate) const ABSENT: u64 = 0;
+pub(crate) const HUGE: u64 = 1;
+pub(crate) const SPLIT: u64 = 2;
+pub(crate) const COMPLETING: u64 = 1 << 2;
+pub(crate) const BUSY: u64 = 1 << 3;
+pub(crate) const TORN: u64 = 1 << 4;
+
+const FIELD_BITS: u32 = 10;
+const FIELD_MAX: u64 = (1 << FIELD_BITS) - 1;
+const PUNCHING_SHIFT: u32 = 8;
+const UNPUNCHING_SHIFT: u32 = 18;
+const CONVERTING_SHIFT: u32 = 28;
+pub(crate) const PUNCH_ONE: u64 = 1 << PUNCHING_SHIFT;
+pub(crate) const UNPUNCH_ONE: u64 = 1 << UNPUNCHING_SHIFT;
+pub(crate) const CONVERT_ONE: u64 = 1 << CONVERTING_SHIFT;
+const COUNT_SHIFT: u32 = 44;
+const COUNT_ONE: u64 = 1 << COUNT_SHIFT;
+const REGISTERED: u64 = (FIELD_MAX << PUNCHING_SHIFT) | (FIELD_MAX << UNPUNCHING_SHIFT);
+
+/// A decoded copy of a state word.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Snapshot(pub u64);
+
+impl Snapshot {
+    pub fn mode(self) -> u64 {
+        self.0 & MODE_MASK
+    }
+    pub fn is(self, flag: u64) -> bool {
+        self.0 & flag != 0
+    }
+    fn field(self, shift: u32) -> u64 {
+        (self.0 >> shift) & FIELD_MAX
+    }
+    pub fn punching(self) -> u64 {
+        self.field(PUNCHING_SHIFT)
+    }
+    pub fn unpunching(self) -> u64 {
+        self.field(UNPUNCHING_SHIFT)
+    }
+    pub fn converting(self) -> u64 {
+        self.field(CONVERTING_SHIFT)
+    }
+    /// `COUNT` as its raw 20-bit value (transiently ≥ 2^19 when "negative").
+    pub fn count(self) -> u32 {
+        (self.0 >> COUNT_SHIFT) as u32
+    }
+    fn registered(self) -> bool {
+        self.0 & REGISTERED != 0
+    }
+    /// Idle huge page: no registration, no owner.
+    pub fn idle(self) -> bool {
+        !self.registered() && !self.is(COMPLETING | BUSY)
+    }
+    fn complete(self, full: u32) -> bool {
+        self.mode() == HUGE && self.idle() && self.count() == full
+    }
+}
+
+impl std::fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mode = ["ABSENT", "HUGE", "SPLIT", "?"][self.mode() as usize];
+        let mut d = f.debug_struct("Snapshot");
+        d.field("mode", &mode)
+            .field("completing", &self.is(COMPLETING))
+            .field("busy", &self.is(BUSY))
+            .field("torn", &self.is(TORN))
+            .field("punching", &self.punching())
+            .field("unpunching", &self.unpunching())
+            .field("converting", &self.converting())
+            .field("count", &self.count());
+        d.finish()
+    }
+}
+
+/// The result of trying to register on a huge page.
+#[must_use]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Entry {
+    /// Registered on a `HUGE` huge page; the state word before the entry.
+    Registered(Snapshot),
+    /// A completion owns the huge page.
+    Completing,
+    /// The huge page is not `HUGE` (its snapshot says which mode).
+    NotHuge(Snapshot),
+}
+
+/// The result of an exit.
+#[must_use]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Exit {
+    /// The state word after the exit.
+    pub after: Snapshot,
+    /// This exit set `COMPLETING`: the caller must run the completion.
+    pub claimed_completion: bool,
+}
+
+/// A view of one huge page's words.
+#[derive(Clone, Copy)]
+pub(crate) struct Page<'a> {
+    state: &'a AtomicU64,
+    words: &'a [AtomicU64],
+    /// Subpages per huge page (`full`).
+    full: u32,
+}
+
+/// The (word index, mask) pairs covering subpages `first .. first + count`.
+pub(crate) fn word_masks(first: u32, count: u32) -> impl Iterator<Item = (usize, u64)> {
+    let end = first + count;
+    let mut at = first;
+    std::iter::from_fn(move || {
+        if at >= end {
+            return None;
+        }
+        let w = at / 64;
+        let lo = at % 64;
+        let hi = (end - w * 64).min(64);
+        let mask = if hi - lo == 64 { u64::MAX } else { ((1u64 << (hi - lo)) - 1) << lo };
+        at = (w + 1) * 64;
+        Some((w as usize, mask))
+    })
+}
+
+/// Contiguous runs `(first, count)` of set bits in `masks` (word index,
+/// bits), which must come in ascending word order.
+pub(crate) fn runs(masks: impl IntoIterator<Item = (usize, u64)>) -> Vec<(u32, u32)> {
+    let mut out: Vec<(u32, u32)> = Vec::new();
+    for (w, mut bits) in masks {
+        while bits != 0 {
+            let lo = bits.trailing_zeros();
+            let len = (!(bits >> lo)).trailing_zeros().min(64 - lo);
+            let first = w as u32 * 64 + lo;
+            match out.last_mut() {
+                Some((f, c)) if *f + *c == first => *c += len,
+                _ => out.push((first, len)),
+            }
+            bits = if lo + len >= 64 { 0 } else { bits & !(((1u64 << len) - 1) << lo) };
+        }
+    }
+    out
+}
+
+impl<'a> Page<'a> {
+    pub fn new(state: &'a AtomicU64, words: &'a [AtomicU64], full: u32) -> Self {
+        Page { state, words, full }
+    }
+
+    pub fn full(&self) -> u32 {
+        self.full
+    }
+
+    /// The state word now.
+    pub fn load(&self) -> Snapshot {
+        // ORDERING: Acquire, so a caller that then reads bits sees every bit
+        // change published by the Release exit or end that wrote this value.
+        Snapshot(self.state.load(Ordering::Acquire))
+    }
+
+    /// One CAS loop on the state word: `f` maps the current value to the new
+    /// one, or to `None` to leave it. Returns the previous value and
+    /// whether it was replaced.
+    fn update(&self, success: Ordering, mut f: impl FnMut(Snapshot) -> Option<u64>) -> (Snapshot, bool) {
+        // ORDERING: Acquire on the load and on a failed CAS: when `f`
+        // declines to write, its caller acts on the value it saw (for
+        // instance "a completion is in flight"), so that value must carry
+        // the ordering of the write that produced it. The successful CAS
+        // uses the caller's ordering.
+        let mut cur = self.state.load(Ordering::Acquire);
+        loop {
+            let Some(new) = f(Snapshot(cur)) else {
+                return (Snapshot(cur), false);
+            };
+            match self.state.compare_exchange_weak(cur, new, success, Ordering::Acquire) {
+                Ok(prev) => return (Snapshot(prev), true),
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
+    /// Register as a punch (`PUNCHING + 1`) or an un-punch (`UNPUNCHING + 1`,
+    /// plus `CONVERTING + 1` for a `CancelAndZero` conversion). Waits only
+    /// while a slow path owns the huge page (`BUSY`) or a field is saturated.
+    pub fn enter(&self, one: u64) -> Entry {
+        let mut spins = 0;
+        loop {
+            let mut saturated = false;
+            // ORDERING: Acquire: the bit RMWs that follow must not move
+            // before the registration, and must see the bit reset that the
+            // Release end of a previous completion published.
+            let (prev, done) = self.update(Ordering::Acquire, |s| {
+                if s.mode() != HUGE || s.is(COMPLETING | BUSY | TORN) {
+                    return None;
+                }
+                saturated = s.punching() == FIELD_MAX || s.unpunching() == FIELD_MAX || s.converting() == FIELD_MAX;
+                (!saturated).then(|| s.0 + one)
+            });
+            if done {
+                return Entry::Registered(prev);
+            }
+            if prev.is(COMPLETING) {
+                return Entry::Completing;
+            }
+            if (prev.is(BUSY) && !prev.is(TORN)) || saturated {
+                backoff(&mut spins);
+                continue;
+            }
+            return Entry::NotHuge(prev);
+        }
+    }
+
+    /// Leave a registration taken with `one`, committing `delta` to `COUNT`
+    /// (`+n` for a punch, `-k` for an un-punch). Claims the completion if
+    /// the result is complete.
+    pub fn exit(&self, one: u64, delta: i64) -> Exit {
+        let full = self.full;
+        let mut claimed = false;
+        // ORDERING: AcqRel. Release: our bit RMWs happen-before whoever
+        // reads this value or a later one (the claiming exit, a slow path
+        // waiting for the registrations to drain, a conversion's mark).
+        // Acquire: an exit that claims the completion must see the bits of
+        // every exit before it, and a punch deciding on `CONVERTING` must
+        // see the attribute change of a conversion that already unmarked.
+        let (prev, _) = self.update(Ordering::AcqRel, |s| {
+            let mut new = s.0.wrapping_sub(one).wrapping_add((delta as u64).wrapping_mul(COUNT_ONE));
+            claimed = Snapshot(new).complete(full);
+            if claimed {
+                new |= COMPLETING;
+            }
+            Some(new)
+        });
+        let after = prev.0.wrapping_sub(one).wrapping_add((delta as u64).wrapping_mul(COUNT_ONE));
+        Exit { after: Snapshot(after | if claimed { COMPLETING } else { 0 }), claimed_completion: claimed }
+    }
+
+    /// Set the bits of `first .. first + count`; returns how many were newly
+    /// set. Caller is registered (or owns the huge page).
+    pub fn set_bits(&self, first: u32, count: u32) -> u32 {
+        let mut newly = 0;
+        for (w, mask) in word_masks(first, count) {
+            // ORDERING: Relaxed; ordered by the entry (Acquire) before and
+            // the exit (Release) after, see the module doc.
+            let prev = self.words[w].fetch_or(mask, Ordering::Relaxed);
+            newly += (mask & !prev).count_ones();
+        }
+        newly
+    }
+
+    /// Clear the bits of `first .. first + count`; returns the (word, bits)
+    /// this call cleared (they are the caller's now).
+    pub fn clear_bits(&self, first: u32, count: u32) -> Vec<(usize, u64)> {
+        let mut cleared = Vec::new();
+        for (w, mask) in word_masks(first, count) {
+            // ORDERING: Relaxed, as in `set_bits`.
+            let prev = self.words[w].fetch_and(!mask, Ordering::Relaxed);
+            if prev & mask != 0 {
+                cleared.push((w, prev & mask));
+            }
+        }
+        cleared
+    }
+
+    /// The set bits among `first .. first + count`, as (word, bits).
+    pub fn read_bits(&self, first: u32, count: u32) -> Vec<(usize, u64)> {
+        word_masks(first, count)
+            .filter_map(|(w, mask)| {
+                // ORDERING: Acquire: a reader that found no registration in
+                // flight must see the bits as the last exit left them; the
+                // Acquire pairs with the Relaxed RMWs through the exit's
+                // Release sequence only via the state word, so callers load
+                // the state word (Acquire) around this read.
+                let bits = self.words[w].load(Ordering::Acquire) & mask;
+                (bits != 0).then_some((w, bits))
+            })
+            .collect()
+    }
+
+    /// The first set bit among `first .. first + count`, read with RMWs so
+    /// the read is ordered after the conversion's mark (see `Race: punch vs
+    /// conversion`).
+    pub fn first_set_bit(&self, first: u32, count: u32) -> Option<u32> {
+        for (w, mask) in word_masks(first, count) {
+            // ORDERING: AcqRel RMW read (fetch_or of nothing): it reads the
+            // latest value in the word's modification order, after the mark
+            // that precedes it in program order; loom models RMWs exactly
+            // where it would weaken a SeqCst load (see NOTES: Dekker).
+            let bits = self.words[w].fetch_or(0, Ordering::AcqRel) & mask;
+            if bits != 0 {
+                return Some(w as u32 * 64 + bits.trailing_zeros());
+            }
+        }
+        None
+    }
+
+    /// Mark a conversion (`CONVERTING + 1`), in any mode: a slow path keeps
+    /// the mark when it releases the huge page. Returns the state before.
+    pub fn mark_converting(&self) -> Snapshot {
+        let mut spins = 0;
+        loop {
+            // ORDERING: AcqRel: Acquire makes the bits of every punch whose
+            // exit precedes this mark visible to our bit check; Release
+            // orders the mark before that check's RMW reads.
+            let (prev, done) = self.update(Ordering::AcqRel, |s| {
+                (s.converting() < FIELD_MAX).then_some(s.0 + CONVERT_ONE)
+            });
+            if done {
+                return prev;
+            }
+            backoff(&mut spins);
+        }
+    }
+
+    /// Remove a conversion mark.
+    pub fn unmark_converting(&self) {
+        // ORDERING: Release: the host's attribute change (made while marked)
+        // happens-before any punch exit that reads this value (Acquire), so
+        // its `is_shared` call sees the new attribute.
+        self.state.fetch_sub(CONVERT_ONE, Ordering::Release);
+    }
+
+    /// Claim the huge page for a slow path (`BUSY`), waiting out a
+    /// completion in flight and then every registration. Returns the state
+    /// once drained.
+    pub fn claim_busy(&self) -> Snapshot {
+        let mut spins = 0;
+        loop {
+            // ORDERING: Acquire: the slow path's reads follow the claim.
+            let (_, done) = self.update(Ordering::Acquire, |s| (!s.is(BUSY | COMPLETING)).then_some(s.0 | BUSY));
+            if done {
+                break;
+            }
+            backoff(&mut spins);
+        }
+        loop {
+            let s = self.load();
+            if !s.registered() {
+                return s;
+            }
+            backoff(&mut spins);
+        }
+    }
+
+    /// Claim `BUSY` only if the huge page is in `mode` and idle; no waiting.
+    pub fn try_claim_busy_if(&self, mode: u64) -> Option<Snapshot> {
+        // ORDERING: Acquire, as in `claim_busy`.
+        let (prev, done) = self.update(Ordering::Acquire, |s| {
+            (s.mode() == mode && s.idle() && !s.is(TORN)).then_some(s.0 | BUSY)
+        });
+        done.then_some(prev)
+    }
+
+    /// Release `BUSY`, setting the mode, `COUNT` and extra flags.
+    pub fn release_busy(&self, mode: u64, count: u32, flags: u64) {
+        // ORDERING: Release: the slow path's bit writes and host calls
+        // happen-before every later entry (Acquire) on this huge page.
+        let (_, _) = self.update(Ordering::Release, |s| {
+            debug_assert!(s.is(BUSY), "{s:?}");
+            let keep = s.0 & ((FIELD_MAX << CONVERTING_SHIFT) | TORN);
+            Some(keep | flags | mode | ((count as u64) << COUNT_SHIFT))
+        });
+    }
+
+    /// End a completion. `freed`: reset the bits and become `ABSENT`;
+    /// otherwise stay `HUGE`, every subpage pending.
+    pub fn end_completion(&self, freed: bool) {
+        if freed {
+            for w in self.words {
+                // ORDERING: Relaxed; published by the Release RMW below.
+                w.store(0, Ordering::Relaxed);
+            }
+        }
+        // ORDERING: Release: the bit reset and the host's free happen-before
+        // the entry (Acquire) of any later operation on this huge page.
+        let (_, _) = self.update(Ordering::Release, |s| {
+            debug_assert!(s.is(COMPLETING), "{s:?}");
+            let cleared = s.0 & !COMPLETING;
+            Some(if freed { (cleared & !(MODE_MASK | (u64::MAX << COUNT_SHIFT))) | ABSENT } else { cleared })
+        });
+    }
+
+    /// Wait until no completion is in flight.
+    pub fn wait_completion(&self) {
+        let mut spins = 0;
+        while self.load().is(COMPLETING) {
+            backoff(&mut spins);
+        }
+    }
+
+    /// Wait until no un-punch is in flight.
+    pub fn wait_unpunches(&self) {
+        let mut spins = 0;
+        while self.load().unpunching() != 0 {
+            backoff(&mut spins);
+        }
+    }
+
+    /// Store the bits of `first .. first + count` as given by `set`
+    /// (owner only: `BUSY` or `COMPLETING` held, nothing registered).
+    pub fn owner_set(&self, first: u32, count: u32, set: bool) {
+        for (w, mask) in word_masks(first, count) {
+            // ORDERING: Relaxed; the owner publishes with `release_busy`.
+            if set {
+                self.words[w].fetch_or(mask, Ordering::Relaxed);
+            } else {
+                self.words[w].fetch_and(!mask, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The set bits of the whole huge page as (word, bits), owner only.
+    pub fn owner_bits(&self) -> Vec<(usize, u64)> {
+        self.read_bits(0, self.full)
+    }
+}
+
+#[cfg(all(test, not(hugepunch_loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn word_masks_cover_exactly_the_range() {
+        let m: Vec<_> = word_masks(60, 10).collect();
+        assert_eq!(m, vec![(0, 0xf << 60), (1, 0x3f)]);
+        let m: Vec<_> = word_masks(0, 128).collect();
+        assert_eq!(m, vec![(0, u64::MAX), (1, u64::MAX)]);
+        let m: Vec<_> = word_masks(3, 1).collect();
+        assert_eq!(m, vec![(0, 1 << 3)]);
+    }
+
+    #[test]
+    fn runs_merge_across_words() {
+        assert_eq!(runs([(0, 0b1011u64)]), vec![(0, 2), (3, 1)]);
+        assert_eq!(runs([(0, 1u64 << 63), (1, 1)]), vec![(63, 2)]);
+        assert_eq!(runs([(0, u64::MAX), (1, u64::MAX)]), vec![(0, 128)]);
+        assert_eq!(runs([(1, 1u64 << 63)]), vec![(127, 1)]);
+    }
+
+    #[test]
+    fn completion_is_claimed_once_by_the_filling_exit() {
+        let state = AtomicU64::new(HUGE);
+        let words = [AtomicU64::new(0)];
+        let page = Page::new(&state, &words, 4);
+        assert!(matches!(page.enter(PUNCH_ONE), Entry::Registered(_)));
+        assert!(matches!(page.enter(PUNCH_ONE), Entry::Registered(_)));
+        let a = page.set_bits(0, 3);
+        let b = page.set_bits(2, 2);
+        assert_eq!((a, b), (3, 1));
+        // The first exit leaves a registration behind: no claim yet.
+        assert!(!page.exit(PUNCH_ONE, a as i64).claimed_completion);
+        let last = page.exit(PUNCH_ONE, b as i64);
+        assert!(last.claimed_completion);
+        assert_eq!(page.enter(PUNCH_ONE), Entry::Completing);
+        page.end_completion(true);
+        assert_eq!(page.load().mode(), ABSENT);
+        assert_eq!(page.read_bits(0, 4), vec![]);
+    }
+
+    #[test]
+    fn unpunch_in_flight_blocks_the_claim() {
+        let state = AtomicU64::new(HUGE);
+        let words = [AtomicU64::new(0)];
+        let page = Page::new(&state, &words, 4);
+        assert!(matches!(page.enter(PUNCH_ONE), Entry::Registered(_)));
+        let n = page.set_bits(0, 3);
+        assert!(!page.exit(PUNCH_ONE, n as i64).claimed_completion);
+        assert!(matches!(page.enter(UNPUNCH_ONE), Entry::Registered(_)));
+        assert!(matches!(page.enter(PUNCH_ONE), Entry::Registered(_)));
+        let n = page.set_bits(3, 1);
+        let e = page.exit(PUNCH_ONE, n as i64);
+        assert!(!e.claimed_completion, "an un-punch is registered");
+        let cleared = page.clear_bits(0, 1);
+        assert_eq!(cleared, vec![(0, 1)]);
+        assert!(!page.exit(UNPUNCH_ONE, -1).claimed_completion);
+        assert_eq!(page.load().count(), 3);
+    }
+
+    #[test]
+    fn count_wraps_transiently_negative_and_recovers() {
+        let state = AtomicU64::new(HUGE);
+        let words = [AtomicU64::new(0)];
+        let page = Page::new(&state, &words, 4);
+        assert!(matches!(page.enter(PUNCH_ONE), Entry::Registered(_)));
+        assert!(matches!(page.enter(UNPUNCH_ONE), Entry::Registered(_)));
+        assert_eq!(page.set_bits(1, 1), 1);
+        assert_eq!(page.clear_bits(1, 1).len(), 1);
+        let e = page.exit(UNPUNCH_ONE, -1);
+        assert!(e.after.count() >= 1 << 19, "transiently negative: {e:?}");
+        let e = page.exit(PUNCH_ONE, 1);
+        assert_eq!(e.after.count(), 0);
+        assert_eq!(e.after.mode(), HUGE);
+    }
+}
