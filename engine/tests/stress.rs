@@ -1,0 +1,199 @@
+//! A multi-threaded stress test with std threads and a counting host.
+//!
+//! Guards, under real concurrency (what loom cannot see: real weak-memory
+//! hardware, many iterations, more threads):
+//! - Invariant 1 (exactly-once completion): the host panics on a free of
+//!   memory that is not allocated, so a second free of a huge page fails the
+//!   test; every whole free happens only when every subpage was punched.
+//! - Invariant 4 (no data loss): a subpage that one thread populates is never
+//!   freed by a concurrent completion: right after `populate` returns it is
+//!   allocated and not punched.
+//! - Invariant 6 (nothing leaked): at the end, freed + pending + live =
+//!   allocated, subpage by subpage, and after teardown nothing is allocated.
+
+use hugepunch::{Attribute, ByteRange, Config, Hint, Host, HostError, HugePunch, Policy, SubpageState, SUBPAGE_SIZE};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Residency per subpage as atomics; counts whole and small frees.
+struct CountingHost {
+    resident: Vec<AtomicBool>,
+    shared: Vec<AtomicBool>,
+    order: u8,
+    whole_frees: AtomicU64,
+    small_frees: AtomicU64,
+    allocations: AtomicU64,
+}
+
+impl CountingHost {
+    fn new(size: u64, order: u8) -> Arc<Self> {
+        let n = (size / SUBPAGE_SIZE) as usize;
+        Arc::new(CountingHost {
+            resident: (0..n).map(|_| AtomicBool::new(true)).collect(),
+            shared: (0..n).map(|_| AtomicBool::new(true)).collect(),
+            order,
+            whole_frees: AtomicU64::new(0),
+            small_frees: AtomicU64::new(0),
+            allocations: AtomicU64::new(0),
+        })
+    }
+
+    fn subs(r: ByteRange) -> std::ops::Range<usize> {
+        (r.offset / SUBPAGE_SIZE) as usize..(r.end() / SUBPAGE_SIZE) as usize
+    }
+
+    fn resident_count(&self) -> u64 {
+        self.resident.iter().filter(|r| r.load(Ordering::SeqCst)).count() as u64
+    }
+}
+
+impl Host for CountingHost {
+    fn is_shared(&self, range: ByteRange) -> bool {
+        Self::subs(range).all(|s| self.shared[s].load(Ordering::SeqCst))
+    }
+    fn set_attributes(&self, range: ByteRange, to: Attribute) {
+        Self::subs(range).for_each(|s| self.shared[s].store(to == Attribute::Shared, Ordering::SeqCst));
+    }
+    fn invalidate_begin(&self, _: ByteRange, _: Hint) {}
+    fn invalidate_end(&self, _: ByteRange) {}
+    fn allocate(&self, range: ByteRange, _order: u8) -> Result<(), HostError> {
+        for s in Self::subs(range) {
+            assert!(!self.resident[s].swap(true, Ordering::SeqCst), "double allocation of subpage {s}");
+        }
+        self.allocations.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+    fn free(&self, range: ByteRange, order: u8) -> Result<(), HostError> {
+        for s in Self::subs(range) {
+            assert!(self.resident[s].swap(false, Ordering::SeqCst), "invariant 1/6: double free of subpage {s} ({range:?})");
+        }
+        if order == self.order {
+            self.whole_frees.fetch_add(1, Ordering::SeqCst);
+        } else {
+            self.small_frees.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+    fn zero(&self, _: ByteRange) {}
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn run(order: u8, huge_pages: u64, punchers: usize, iters: u64, budget: Option<u64>, policy: Policy) {
+    let per = 1u64 << order;
+    let size = huge_pages * per * SUBPAGE_SIZE;
+    let host = CountingHost::new(size, order);
+    let mut cfg = Config::new(size).order(order).policy(policy);
+    cfg.budget = budget;
+    let engine = Arc::new(HugePunch::new(cfg, host.clone()).unwrap());
+    let mut threads = Vec::new();
+    // Punchers: random subpages other than subpage 0 of each huge page,
+    // sometimes a populate of one, sometimes a whole huge page, sometimes a
+    // range straddling two huge pages.
+    for t in 0..punchers {
+        let e = engine.clone();
+        threads.push(std::thread::spawn(move || {
+            let mut rng = Rng(0x9e3779b97f4a7c15 ^ (t as u64 + 1));
+            for i in 0..iters {
+                let (h, sub) = if per > 64 {
+                    // Large huge pages: sweep them, interleaved between
+                    // threads, so completions happen.
+                    let k = i * punchers as u64 + t as u64;
+                    ((k / (per - 1)) % huge_pages, 1 + k % (per - 1))
+                } else {
+                    (rng.below(huge_pages), 1 + rng.below(per - 1))
+                };
+                let off = (h * per + sub) * SUBPAGE_SIZE;
+                match rng.below(if per > 64 { 256 } else { 16 }) {
+                    0 => e.populate(off, SUBPAGE_SIZE).unwrap(),
+                    1 => e.convert(off, SUBPAGE_SIZE, Attribute::Shared).unwrap(),
+                    2 => {
+                        let _ = e.convert(off, SUBPAGE_SIZE, Attribute::Private);
+                    }
+                    _ => e.punch(off, SUBPAGE_SIZE).unwrap(),
+                }
+            }
+        }));
+    }
+    // The owner of subpage 0 of every huge page: punch it, populate it,
+    // and check no completion took it away (invariant 4).
+    {
+        let e = engine.clone();
+        let host = host.clone();
+        threads.push(std::thread::spawn(move || {
+            let mut rng = Rng(0x1234_5678);
+            let mut punched = vec![false; huge_pages as usize];
+            for _ in 0..iters {
+                let h = rng.below(huge_pages);
+                let off = h * per * SUBPAGE_SIZE;
+                punched[h as usize] = !punched[h as usize];
+                if punched[h as usize] {
+                    // Leave it punched for a while, so completions happen.
+                    e.punch(off, SUBPAGE_SIZE).unwrap();
+                    continue;
+                }
+                e.populate(off, SUBPAGE_SIZE).unwrap();
+                assert!(host.resident[(off / SUBPAGE_SIZE) as usize].load(Ordering::SeqCst), "invariant 4: populated subpage {off:#x} was freed");
+                assert_eq!(e.subpage_state(off).unwrap(), SubpageState::Present, "invariant 4: populated subpage {off:#x} reads as punched");
+            }
+        }));
+    }
+    for t in threads {
+        t.join().expect("a stress thread failed");
+    }
+
+    // Quiescent point: the engine's view equals the host's, subpage by
+    // subpage (invariant 6: freed + pending + live = allocated).
+    let stats = engine.stats();
+    let mut punched = 0;
+    for s in 0..huge_pages * per {
+        let state = engine.subpage_state(s * SUBPAGE_SIZE).unwrap();
+        let resident = host.resident[s as usize].load(Ordering::SeqCst);
+        assert_eq!(resident, state != SubpageState::Absent, "invariant 6: subpage {s} is {state:?} but resident={resident}");
+        punched += (state == SubpageState::Punched) as u64;
+    }
+    assert_eq!(stats.pending_subpages, punched, "pending_subpages disagrees with the bitmap");
+    assert_eq!(stats.huge_frees, host.whole_frees.load(Ordering::SeqCst), "huge_frees disagrees with the host");
+    assert_eq!(stats.small_freed_subpages > 0, host.small_frees.load(Ordering::SeqCst) > 0);
+    assert_eq!(stats.punch_calls + stats.populate_calls + stats.convert_calls, punchers as u64 * iters + iters, "calls lost");
+    if let Some(b) = budget {
+        assert!(stats.pending_subpages * SUBPAGE_SIZE <= b, "invariant 7: {} pending bytes over budget {b}", stats.pending_subpages * SUBPAGE_SIZE);
+    }
+    assert!(stats.huge_frees > 0, "the stress never completed a huge page: it tests nothing");
+
+    let report = engine.teardown();
+    assert!(report.still_allocated.is_empty());
+    assert_eq!(host.resident_count(), 0, "invariant 6: memory leaked after teardown");
+    assert_eq!(engine.stats().pending_subpages, 0);
+}
+
+#[test]
+fn stress_tiny_huge_pages_contended() {
+    run(2, 2, 3, 200_000, None, Policy::Reject);
+}
+
+#[test]
+fn stress_order_3_cancel_and_zero() {
+    run(3, 4, 3, 200_000, None, Policy::CancelAndZero);
+}
+
+#[test]
+fn stress_with_budget_and_shrinker() {
+    run(3, 8, 3, 200_000, Some(8 * SUBPAGE_SIZE), Policy::Reject);
+}
+
+#[test]
+fn stress_2mib_huge_pages() {
+    run(9, 2, 2, 500_000, None, Policy::Reject);
+}
