@@ -466,7 +466,9 @@ impl HugePunch {
             for &(first, count) in &claimed {
                 let _ = page.set_bits(first, count);
             }
-            let _ = page.exit(one, 0);
+            if page.exit(one, 0).claimed_completion {
+                page.end_completion(false);
+            }
         }));
         for &(first, count) in &claimed {
             cb.host.zero(self.geo.part_range(h, first, count));
@@ -482,9 +484,9 @@ impl HugePunch {
     fn populate_split(&self, cb: &Callbacks, part: PagePart, page: Page<'_>) -> Option<Result<(), Error>> {
         let h = part.huge_page;
         let s = page.claim_busy();
-        if s.mode() != SPLIT {
+        if s.mode() != SPLIT || s.is(TORN) {
             page.release_busy(s.mode(), s.count(), 0);
-            return None;
+            return s.is(TORN).then_some(Err(Error::TornDown));
         }
         let guard = OnUnwind(Some(|| page.release_busy(SPLIT, page_absent(page), 0)));
         let mut res = Ok(());
@@ -559,38 +561,39 @@ impl HugePunch {
     }
 
     fn convert_cancel(&self, cb: &Callbacks, r: ByteRange, d: &mut Delta) {
-        const BOTH: u64 = UNPUNCH_ONE + CONVERT_ONE;
-        // (huge page, page, registered as an un-punch with k un-punched)
-        let mut held: Vec<(u64, Page<'_>, Option<u32>)> = Vec::new();
+        // Every huge page of the range stays registered (or marked) until
+        // the attribute has changed; `held` releases them on unwind too.
+        let mut held = Held(Vec::new());
         for part in self.geo.parts(r) {
             let h = part.huge_page;
             let page = self.index.page(h);
             loop {
-                match page.enter(BOTH) {
+                match page.enter(CANCEL_ONE) {
                     Entry::Registered(_) => {
-                        let k = self.unpunch(cb, h, page, part, BOTH, d);
-                        held.push((h, page, Some(k)));
+                        let k = self.unpunch(cb, h, page, part, CANCEL_ONE, d);
+                        held.0.push((h, page, Some(k)));
                         break;
                     }
                     Entry::Completing => page.wait_completion(),
                     Entry::NotHuge(_) => {
                         // Not `HUGE` when we looked: a plain mark suffices,
                         // unless it became `HUGE` meanwhile.
-                        if page.mark_converting().mode() == HUGE {
+                        let before = page.mark_converting();
+                        if before.mode() == HUGE && !before.is(TORN) {
                             page.unmark_converting();
                             continue;
                         }
-                        held.push((h, page, None));
+                        held.0.push((h, page, None));
                         break;
                     }
                 }
             }
         }
         cb.host.set_attributes(r, Attribute::Private);
-        for (h, page, k) in held {
+        while let Some((h, page, k)) = held.0.pop() {
             match k {
                 Some(k) => {
-                    if page.exit(BOTH, -(k as i64)).claimed_completion {
+                    if page.exit(CANCEL_ONE, -(k as i64)).claimed_completion {
                         self.complete(cb, h, page, d);
                     }
                 }
@@ -870,11 +873,36 @@ impl HugePunch {
     }
 }
 
+/// A `CancelAndZero` conversion's registration: an un-punch and a mark.
+const CANCEL_ONE: u64 = UNPUNCH_ONE + CONVERT_ONE;
+
+/// The huge pages a `CancelAndZero` conversion holds: (huge page, page,
+/// `Some(k)` if registered with `k` subpages un-punched, `None` if only
+/// marked). Dropping it releases what is left (the unwind path).
+struct Held<'a>(Vec<(u64, Page<'a>, Option<u32>)>);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        for (_, page, k) in self.0.drain(..) {
+            match k {
+                Some(k) => {
+                    // A completion claimed here is left for a later
+                    // punch, flush or teardown, as if its free had failed.
+                    if page.exit(CANCEL_ONE, -(k as i64)).claimed_completion {
+                        page.end_completion(false);
+                    }
+                }
+                None => page.unmark_converting(),
+            }
+        }
+    }
+}
+
 /// Is there nothing to un-punch in `part`, and no un-punch in flight that
 /// could be zeroing part of it? (The populate fast path: no RMW.)
 fn nothing_to_unpunch(page: Page<'_>, part: PagePart) -> bool {
     let s = page.load();
-    if s.mode() != HUGE || !s.idle() && (s.is(COMPLETING | BUSY) || s.unpunching() > 0) {
+    if s.mode() != HUGE || s.is(COMPLETING | BUSY) || s.unpunching() > 0 {
         return false;
     }
     page.read_bits(part.first, part.count).is_empty() && {
