@@ -234,14 +234,14 @@ impl HugePunch {
     }
 
     /// End of an operation: counters, pending, the shrinker, the peak.
-    fn finish(&self, cb: &Callbacks, mut d: Delta, may_shrink: bool) {
-        let mut pending = self.counters.apply_pending(&mut d);
+    fn finish(&self, cb: &Callbacks, d: &mut Delta, may_shrink: bool) {
+        let mut pending = self.counters.apply_pending(d);
         if may_shrink && self.over_budget(pending) {
-            self.shrink(cb, &mut d);
+            self.shrink(cb, d);
             pending = self.counters.pending();
         }
         self.counters.observe_peak(pending);
-        self.counters.flush_counts(&mut d);
+        self.counters.flush_counts(d);
     }
 
     fn invalidate(&self, cb: &Callbacks, r: ByteRange, h: u64, d: &mut Delta) {
@@ -272,16 +272,17 @@ impl HugePunch {
         for part in self.geo.parts(r) {
             self.punch_part(&cb, part, &mut d);
         }
-        self.finish(&cb, d, true);
+        self.finish(&cb, &mut d, true);
         Ok(())
     }
 
     fn punch_part(&self, cb: &Callbacks, part: PagePart, d: &mut Delta) {
         let h = part.huge_page;
-        if self.index.existing(h).is_none() && self.index.initial().mode() == ABSENT {
-            return;
-        }
-        let page = self.index.page(h);
+        let page = match self.index.existing(h) {
+            Some(page) => page,
+            None if self.index.initial().mode() == ABSENT => return,
+            None => self.index.page(h),
+        };
         let whole = part.count == page.full();
         let r = self.part_range(part);
         loop {
@@ -397,7 +398,7 @@ impl HugePunch {
                 break;
             }
         }
-        self.finish(&cb, d, false);
+        self.finish(&cb, &mut d, false);
         res
     }
 
@@ -526,7 +527,7 @@ impl HugePunch {
             }
         };
         d.add(if res.is_ok() { C::ConversionsOk } else { C::ConversionsRejected }, 1);
-        self.finish(&cb, d, false);
+        self.finish(&cb, &mut d, false);
         res
     }
 
@@ -792,7 +793,7 @@ impl HugePunch {
                 }
             }
         }
-        self.finish(&cb, d, false);
+        self.finish(&cb, &mut d, false);
         Ok(())
     }
 
@@ -818,7 +819,7 @@ impl HugePunch {
                 self.teardown_page(&cb, h, &mut d, &mut report);
             }
         }
-        self.finish(&cb, d, false);
+        self.finish(&cb, &mut d, false);
         report
     }
 

@@ -3,8 +3,8 @@
 //! chunks, not a word per subpage of the whole file.
 //!
 //! Each huge page is `1 + W` consecutive `AtomicU64`: the state word, then
-//! its `W` bitmap words (72 bytes for 2 MiB at order 9). A chunk holds as
-//! many huge pages as fit in about 32 KiB. A chunk that was never touched
+//! its `W` bitmap words (72 bytes for 2 MiB at order 9). A chunk holds the
+//! largest power of two of huge pages that fits in 32 KiB. A chunk that was never touched
 //! stands for huge pages in the file's initial state; it is installed with
 //! one CAS by the first operation that needs to change one of them, and
 //! lives until the file is dropped (chunks are never freed while the file
@@ -26,6 +26,7 @@ pub(crate) struct Index {
     /// Words per huge page, state word included.
     stride: usize,
     chunk_pages: u64,
+    chunk_shift: u32,
     initial: u64,
     chunks: Box<[AtomicPtr<Chunk>]>,
 }
@@ -34,11 +35,12 @@ impl Index {
     pub fn new(geo: Geometry, populated: bool) -> Self {
         let full = geo.subpages_per_huge_page();
         let stride = 1 + (full as usize).div_ceil(64);
-        let chunk_pages = (CHUNK_WORDS / stride).max(1) as u64;
+        // A power of two, so locating a huge page is a shift and a mask.
+        let chunk_pages = 1u64 << (CHUNK_WORDS / stride).max(1).ilog2();
         let n_chunks = geo.huge_pages().div_ceil(chunk_pages) as usize;
         let initial = if populated { HUGE } else { ABSENT };
         let chunks = (0..n_chunks).map(|_| AtomicPtr::new(ptr::null_mut())).collect();
-        let index = Index { full, stride, chunk_pages, initial, chunks };
+        let index = Index { full, stride, chunk_pages, chunk_shift: chunk_pages.ilog2(), initial, chunks };
         if n_chunks == 1 {
             // A file that fits in one chunk gains nothing from laziness (and
             // loom models explore fewer interleavings without it).
@@ -86,7 +88,7 @@ impl Index {
     }
 
     fn locate(&self, h: u64) -> (usize, usize) {
-        ((h / self.chunk_pages) as usize, (h % self.chunk_pages) as usize * self.stride)
+        ((h >> self.chunk_shift) as usize, (h & (self.chunk_pages - 1)) as usize * self.stride)
     }
 
     /// Huge page `h`, installing its chunk if needed.

@@ -1,8 +1,8 @@
 //! Statistics (SPEC.md §6): sharded counters and their serde snapshot.
 //!
-//! Monotone counters live in per-thread shards (`CachePadded`, Relaxed
-//! `fetch_add`), so threads punching different huge pages never share a
-//! counter's cache line. Pending subpages are one global counter: the budget
+//! Monotone counters live in per-thread shards (`CachePadded`, one writer
+//! each), so threads punching different huge pages never share a counter's
+//! cache line and an update is a plain store. Pending subpages are one global counter: the budget
 //! needs its exact value after every punch, and `pending_bytes_peak` is the
 //! largest value it had at the end of an operation.
 
@@ -82,53 +82,195 @@ pub(crate) enum C {
 const N: usize = C::ErrorsTornDown as usize + 1;
 
 /// What one operation changed, flushed into the shared counters once.
-#[derive(Default)]
 pub(crate) struct Delta {
     counts: [u64; N],
+    /// Which counters are non-zero (bit i: `counts[i]`).
+    touched: u32,
     /// Change in pending subpages not yet applied to the global counter.
     pub pending: i64,
 }
 
+impl Default for Delta {
+    fn default() -> Self {
+        // `counts` is only read where `touched` says it was written.
+        Delta { counts: [0; N], touched: 0, pending: 0 }
+    }
+}
+
 impl Delta {
     pub fn add(&mut self, c: C, n: u64) {
-        self.counts[c as usize] += n;
+        let i = c as usize;
+        if self.touched & (1 << i) == 0 {
+            self.touched |= 1 << i;
+            self.counts[i] = 0;
+        }
+        self.counts[i] += n;
     }
 }
 
 pub(crate) struct Counters {
-    shards: Box<[CachePadded<[AtomicU64; N]>]>,
+    shards: shards::Shards,
     pending: CachePadded<AtomicI64>,
     peak: CachePadded<AtomicU64>,
 }
 
-#[cfg(not(hugepunch_loom))]
-fn shard_hint() -> usize {
-    use std::cell::Cell;
-    use std::sync::atomic::AtomicUsize;
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    thread_local!(static HINT: Cell<usize> = const { Cell::new(usize::MAX) });
-    HINT.with(|h| {
-        if h.get() == usize::MAX {
-            // ORDERING: Relaxed: a distinct number per thread is all we need.
-            h.set(NEXT.fetch_add(1, Ordering::Relaxed));
-        }
-        h.get()
-    })
+type Shard = CachePadded<[AtomicU64; N]>;
+
+fn new_shard() -> Shard {
+    CachePadded::new(std::array::from_fn(|_| AtomicU64::new(0)))
 }
 
+/// Per-thread shards: each thread that changes the statistics of a file
+/// owns one shard of that file's counters and is its only writer, so an
+/// update is a plain load and store (no locked instruction, no shared
+/// cache line). A snapshot sums the shards; shards of threads that exited
+/// are folded into a total when the next thread registers.
+#[cfg(not(hugepunch_loom))]
+mod shards {
+    use super::{new_shard, Delta, Shard, N};
+    use std::cell::{Cell, RefCell};
+    use std::sync::atomic::{fence, AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+    thread_local! {
+        /// (file id, this thread's shard of that file): owns the shards.
+        static MINE: RefCell<Vec<(u64, Arc<Shard>)>> = const { RefCell::new(Vec::new()) };
+        /// The last (file id, shard) used by this thread: the fast path,
+        /// a `Cell` without destructor, so reading it costs no lazy
+        /// initialisation check.
+        static LAST: Cell<(u64, *const Shard)> = const { Cell::new((u64::MAX, std::ptr::null())) };
+    }
+
+    pub(crate) struct Shards {
+        id: u64,
+        /// Live shards, and the totals of shards whose threads exited.
+        all: Mutex<(Vec<Arc<Shard>>, [u64; N])>,
+    }
+
+    impl Shards {
+        pub fn new() -> Self {
+            // ORDERING: Relaxed: a unique number is all we need.
+            Shards { id: NEXT_ID.fetch_add(1, Ordering::Relaxed), all: Mutex::new((Vec::new(), [0; N])) }
+        }
+
+        fn lock(&self) -> std::sync::MutexGuard<'_, (Vec<Arc<Shard>>, [u64; N])> {
+            self.all.lock().unwrap_or_else(|p| p.into_inner())
+        }
+
+        /// Register a shard for this thread (once per thread and file).
+        fn register(&self) -> Arc<Shard> {
+            let shard = Arc::new(new_shard());
+            let mut all = self.lock();
+            let (live, retired) = &mut *all;
+            live.retain(|s| {
+                if Arc::strong_count(s) > 1 {
+                    return true;
+                }
+                // ORDERING: the exited thread dropped its clone with a
+                // Release decrement; this fence makes its last stores to
+                // the shard visible before we fold them.
+                fence(Ordering::Acquire);
+                for (t, v) in retired.iter_mut().zip(s.iter()) {
+                    // ORDERING: Relaxed, ordered by the fence above.
+                    *t += v.load(Ordering::Relaxed);
+                }
+                false
+            });
+            live.push(shard.clone());
+            shard
+        }
+
+        /// This thread's shard of this file.
+        fn mine(&self) -> *const Shard {
+            let (id, ptr) = LAST.get();
+            if id == self.id {
+                return ptr;
+            }
+            let ptr = MINE.with(|mine| {
+                let mut mine = mine.borrow_mut();
+                if let Some((_, s)) = mine.iter().find(|(id, _)| *id == self.id) {
+                    return Arc::as_ptr(s);
+                }
+                // Forget shards of files that were dropped.
+                mine.retain(|(_, s)| Arc::strong_count(s) > 1);
+                let shard = self.register();
+                let ptr = Arc::as_ptr(&shard);
+                mine.push((self.id, shard));
+                ptr
+            });
+            LAST.set((self.id, ptr));
+            ptr
+        }
+
+        pub fn flush(&self, d: &mut Delta) {
+            // SAFETY: the shard is kept alive by this file's registry (and
+            // this thread's `MINE`) for as long as `self` lives; file ids
+            // are never reused, so a pointer cached under this id belongs
+            // to this file's live shard.
+            let shard: &Shard = unsafe { &*self.mine() };
+            {
+                while d.touched != 0 {
+                    let i = d.touched.trailing_zeros() as usize;
+                    d.touched &= d.touched - 1;
+                    // ORDERING: Relaxed load and store: this thread is the
+                    // shard's only writer, so nothing is lost; readers need
+                    // no synchronisation (exact at quiescent points, after
+                    // the writers were joined).
+                    let v = shard[i].load(Ordering::Relaxed);
+                    shard[i].store(v + d.counts[i], Ordering::Relaxed);
+                }
+            }
+        }
+
+        pub fn sum(&self) -> [u64; N] {
+            let all = self.lock();
+            let mut c = all.1;
+            for s in &all.0 {
+                for (t, v) in c.iter_mut().zip(s.iter()) {
+                    // ORDERING: Relaxed: see `flush`.
+                    *t += v.load(Ordering::Relaxed);
+                }
+            }
+            c
+        }
+    }
+}
+
+/// Under loom: one shard, updated with `fetch_add` (thread-locals and the
+/// registry add nothing the models need to explore).
 #[cfg(hugepunch_loom)]
-fn shard_hint() -> usize {
-    0
+mod shards {
+    use super::{new_shard, Delta, Shard, N};
+    use crate::sync::Ordering;
+
+    pub(crate) struct Shards(Shard);
+
+    impl Shards {
+        pub fn new() -> Self {
+            Shards(new_shard())
+        }
+
+        pub fn flush(&self, d: &mut Delta) {
+            while d.touched != 0 {
+                let i = d.touched.trailing_zeros() as usize;
+                d.touched &= d.touched - 1;
+                // ORDERING: Relaxed: counters carry no synchronisation.
+                self.0[i].fetch_add(d.counts[i], Ordering::Relaxed);
+            }
+        }
+
+        pub fn sum(&self) -> [u64; N] {
+            // ORDERING: Relaxed: counters carry no synchronisation.
+            std::array::from_fn(|i| self.0[i].load(Ordering::Relaxed))
+        }
+    }
 }
 
 impl Counters {
     pub fn new() -> Self {
-        #[cfg(not(hugepunch_loom))]
-        let n = std::thread::available_parallelism().map_or(4, |n| n.get()).next_power_of_two() * 2;
-        #[cfg(hugepunch_loom)]
-        let n = 1;
         Counters {
-            shards: (0..n).map(|_| CachePadded::new(std::array::from_fn(|_| AtomicU64::new(0)))).collect(),
+            shards: shards::Shards::new(),
             pending: CachePadded::new(AtomicI64::new(0)),
             peak: CachePadded::new(AtomicU64::new(0)),
         }
@@ -136,15 +278,8 @@ impl Counters {
 
     /// Apply the counters of `d` (not its pending change).
     pub fn flush_counts(&self, d: &mut Delta) {
-        let shard = &self.shards[shard_hint() & (self.shards.len() - 1)];
-        for (i, n) in d.counts.iter_mut().enumerate() {
-            if *n != 0 {
-                // ORDERING: Relaxed: counters carry no synchronisation;
-                // they are exact at quiescent points, where the threads
-                // that made the changes have been joined.
-                shard[i].fetch_add(*n, Ordering::Relaxed);
-                *n = 0;
-            }
+        if d.touched != 0 {
+            self.shards.flush(d);
         }
     }
 
@@ -179,13 +314,7 @@ impl Counters {
     }
 
     pub fn snapshot(&self) -> Stats {
-        let mut c = [0u64; N];
-        for shard in self.shards.iter() {
-            for (i, v) in shard.iter().enumerate() {
-                // ORDERING: Relaxed: see `flush_counts`.
-                c[i] += v.load(Ordering::Relaxed);
-            }
-        }
+        let c = self.shards.sum();
         let g = |k: C| c[k as usize];
         Stats {
             punch_calls: g(C::PunchCalls),
