@@ -1,0 +1,203 @@
+//! Side-by-side report: every pattern, every implementation, one process,
+//! one table of throughputs with the ratios engine/baseline, and the
+//! tracking memory per huge page, measured with a counting allocator.
+//!
+//! `cargo run --release -p hugepunch-benches --bin hugepunch-bench-report`
+//! (add `-- --short` for the quick version CI runs).
+
+use hugepunch_benches::*;
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicIsize, Ordering};
+
+/// Counts live heap bytes, so tracking memory is measured, not computed.
+struct Counting;
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+// SAFETY: forwards to the system allocator; only counts sizes.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        // ORDERING: Relaxed: a statistic read after the allocations it counts, on the same thread.
+        LIVE.fetch_add(l.size() as isize, Ordering::Relaxed);
+        // SAFETY: same contract as ours.
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        // ORDERING: Relaxed, as in `alloc`.
+        LIVE.fetch_add(l.size() as isize, Ordering::Relaxed);
+        // SAFETY: same contract as ours.
+        unsafe { System.alloc_zeroed(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        // ORDERING: Relaxed, as in `alloc`.
+        LIVE.fetch_sub(l.size() as isize, Ordering::Relaxed);
+        // SAFETY: same contract as ours.
+        unsafe { System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        // ORDERING: Relaxed, as in `alloc`.
+        LIVE.fetch_add(new as isize - l.size() as isize, Ordering::Relaxed);
+        // SAFETY: same contract as ours.
+        unsafe { System.realloc(p, l, new) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+fn live() -> isize {
+    // ORDERING: Relaxed: read on the thread that did the allocations.
+    LIVE.load(Ordering::Relaxed)
+}
+
+/// Median throughput (operations per second) of `reps` fresh runs.
+fn throughput(imp: &str, work: &[Vec<Op>], file_pages: u64, reps: usize) -> (f64, u64) {
+    let ops: u64 = work.iter().map(|w| w.len() as u64).sum();
+    let mut rates = Vec::with_capacity(reps);
+    let mut completions = None;
+    for _ in 0..reps {
+        let t = make(imp, file_pages);
+        let d = run(&*t, work);
+        rates.push(ops as f64 / d.as_secs_f64());
+        let c = t.completions();
+        // The single-partial tracker's completions depend on how threads
+        // interleave; every other implementation's must not.
+        assert!(
+            !same_contract(imp) || completions.is_none_or(|p| p == c),
+            "{imp}: completions differ between runs"
+        );
+        completions = Some(c);
+    }
+    rates.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    (rates[reps / 2], completions.unwrap_or(0))
+}
+
+fn bytes_per_huge_page(order: u8, huge_pages: u64, touch_every: u64) -> f64 {
+    use hugepunch::{Config, HugePunch};
+    let before = live();
+    let size = huge_pages << (12 + order);
+    let file = HugePunch::new(
+        Config::new(size).order(order),
+        std::sync::Arc::new(NullHost),
+    )
+    .unwrap();
+    let touched = (0..huge_pages).step_by(touch_every as usize).count() as f64;
+    for h in (0..huge_pages).step_by(touch_every as usize) {
+        file.punch(h << (12 + order), 4096).unwrap();
+    }
+    let bytes = (live() - before) as f64;
+    drop(file);
+    bytes / touched
+}
+
+fn map_bytes_per_huge_page(huge_pages: u64) -> f64 {
+    let before = live();
+    let map = MutexMap::default();
+    for h in 0..huge_pages {
+        map.apply(Op::Punch(h << 21, 4096));
+    }
+    let bytes = (live() - before) as f64;
+    drop(map);
+    bytes / huge_pages as f64
+}
+
+fn main() {
+    let short = std::env::args().any(|a| a == "--short");
+    let (pages, reps) = if short { (8, 3) } else { (256, 11) };
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let mut configs = vec![
+        (1, Sharing::Disjoint),
+        (2, Sharing::Disjoint),
+        (2, Sharing::Same),
+    ];
+    if cores > 2 {
+        configs.push((cores, Sharing::Disjoint));
+        configs.push((cores, Sharing::Same));
+    }
+    println!("hugepunch side-by-side report: {pages} huge pages of 2 MiB per thread, median of {reps} runs, {cores} cores");
+    println!("throughput in million operations per second (a churn operation is one of: convert, punch, populate, convert)");
+    println!();
+    print!("{:<12} {:<13}", "pattern", "threads");
+    for imp in IMPLEMENTATIONS {
+        print!(" {imp:>14}");
+    }
+    println!(
+        "  {:>9} {:>9} {:>9}  single-partial completions",
+        "vs mutex", "vs rwlock", "vs dash"
+    );
+    let mut single_thread = std::collections::HashMap::new();
+    for pat in PATTERNS {
+        for &(threads, sharing) in &configs {
+            let work = workload(pat, pages, threads, sharing);
+            let file_pages = file_huge_pages(pages, threads, sharing);
+            let mut rates = Vec::new();
+            let mut engine_completions = 0;
+            let mut partial_completions = 0;
+            for imp in IMPLEMENTATIONS {
+                let (rate, completions) = throughput(imp, &work, file_pages, reps);
+                if *imp == "hugepunch" {
+                    engine_completions = completions;
+                } else if same_contract(imp) {
+                    assert_eq!(
+                        completions, engine_completions,
+                        "{pat}/{threads}: {imp} did different work from the engine"
+                    );
+                } else {
+                    partial_completions = completions;
+                }
+                rates.push(rate);
+            }
+            let label = format!(
+                "{threads} {}",
+                if sharing == Sharing::Same {
+                    "same"
+                } else {
+                    "disjoint"
+                }
+            );
+            print!("{pat:<12} {label:<13}");
+            for r in &rates {
+                print!(" {:>14.2}", r / 1e6);
+            }
+            println!(
+                "  {:>8.2}x {:>8.2}x {:>8.2}x  {partial_completions} of {engine_completions}",
+                rates[0] / rates[1],
+                rates[0] / rates[2],
+                rates[0] / rates[3]
+            );
+            if threads == 1 {
+                single_thread.insert(*pat, rates[0]);
+            } else if threads == 2 && sharing == Sharing::Disjoint {
+                println!(
+                    "{:<26} hugepunch 2 threads disjoint / 1 thread: {:.2}x",
+                    "",
+                    rates[0] / single_thread[pat]
+                );
+            }
+        }
+    }
+    println!();
+    println!("hot path, 1 thread (ns per operation, median): ");
+    for pat in ["ascending", "churn"] {
+        let work = workload(pat, pages, 1, Sharing::Disjoint);
+        let (rate, _) = throughput("hugepunch", &work, pages, reps);
+        println!("  {pat:<10} {:>6.1} ns", 1e9 / rate);
+    }
+    println!();
+    println!("tracking memory, measured with a counting allocator (bytes per huge page):");
+    println!(
+        "  hugepunch dense index, 2 MiB huge pages, every one touched : {:>9.1}",
+        bytes_per_huge_page(9, 4096, 1)
+    );
+    println!(
+        "  hugepunch dense index, 1 GiB huge pages, every one touched : {:>9.1}",
+        bytes_per_huge_page(18, 16, 1)
+    );
+    println!(
+        "  hugepunch lazy index, 2 MiB, 1 in 1024 touched (1 TiB file): {:>9.1}",
+        bytes_per_huge_page(9, 1 << 19, 1024)
+    );
+    println!(
+        "  mutex-map HashMap<u64, BitVec>, 2 MiB, every one pending  : {:>9.1}",
+        map_bytes_per_huge_page(4096)
+    );
+}
