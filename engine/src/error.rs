@@ -22,7 +22,9 @@ pub enum Error {
     /// A conversion to private was refused because the subpage at `offset`
     /// has a pending punch (EAGAIN). Populate the range and retry. Nothing
     /// changed but `convert_calls` and `conversions_rejected`.
-    #[error("conversion refused: subpage at {offset:#x} has a pending punch; populate it and retry")]
+    #[error(
+        "conversion refused: subpage at {offset:#x} has a pending punch; populate it and retry"
+    )]
     PendingPunch {
         /// The first subpage of the range with a pending punch.
         offset: u64,

@@ -10,7 +10,10 @@
 use crate::error::{Error, HostError};
 use crate::host::{Attribute, CallbackSlot, Callbacks, Host, Policy};
 use crate::index::Index;
-use crate::page::{self, runs, Entry, Page, Snapshot, ABSENT, BUSY, COMPLETING, CONVERT_ONE, HUGE, PUNCH_ONE, SPLIT, TORN, UNPUNCH_ONE};
+use crate::page::{
+    self, runs, Entry, Page, Snapshot, ABSENT, BUSY, COMPLETING, CONVERT_ONE, HUGE, PUNCH_ONE,
+    SPLIT, TORN, UNPUNCH_ONE,
+};
 use crate::range::{ByteRange, Geometry, Hint, PagePart, SUBPAGE_SIZE};
 use crate::stats::{Counters, Delta, Stats, C};
 use crate::sync::{backoff, lock, AtomicBool, Mutex, Ordering};
@@ -40,7 +43,13 @@ impl Config {
     /// A populated file of `size` bytes with 2 MiB huge pages, no budget and
     /// the `Reject` policy.
     pub fn new(size: u64) -> Self {
-        Config { size, order: 9, budget: None, policy: Policy::Reject, populated: true }
+        Config {
+            size,
+            order: 9,
+            budget: None,
+            policy: Policy::Reject,
+            populated: true,
+        }
     }
 
     /// Set the huge page order.
@@ -137,14 +146,22 @@ impl HugePunch {
         if !(1..=MAX_ORDER).contains(&config.order) {
             return Err(Error::InvalidConfig("order must be between 1 and 18"));
         }
-        let geo = Geometry { size: config.size, order: config.order };
+        let geo = Geometry {
+            size: config.size,
+            order: config.order,
+        };
         if config.size == 0 || config.size % geo.huge_page_size() != 0 {
-            return Err(Error::InvalidConfig("size must be a positive multiple of the huge page size"));
+            return Err(Error::InvalidConfig(
+                "size must be a positive multiple of the huge page size",
+            ));
         }
         Ok(HugePunch {
             geo,
             index: Index::new(geo, config.populated),
-            callbacks: CallbackSlot::new(Callbacks { host, policy: config.policy }),
+            callbacks: CallbackSlot::new(Callbacks {
+                host,
+                policy: config.policy,
+            }),
             counters: Counters::new(),
             budget: config.budget,
             slow: Mutex::new(()),
@@ -175,12 +192,18 @@ impl HugePunch {
     /// Replace the host. Operations that already started finish with the
     /// callbacks they loaded; later ones use the new host.
     pub fn set_host(&self, host: std::sync::Arc<dyn Host>) {
-        self.callbacks.update(|cur| Callbacks { host: host.clone(), policy: cur.policy });
+        self.callbacks.update(|cur| Callbacks {
+            host: host.clone(),
+            policy: cur.policy,
+        });
     }
 
     /// Replace the conversion policy (same rules as [`set_host`](Self::set_host)).
     pub fn set_policy(&self, policy: Policy) {
-        self.callbacks.update(|cur| Callbacks { host: cur.host.clone(), policy });
+        self.callbacks.update(|cur| Callbacks {
+            host: cur.host.clone(),
+            policy,
+        });
     }
 
     /// A snapshot of the statistics.
@@ -222,7 +245,10 @@ impl HugePunch {
     }
 
     fn hint(&self, h: u64) -> Hint {
-        Hint { huge_page: h, order: self.geo.order }
+        Hint {
+            huge_page: h,
+            order: self.geo.order,
+        }
     }
 
     fn part_range(&self, p: PagePart) -> ByteRange {
@@ -230,7 +256,8 @@ impl HugePunch {
     }
 
     fn over_budget(&self, pending: i64) -> bool {
-        self.budget.is_some_and(|b| pending.max(0) as u64 * SUBPAGE_SIZE > b)
+        self.budget
+            .is_some_and(|b| pending.max(0) as u64 * SUBPAGE_SIZE > b)
     }
 
     /// End of an operation: counters, pending, the shrinker, the peak.
@@ -251,7 +278,13 @@ impl HugePunch {
     }
 
     /// Free one run and count it.
-    fn free(&self, cb: &Callbacks, r: ByteRange, order: u8, d: &mut Delta) -> Result<(), HostError> {
+    fn free(
+        &self,
+        cb: &Callbacks,
+        r: ByteRange,
+        order: u8,
+        d: &mut Delta,
+    ) -> Result<(), HostError> {
         d.add(C::FreeCalls, 1);
         let res = cb.host.free(r, order);
         if res.is_err() {
@@ -443,7 +476,10 @@ impl HugePunch {
                         }
                         Err(e) => {
                             page.release_busy(ABSENT, 0, 0);
-                            Err(Error::AllocationFailed { offset: whole.offset, errno: e.errno })
+                            Err(Error::AllocationFailed {
+                                offset: whole.offset,
+                                errno: e.errno,
+                            })
                         }
                     };
                 }
@@ -458,7 +494,15 @@ impl HugePunch {
 
     /// Un-punch the punched subpages of `part` (caller registered with
     /// `one`): claim their bits, zero them. Returns how many.
-    fn unpunch(&self, cb: &Callbacks, h: u64, page: Page<'_>, part: PagePart, one: u64, d: &mut Delta) -> u32 {
+    fn unpunch(
+        &self,
+        cb: &Callbacks,
+        h: u64,
+        page: Page<'_>,
+        part: PagePart,
+        one: u64,
+        d: &mut Delta,
+    ) -> u32 {
         let cleared = page.clear_bits(part.first, part.count);
         let k: u32 = cleared.iter().map(|(_, b)| b.count_ones()).sum();
         let claimed = runs(cleared);
@@ -482,7 +526,12 @@ impl HugePunch {
 
     /// Allocate the absent subpages of part of a `SPLIT` huge page.
     /// `None` if the huge page was no longer `SPLIT`.
-    fn populate_split(&self, cb: &Callbacks, part: PagePart, page: Page<'_>) -> Option<Result<(), Error>> {
+    fn populate_split(
+        &self,
+        cb: &Callbacks,
+        part: PagePart,
+        page: Page<'_>,
+    ) -> Option<Result<(), Error>> {
         let h = part.huge_page;
         let s = page.claim_busy();
         if s.mode() != SPLIT || s.is(TORN) {
@@ -494,7 +543,10 @@ impl HugePunch {
         for (first, count) in runs(page.read_bits(part.first, part.count)) {
             let run = self.geo.part_range(h, first, count);
             if let Err(e) = cb.host.allocate(run, 0) {
-                res = Err(Error::AllocationFailed { offset: run.offset, errno: e.errno });
+                res = Err(Error::AllocationFailed {
+                    offset: run.offset,
+                    errno: e.errno,
+                });
                 break;
             }
             page.owner_set(first, count, false);
@@ -526,7 +578,14 @@ impl HugePunch {
                 Ok(())
             }
         };
-        d.add(if res.is_ok() { C::ConversionsOk } else { C::ConversionsRejected }, 1);
+        d.add(
+            if res.is_ok() {
+                C::ConversionsOk
+            } else {
+                C::ConversionsRejected
+            },
+            1,
+        );
         self.finish(&cb, &mut d, false);
         res
     }
@@ -608,7 +667,11 @@ impl HugePunch {
     /// Stable state of subpage `sub` of huge page `h`.
     fn subpage(&self, h: u64, sub: u32) -> SubpageState {
         let Some(page) = self.index.existing(h) else {
-            return if self.index.initial().mode() == HUGE { SubpageState::Present } else { SubpageState::Absent };
+            return if self.index.initial().mode() == HUGE {
+                SubpageState::Present
+            } else {
+                SubpageState::Absent
+            };
         };
         let mut spins = 0;
         loop {
@@ -675,9 +738,15 @@ impl HugePunch {
         if h >= self.geo.huge_pages() {
             self.count_error(C::ErrorsInvalidRange);
             let size = self.geo.huge_page_size();
-            return Err(Error::InvalidRange { offset: h.saturating_mul(size), len: size });
+            return Err(Error::InvalidRange {
+                offset: h.saturating_mul(size),
+                len: size,
+            });
         }
-        Ok(self.index.existing(h).map_or(self.index.initial(), |p| p.load()))
+        Ok(self
+            .index
+            .existing(h)
+            .map_or(self.index.initial(), |p| p.load()))
     }
 
     /// The largest mapping order the fault path may install for huge page
@@ -685,7 +754,11 @@ impl HugePunch {
     /// nothing in flight on it), 0 otherwise.
     pub fn max_mapping_order(&self, h: u64) -> Result<u8, Error> {
         let s = self.huge_page_state(h)?;
-        Ok(if s.mode() == HUGE && s.idle() && s.count() == 0 { self.geo.order } else { 0 })
+        Ok(if s.mode() == HUGE && s.idle() && s.count() == 0 {
+            self.geo.order
+        } else {
+            0
+        })
     }
 
     /// How huge page `h` is backed now.
@@ -766,7 +839,11 @@ impl HugePunch {
                 .filter_map(|h| {
                     let s = self.index.existing(h)?.load();
                     let c = s.count();
-                    (s.mode() == HUGE && !s.is(COMPLETING) && c > 0 && c <= self.index.page(h).full()).then_some((c, h))
+                    (s.mode() == HUGE
+                        && !s.is(COMPLETING)
+                        && c > 0
+                        && c <= self.index.page(h).full())
+                    .then_some((c, h))
                 })
                 .max_by_key(|&(c, h)| (c, std::cmp::Reverse(h)));
             let Some((_, h)) = victim else { break };
@@ -922,7 +999,10 @@ fn page_absent(page: Page<'_>) -> u32 {
 fn present_runs(page: Page<'_>, first: u32, count: u32) -> Vec<(u32, u32)> {
     let absent = page.read_bits(first, count);
     runs(page::word_masks(first, count).map(|(w, mask)| {
-        let a = absent.iter().find(|(aw, _)| *aw == w).map_or(0, |(_, b)| *b);
+        let a = absent
+            .iter()
+            .find(|(aw, _)| *aw == w)
+            .map_or(0, |(_, b)| *b);
         (w, mask & !a)
     }))
 }

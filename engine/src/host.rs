@@ -154,7 +154,10 @@ mod slot {
     impl CallbackSlot {
         pub fn new(cb: Callbacks) -> Self {
             let p = Box::into_raw(Box::new(cb));
-            CallbackSlot { current: AtomicPtr::new(p), all: Mutex::new(vec![p]) }
+            CallbackSlot {
+                current: AtomicPtr::new(p),
+                all: Mutex::new(vec![p]),
+            }
         }
 
         pub fn load(&self) -> Box<Callbacks> {

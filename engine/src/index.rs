@@ -39,8 +39,17 @@ impl Index {
         let chunk_pages = 1u64 << (CHUNK_WORDS / stride).max(1).ilog2();
         let n_chunks = geo.huge_pages().div_ceil(chunk_pages) as usize;
         let initial = if populated { HUGE } else { ABSENT };
-        let chunks = (0..n_chunks).map(|_| AtomicPtr::new(ptr::null_mut())).collect();
-        let index = Index { full, stride, chunk_pages, chunk_shift: chunk_pages.ilog2(), initial, chunks };
+        let chunks = (0..n_chunks)
+            .map(|_| AtomicPtr::new(ptr::null_mut()))
+            .collect();
+        let index = Index {
+            full,
+            stride,
+            chunk_pages,
+            chunk_shift: chunk_pages.ilog2(),
+            initial,
+            chunks,
+        };
         if n_chunks == 1 {
             // A file that fits in one chunk gains nothing from laziness (and
             // loom models explore fewer interleavings without it).
@@ -56,7 +65,13 @@ impl Index {
 
     fn new_chunk(&self) -> Box<Chunk> {
         let words = (0..self.chunk_pages as usize * self.stride)
-            .map(|i| AtomicU64::new(if i % self.stride == 0 { self.initial } else { 0 }))
+            .map(|i| {
+                AtomicU64::new(if i % self.stride == 0 {
+                    self.initial
+                } else {
+                    0
+                })
+            })
             .collect();
         Box::new(Chunk { words })
     }
@@ -75,7 +90,12 @@ impl Index {
         // ORDERING: AcqRel on success: Release publishes the chunk's words,
         // Acquire is harmless. Acquire on failure: we use the winner's
         // chunk and must see its words.
-        match self.chunks[c].compare_exchange(ptr::null_mut(), fresh, Ordering::AcqRel, Ordering::Acquire) {
+        match self.chunks[c].compare_exchange(
+            ptr::null_mut(),
+            fresh,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
             // SAFETY: we just installed `fresh`; it lives until `drop`.
             Ok(_) => unsafe { &*fresh },
             Err(winner) => {
@@ -88,7 +108,10 @@ impl Index {
     }
 
     fn locate(&self, h: u64) -> (usize, usize) {
-        ((h >> self.chunk_shift) as usize, (h & (self.chunk_pages - 1)) as usize * self.stride)
+        (
+            (h >> self.chunk_shift) as usize,
+            (h & (self.chunk_pages - 1)) as usize * self.stride,
+        )
     }
 
     /// Huge page `h`, installing its chunk if needed.
@@ -119,7 +142,11 @@ impl Index {
             // re-loads with Acquire before reading words.
             let installed = !self.chunks[c].load(Ordering::Relaxed).is_null();
             let start = c as u64 * self.chunk_pages;
-            let end = if installed { (start + self.chunk_pages).min(huge_pages) } else { start };
+            let end = if installed {
+                (start + self.chunk_pages).min(huge_pages)
+            } else {
+                start
+            };
             start..end
         })
     }
@@ -128,7 +155,11 @@ impl Index {
     pub fn tracking_bytes(&self) -> usize {
         let per_chunk = std::mem::size_of::<Chunk>() + self.chunk_pages as usize * self.stride * 8;
         // ORDERING: Relaxed: a statistic.
-        let installed = self.chunks.iter().filter(|c| !c.load(Ordering::Relaxed).is_null()).count();
+        let installed = self
+            .chunks
+            .iter()
+            .filter(|c| !c.load(Ordering::Relaxed).is_null())
+            .count();
         std::mem::size_of_val(&*self.chunks) + installed * per_chunk
     }
 }

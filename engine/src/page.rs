@@ -214,7 +214,11 @@ pub(crate) fn word_masks(first: u32, count: u32) -> impl Iterator<Item = (usize,
         let w = at / 64;
         let lo = at % 64;
         let hi = (end - w * 64).min(64);
-        let mask = if hi - lo == 64 { u64::MAX } else { ((1u64 << (hi - lo)) - 1) << lo };
+        let mask = if hi - lo == 64 {
+            u64::MAX
+        } else {
+            ((1u64 << (hi - lo)) - 1) << lo
+        };
         at = (w + 1) * 64;
         Some((w as usize, mask))
     })
@@ -244,7 +248,11 @@ pub(crate) fn runs(masks: impl IntoIterator<Item = (usize, u64)>) -> Vec<(u32, u
                 Some((f, c)) if *f + *c == first => *c += len,
                 _ => out.push((first, len)),
             }
-            bits = if lo + len >= 64 { 0 } else { bits & !(((1u64 << len) - 1) << lo) };
+            bits = if lo + len >= 64 {
+                0
+            } else {
+                bits & !(((1u64 << len) - 1) << lo)
+            };
         }
     }
     out
@@ -269,7 +277,11 @@ impl<'a> Page<'a> {
     /// One CAS loop on the state word: `f` maps the current value to the new
     /// one, or to `None` to leave it. Returns the previous value and
     /// whether it was replaced.
-    fn update(&self, success: Ordering, mut f: impl FnMut(Snapshot) -> Option<u64>) -> (Snapshot, bool) {
+    fn update(
+        &self,
+        success: Ordering,
+        mut f: impl FnMut(Snapshot) -> Option<u64>,
+    ) -> (Snapshot, bool) {
         // ORDERING: Acquire on the load and on a failed CAS: when `f`
         // declines to write, its caller acts on the value it saw (for
         // instance "a completion is in flight"), so that value must carry
@@ -280,7 +292,10 @@ impl<'a> Page<'a> {
             let Some(new) = f(Snapshot(cur)) else {
                 return (Snapshot(cur), false);
             };
-            match self.state.compare_exchange_weak(cur, new, success, Ordering::Acquire) {
+            match self
+                .state
+                .compare_exchange_weak(cur, new, success, Ordering::Acquire)
+            {
                 Ok(prev) => return (Snapshot(prev), true),
                 Err(actual) => cur = actual,
             }
@@ -301,7 +316,9 @@ impl<'a> Page<'a> {
                 if s.mode() != HUGE || s.is(COMPLETING | BUSY | TORN) {
                     return None;
                 }
-                saturated = s.punching() == FIELD_MAX || s.unpunching() == FIELD_MAX || s.converting() == FIELD_MAX;
+                saturated = s.punching() == FIELD_MAX
+                    || s.unpunching() == FIELD_MAX
+                    || s.converting() == FIELD_MAX;
                 (!saturated).then(|| s.0 + one)
             });
             if done {
@@ -331,15 +348,23 @@ impl<'a> Page<'a> {
         // every exit before it, and a punch deciding on `CONVERTING` must
         // see the attribute change of a conversion that already unmarked.
         let (prev, _) = self.update(Ordering::AcqRel, |s| {
-            let mut new = s.0.wrapping_sub(one).wrapping_add((delta as u64).wrapping_mul(COUNT_ONE));
+            let mut new =
+                s.0.wrapping_sub(one)
+                    .wrapping_add((delta as u64).wrapping_mul(COUNT_ONE));
             claimed = Snapshot(new).complete(full);
             if claimed {
                 new |= COMPLETING;
             }
             Some(new)
         });
-        let after = prev.0.wrapping_sub(one).wrapping_add((delta as u64).wrapping_mul(COUNT_ONE));
-        Exit { after: Snapshot(after | if claimed { COMPLETING } else { 0 }), claimed_completion: claimed }
+        let after = prev
+            .0
+            .wrapping_sub(one)
+            .wrapping_add((delta as u64).wrapping_mul(COUNT_ONE));
+        Exit {
+            after: Snapshot(after | if claimed { COMPLETING } else { 0 }),
+            claimed_completion: claimed,
+        }
     }
 
     /// Set the bits of `first .. first + count`; returns how many were newly
@@ -434,7 +459,9 @@ impl<'a> Page<'a> {
         let mut spins = 0;
         loop {
             // ORDERING: Acquire: the slow path's reads follow the claim.
-            let (_, done) = self.update(Ordering::Acquire, |s| (!s.is(BUSY | COMPLETING)).then_some(s.0 | BUSY));
+            let (_, done) = self.update(Ordering::Acquire, |s| {
+                (!s.is(BUSY | COMPLETING)).then_some(s.0 | BUSY)
+            });
             if done {
                 break;
             }
@@ -483,7 +510,11 @@ impl<'a> Page<'a> {
         let (_, _) = self.update(Ordering::Release, |s| {
             debug_assert!(s.is(COMPLETING), "{s:?}");
             let cleared = s.0 & !COMPLETING;
-            Some(if freed { (cleared & !(MODE_MASK | (u64::MAX << COUNT_SHIFT))) | ABSENT } else { cleared })
+            Some(if freed {
+                (cleared & !(MODE_MASK | (u64::MAX << COUNT_SHIFT))) | ABSENT
+            } else {
+                cleared
+            })
         });
     }
 

@@ -131,9 +131,15 @@ mod tests {
 
     #[test]
     fn seed_example_splits_into_three_parts() {
-        let g = Geometry { size: 8 << 20, order: 9 };
+        let g = Geometry {
+            size: 8 << 20,
+            order: 9,
+        };
         let r = g.validate(0x1000, 0x401000).unwrap();
-        let parts: Vec<_> = g.parts(r).map(|p| g.part_range(p.huge_page, p.first, p.count)).collect();
+        let parts: Vec<_> = g
+            .parts(r)
+            .map(|p| g.part_range(p.huge_page, p.first, p.count))
+            .collect();
         assert_eq!(
             parts,
             vec![
@@ -146,7 +152,10 @@ mod tests {
 
     #[test]
     fn validation_rejects_bad_ranges() {
-        let g = Geometry { size: 4 << 20, order: 9 };
+        let g = Geometry {
+            size: 4 << 20,
+            order: 9,
+        };
         assert!(g.validate(0, 4096).is_some());
         assert!(g.validate(0, 0).is_none());
         assert!(g.validate(1, 4096).is_none());

@@ -93,7 +93,11 @@ pub(crate) struct Delta {
 impl Default for Delta {
     fn default() -> Self {
         // `counts` is only read where `touched` says it was written.
-        Delta { counts: [0; N], touched: 0, pending: 0 }
+        Delta {
+            counts: [0; N],
+            touched: 0,
+            pending: 0,
+        }
     }
 }
 
@@ -151,7 +155,10 @@ mod shards {
     impl Shards {
         pub fn new() -> Self {
             // ORDERING: Relaxed: a unique number is all we need.
-            Shards { id: NEXT_ID.fetch_add(1, Ordering::Relaxed), all: Mutex::new((Vec::new(), [0; N])) }
+            Shards {
+                id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+                all: Mutex::new((Vec::new(), [0; N])),
+            }
         }
 
         fn lock(&self) -> std::sync::MutexGuard<'_, (Vec<Arc<Shard>>, [u64; N])> {

@@ -70,7 +70,13 @@ pub struct Trace {
 
 impl Default for Trace {
     fn default() -> Self {
-        Trace { size: 1 << 30, order: 9, populated: true, start: Attribute::Private, ops: Vec::new() }
+        Trace {
+            size: 1 << 30,
+            order: 9,
+            populated: true,
+            start: Attribute::Private,
+            ops: Vec::new(),
+        }
     }
 }
 
@@ -93,7 +99,10 @@ pub fn parse_number(s: &str) -> Option<u64> {
         b'G' | b'g' => (&s[..s.len() - 1], 30),
         _ => (s, 0),
     };
-    let v = match digits.strip_prefix("0x").or_else(|| digits.strip_prefix("0X")) {
+    let v = match digits
+        .strip_prefix("0x")
+        .or_else(|| digits.strip_prefix("0X"))
+    {
         Some(hex) => u64::from_str_radix(hex, 16).ok()?,
         None => digits.parse::<u64>().ok()?,
     };
@@ -117,12 +126,20 @@ impl Trace {
                 if words.len() == n {
                     Ok(())
                 } else {
-                    Err(err(format!("`{}` takes {} argument(s), got {}", words[0], n - 1, words.len() - 1)))
+                    Err(err(format!(
+                        "`{}` takes {} argument(s), got {}",
+                        words[0],
+                        n - 1,
+                        words.len() - 1
+                    )))
                 }
             };
             let header = matches!(words[0], "size" | "order" | "start");
             if header && !t.ops.is_empty() {
-                return Err(err(format!("header line `{}` after the first operation", words[0])));
+                return Err(err(format!(
+                    "header line `{}` after the first operation",
+                    words[0]
+                )));
             }
             match words[0] {
                 "size" => {
@@ -135,7 +152,9 @@ impl Trace {
                         .try_into()
                         .ok()
                         .filter(|o| (1..=crate::MAX_ORDER).contains(o))
-                        .ok_or_else(|| err(format!("order must be between 1 and 18, got {}", words[1])))?;
+                        .ok_or_else(|| {
+                            err(format!("order must be between 1 and 18, got {}", words[1]))
+                        })?;
                 }
                 "start" => {
                     arity(2)?;
@@ -164,7 +183,14 @@ impl Trace {
                         "shared" => Attribute::Shared,
                         w => return Err(err(format!("unknown attribute {w:?}"))),
                     };
-                    t.ops.push((line, Op::Convert { offset: num(words[1])?, len: num(words[2])?, to }));
+                    t.ops.push((
+                        line,
+                        Op::Convert {
+                            offset: num(words[1])?,
+                            len: num(words[2])?,
+                            to,
+                        },
+                    ));
                 }
                 "teardown" => {
                     arity(1)?;
@@ -198,8 +224,27 @@ mod tests {
         let t = Trace::parse("size 4M\norder 9\nstart shared\n# c\n\npunch 0 4K # x\nconvert 0 2M private\nteardown\n").unwrap();
         assert_eq!(t.size, 4 << 20);
         assert_eq!(t.start, Attribute::Shared);
-        assert_eq!(t.ops[0], (6, Op::Punch { offset: 0, len: 4096 }));
-        assert_eq!(t.ops[1], (7, Op::Convert { offset: 0, len: 2 << 20, to: Attribute::Private }));
+        assert_eq!(
+            t.ops[0],
+            (
+                6,
+                Op::Punch {
+                    offset: 0,
+                    len: 4096
+                }
+            )
+        );
+        assert_eq!(
+            t.ops[1],
+            (
+                7,
+                Op::Convert {
+                    offset: 0,
+                    len: 2 << 20,
+                    to: Attribute::Private
+                }
+            )
+        );
         assert_eq!(t.ops[2], (8, Op::Teardown));
     }
 

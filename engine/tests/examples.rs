@@ -13,8 +13,12 @@ fn worked_examples_give_their_figures() {
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
         let name = path.file_name().unwrap().to_string_lossy().to_string();
-        let Some(stem) = name.strip_suffix(".expected.json") else { continue };
-        let trace = Trace::parse(&std::fs::read_to_string(dir.join(format!("{stem}.trace"))).unwrap()).unwrap();
+        let Some(stem) = name.strip_suffix(".expected.json") else {
+            continue;
+        };
+        let trace =
+            Trace::parse(&std::fs::read_to_string(dir.join(format!("{stem}.trace"))).unwrap())
+                .unwrap();
         let expected: serde_json::Map<String, serde_json::Value> =
             serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         for (key, want) in expected {
@@ -38,8 +42,15 @@ fn seed_example_invalidations_are_split_per_huge_page() {
     use hugepunch::{ByteRange, Hint};
     let trace = Trace::parse("size 8M\nstart private\npunch 0x1000 0x401000\n").unwrap();
     let (_, host, _) = common::replay(&trace, None, hugepunch::Policy::Reject);
-    let inval: Vec<_> = host.events().into_iter().filter(|e| matches!(e, InvalidateBegin(..))).collect();
-    let h = |i| Hint { huge_page: i, order: 9 };
+    let inval: Vec<_> = host
+        .events()
+        .into_iter()
+        .filter(|e| matches!(e, InvalidateBegin(..)))
+        .collect();
+    let h = |i| Hint {
+        huge_page: i,
+        order: 9,
+    };
     assert_eq!(
         inval,
         vec![

@@ -11,7 +11,10 @@
 //! - Invariant 6 (nothing leaked): at the end, freed + pending + live =
 //!   allocated, subpage by subpage, and after teardown nothing is allocated.
 
-use hugepunch::{Attribute, ByteRange, Config, Hint, Host, HostError, HugePunch, Policy, SubpageState, SUBPAGE_SIZE};
+use hugepunch::{
+    Attribute, ByteRange, Config, Hint, Host, HostError, HugePunch, Policy, SubpageState,
+    SUBPAGE_SIZE,
+};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -43,7 +46,10 @@ impl CountingHost {
     }
 
     fn resident_count(&self) -> u64 {
-        self.resident.iter().filter(|r| r.load(Ordering::SeqCst)).count() as u64
+        self.resident
+            .iter()
+            .filter(|r| r.load(Ordering::SeqCst))
+            .count() as u64
     }
 }
 
@@ -52,20 +58,27 @@ impl Host for CountingHost {
         Self::subs(range).all(|s| self.shared[s].load(Ordering::SeqCst))
     }
     fn set_attributes(&self, range: ByteRange, to: Attribute) {
-        Self::subs(range).for_each(|s| self.shared[s].store(to == Attribute::Shared, Ordering::SeqCst));
+        Self::subs(range)
+            .for_each(|s| self.shared[s].store(to == Attribute::Shared, Ordering::SeqCst));
     }
     fn invalidate_begin(&self, _: ByteRange, _: Hint) {}
     fn invalidate_end(&self, _: ByteRange) {}
     fn allocate(&self, range: ByteRange, _order: u8) -> Result<(), HostError> {
         for s in Self::subs(range) {
-            assert!(!self.resident[s].swap(true, Ordering::SeqCst), "double allocation of subpage {s}");
+            assert!(
+                !self.resident[s].swap(true, Ordering::SeqCst),
+                "double allocation of subpage {s}"
+            );
         }
         self.allocations.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
     fn free(&self, range: ByteRange, order: u8) -> Result<(), HostError> {
         for s in Self::subs(range) {
-            assert!(self.resident[s].swap(false, Ordering::SeqCst), "invariant 1/6: double free of subpage {s} ({range:?})");
+            assert!(
+                self.resident[s].swap(false, Ordering::SeqCst),
+                "invariant 1/6: double free of subpage {s} ({range:?})"
+            );
         }
         if order == self.order {
             self.whole_frees.fetch_add(1, Ordering::SeqCst);
@@ -90,7 +103,14 @@ impl Rng {
     }
 }
 
-fn run(order: u8, huge_pages: u64, punchers: usize, iters: u64, budget: Option<u64>, policy: Policy) {
+fn run(
+    order: u8,
+    huge_pages: u64,
+    punchers: usize,
+    iters: u64,
+    budget: Option<u64>,
+    policy: Policy,
+) {
     let per = 1u64 << order;
     let size = huge_pages * per * SUBPAGE_SIZE;
     let host = CountingHost::new(size, order);
@@ -144,8 +164,15 @@ fn run(order: u8, huge_pages: u64, punchers: usize, iters: u64, budget: Option<u
                     continue;
                 }
                 e.populate(off, SUBPAGE_SIZE).unwrap();
-                assert!(host.resident[(off / SUBPAGE_SIZE) as usize].load(Ordering::SeqCst), "invariant 4: populated subpage {off:#x} was freed");
-                assert_eq!(e.subpage_state(off).unwrap(), SubpageState::Present, "invariant 4: populated subpage {off:#x} reads as punched");
+                assert!(
+                    host.resident[(off / SUBPAGE_SIZE) as usize].load(Ordering::SeqCst),
+                    "invariant 4: populated subpage {off:#x} was freed"
+                );
+                assert_eq!(
+                    e.subpage_state(off).unwrap(),
+                    SubpageState::Present,
+                    "invariant 4: populated subpage {off:#x} reads as punched"
+                );
             }
         }));
     }
@@ -160,21 +187,50 @@ fn run(order: u8, huge_pages: u64, punchers: usize, iters: u64, budget: Option<u
     for s in 0..huge_pages * per {
         let state = engine.subpage_state(s * SUBPAGE_SIZE).unwrap();
         let resident = host.resident[s as usize].load(Ordering::SeqCst);
-        assert_eq!(resident, state != SubpageState::Absent, "invariant 6: subpage {s} is {state:?} but resident={resident}");
+        assert_eq!(
+            resident,
+            state != SubpageState::Absent,
+            "invariant 6: subpage {s} is {state:?} but resident={resident}"
+        );
         punched += (state == SubpageState::Punched) as u64;
     }
-    assert_eq!(stats.pending_subpages, punched, "pending_subpages disagrees with the bitmap");
-    assert_eq!(stats.huge_frees, host.whole_frees.load(Ordering::SeqCst), "huge_frees disagrees with the host");
-    assert_eq!(stats.small_freed_subpages > 0, host.small_frees.load(Ordering::SeqCst) > 0);
-    assert_eq!(stats.punch_calls + stats.populate_calls + stats.convert_calls, punchers as u64 * iters + iters, "calls lost");
+    assert_eq!(
+        stats.pending_subpages, punched,
+        "pending_subpages disagrees with the bitmap"
+    );
+    assert_eq!(
+        stats.huge_frees,
+        host.whole_frees.load(Ordering::SeqCst),
+        "huge_frees disagrees with the host"
+    );
+    assert_eq!(
+        stats.small_freed_subpages > 0,
+        host.small_frees.load(Ordering::SeqCst) > 0
+    );
+    assert_eq!(
+        stats.punch_calls + stats.populate_calls + stats.convert_calls,
+        punchers as u64 * iters + iters,
+        "calls lost"
+    );
     if let Some(b) = budget {
-        assert!(stats.pending_subpages * SUBPAGE_SIZE <= b, "invariant 7: {} pending bytes over budget {b}", stats.pending_subpages * SUBPAGE_SIZE);
+        assert!(
+            stats.pending_subpages * SUBPAGE_SIZE <= b,
+            "invariant 7: {} pending bytes over budget {b}",
+            stats.pending_subpages * SUBPAGE_SIZE
+        );
     }
-    assert!(stats.huge_frees > 0, "the stress never completed a huge page: it tests nothing");
+    assert!(
+        stats.huge_frees > 0,
+        "the stress never completed a huge page: it tests nothing"
+    );
 
     let report = engine.teardown();
     assert!(report.still_allocated.is_empty());
-    assert_eq!(host.resident_count(), 0, "invariant 6: memory leaked after teardown");
+    assert_eq!(
+        host.resident_count(),
+        0,
+        "invariant 6: memory leaked after teardown"
+    );
     assert_eq!(engine.stats().pending_subpages, 0);
 }
 

@@ -2,7 +2,9 @@
 #![allow(dead_code)]
 
 use hugepunch::trace::{Op, Trace};
-use hugepunch::{Attribute, ByteRange, Config, Error, Hint, Host, HostError, HugePunch, Policy, SUBPAGE_SIZE};
+use hugepunch::{
+    Attribute, ByteRange, Config, Error, Hint, Host, HostError, HugePunch, Policy, SUBPAGE_SIZE,
+};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -46,7 +48,9 @@ impl RecordingHost {
 
     /// Without the event log (for stress tests).
     pub fn quiet(size: u64, start: Attribute, populated: bool) -> Arc<Self> {
-        let mut h = Arc::try_unwrap(Self::new(size, start, populated)).ok().unwrap();
+        let mut h = Arc::try_unwrap(Self::new(size, start, populated))
+            .ok()
+            .unwrap();
         h.record = false;
         Arc::new(h)
     }
@@ -81,12 +85,16 @@ impl RecordingHost {
 impl Host for RecordingHost {
     fn is_shared(&self, range: ByteRange) -> bool {
         self.push(Event::IsShared(range));
-        self.attrs.lock().unwrap()[Self::subs(range)].iter().all(|a| *a == Attribute::Shared)
+        self.attrs.lock().unwrap()[Self::subs(range)]
+            .iter()
+            .all(|a| *a == Attribute::Shared)
     }
 
     fn set_attributes(&self, range: ByteRange, to: Attribute) {
         self.push(Event::SetAttributes(range, to));
-        self.attrs.lock().unwrap()[Self::subs(range)].iter_mut().for_each(|a| *a = to);
+        self.attrs.lock().unwrap()[Self::subs(range)]
+            .iter_mut()
+            .for_each(|a| *a = to);
     }
 
     fn invalidate_begin(&self, range: ByteRange, hint: Hint) {
@@ -108,7 +116,10 @@ impl Host for RecordingHost {
     }
 
     fn free(&self, range: ByteRange, order: u8) -> Result<(), HostError> {
-        let fail = self.fail_next_frees.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok();
+        let fail = self
+            .fail_next_frees
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok();
         if fail {
             self.push(Event::FreeFailed(range, order));
             return Err(HostError { errno: 5 });
@@ -132,7 +143,11 @@ impl Host for RecordingHost {
 pub fn flags(key: &str) -> (Option<u64>, Policy) {
     let mut budget = None;
     let mut policy = Policy::Reject;
-    let words: Vec<&str> = if key == "defaults" { vec![] } else { key.split_whitespace().collect() };
+    let words: Vec<&str> = if key == "defaults" {
+        vec![]
+    } else {
+        key.split_whitespace().collect()
+    };
     for pair in words.chunks(2) {
         match pair {
             ["--budget", b] => budget = Some(hugepunch::trace::parse_number(b).expect("budget")),
@@ -145,7 +160,11 @@ pub fn flags(key: &str) -> (Option<u64>, Policy) {
 }
 
 /// Replay a trace on a fresh engine and recording host.
-pub fn replay(trace: &Trace, budget: Option<u64>, policy: Policy) -> (HugePunch, Arc<RecordingHost>, Vec<Result<(), Error>>) {
+pub fn replay(
+    trace: &Trace,
+    budget: Option<u64>,
+    policy: Policy,
+) -> (HugePunch, Arc<RecordingHost>, Vec<Result<(), Error>>) {
     let host = RecordingHost::new(trace.size, trace.start, trace.populated);
     let mut cfg = Config::new(trace.size).order(trace.order).policy(policy);
     cfg.populated = trace.populated;
