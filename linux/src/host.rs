@@ -1,0 +1,697 @@
+//! [`LinuxHost`]: the engine's [`Host`] over a real file descriptor — a
+//! memfd (shmem, or hugetlbfs / THP shmem where the host already offers
+//! them) or a KVM guest_memfd.
+//!
+//! # What each callback does
+//!
+//! | callback | here | blocks? |
+//! |---|---|---|
+//! | `free(range, order)` | `fallocate(PUNCH_HOLE \| KEEP_SIZE)` on exactly `range`; `EINTR` retried; any other errno returned as [`HostError`] | yes (a syscall) |
+//! | `allocate(range, order)` | `fallocate(KEEP_SIZE)` on `range` | yes |
+//! | `zero(range)` | writes zeros through the backend's own shared mapping: the memory is resident (a pending punch still holds it), so nothing is allocated and a huge folio stays whole | no (page faults at most) |
+//! | `is_shared(range)` | the backend's own attribute bitmap, one bit a subpage, changed only by `set_attributes` | no |
+//! | `set_attributes(range, to)` | updates that bitmap | no |
+//! | `invalidate_begin/end` | counted, nothing else: see below | no |
+//!
+//! No callback re-enters the engine; none panics except on a range outside
+//! the file (an engine bug the engine's validation rules out).
+//!
+//! # Invalidation
+//!
+//! The kernel invalidates inside `fallocate(PUNCH_HOLE)` itself, exactly at
+//! the moment memory is freed: for guest_memfd, `kvm_gmem_punch_hole` runs
+//! `kvm_gmem_invalidate_begin/end` (zapping KVM's MMU for every memslot
+//! bound to the range) under the file's invalidate lock; for both
+//! backends, truncating the page cache unmaps the range from every user
+//! mapping first. So the engine's invalidation around a free (a
+//! completion, a 4 KiB free, teardown) is done by the free itself, and
+//! doing it again here would be a second zap of the same range.
+//!
+//! The other invalidation — the *immediate* one of a deferred partial punch
+//! of possibly-private memory, which frees nothing — has no kernel
+//! counterpart that a VMM can call without freeing: the kernel zaps private
+//! mappings on its own conversion path (`KVM_SET_MEMORY_ATTRIBUTES`), and
+//! on the kernels this was built on a type-0 VM has no private memory at all
+//! (`KVM_CAP_MEMORY_ATTRIBUTES` is 0), so no private mapping of the range
+//! can exist. The backend therefore counts the begin/end pairs (and checks
+//! they pair up, see [`LinuxHost::counts`]); a VMM with private memory wires
+//! its own zap in a wrapping host.
+//!
+//! Punched subpages are not unmapped from the backend's own mapping: the
+//! VMM reads through [`HugePunch::is_punched`](hugepunch::HugePunch::is_punched)
+//! (SPEC.md "Queries for the VMM's own accesses").
+
+use crate::sync::{AtomicI64, AtomicU64, Ordering};
+use crate::sys::{self, Mapping};
+use hugepunch::{Attribute, ByteRange, Hint, Host, HostError, SUBPAGE_SIZE};
+use rustix::fd::OwnedFd;
+use serde::Serialize;
+use std::time::Instant;
+
+/// The 2 MiB huge page the backend reasons about (order 9).
+pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
+
+/// Which kind of file backs the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Backend {
+    /// `memfd_create` (shmem; hugetlbfs or THP shmem where offered).
+    Memfd,
+    /// KVM `guest_memfd` of a type-0 VM, mmap()able.
+    GuestMemfd,
+}
+
+impl Backend {
+    /// guest-memfd where /dev/kvm works and offers mmap()able guest_memfd,
+    /// else memfd.
+    pub fn default_here() -> Backend {
+        if guest_memfd_unavailable().is_none() {
+            Backend::GuestMemfd
+        } else {
+            Backend::Memfd
+        }
+    }
+
+    /// `memfd` or `guest-memfd`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Memfd => "memfd",
+            Backend::GuestMemfd => "guest-memfd",
+        }
+    }
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Backend {
+    type Err = SetupError;
+    fn from_str(s: &str) -> Result<Self, SetupError> {
+        match s {
+            "memfd" => Ok(Backend::Memfd),
+            "guest-memfd" | "guest_memfd" | "gmem" => Ok(Backend::GuestMemfd),
+            other => Err(SetupError::UnknownBackend(other.to_string())),
+        }
+    }
+}
+
+/// Why a host could not be built.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SetupError {
+    /// Not `memfd` or `guest-memfd`.
+    #[error("unknown backend {0:?} (memfd or guest-memfd)")]
+    UnknownBackend(String),
+    /// The size is not a positive multiple of 2 MiB.
+    #[error("size {0:#x} must be a positive multiple of 2 MiB")]
+    BadSize(u64),
+    /// A syscall failed.
+    #[error("{step} failed: {}", std::io::Error::from_raw_os_error(*errno))]
+    Syscall {
+        /// What was being done.
+        step: &'static str,
+        /// The errno.
+        errno: i32,
+    },
+    /// guest_memfd is not usable here; the reason says why.
+    #[error("guest_memfd unavailable: {0}")]
+    GuestMemfdUnavailable(String),
+}
+
+/// Is an mmap()able guest_memfd unavailable here? `None` when it works,
+/// else the reason (for tests that skip, and for the default backend).
+pub fn guest_memfd_unavailable() -> Option<String> {
+    match sys::Kvm::open() {
+        Err(e) => Some(e.to_string()),
+        Ok(kvm) => {
+            let want = sys::GUEST_MEMFD_FLAG_MMAP | sys::GUEST_MEMFD_FLAG_INIT_SHARED;
+            (kvm.guest_memfd_flags & want != want).then(|| {
+                format!(
+                    "KVM_CAP_GUEST_MEMFD_FLAGS is {:#x}: GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED ({want:#x}) not offered",
+                    kvm.guest_memfd_flags
+                )
+            })
+        }
+    }
+}
+
+/// What backs a 2 MiB huge page of the file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "kind", content = "detail")]
+pub enum HugeBacking {
+    /// Only 4 KiB pages; the detail says why (the host's settings).
+    None(String),
+    /// Transparent huge pages of shmem, as the host's settings offer them.
+    Thp(String),
+    /// `MFD_HUGETLB` with 2 MiB pages the host has reserved.
+    Hugetlb(String),
+}
+
+impl HugeBacking {
+    /// Is the memory really backed by huge pages?
+    pub fn available(&self) -> bool {
+        !matches!(self, HugeBacking::None(_))
+    }
+
+    /// One line for humans.
+    pub fn describe(&self) -> String {
+        match self {
+            HugeBacking::None(why) => format!("none available ({why})"),
+            HugeBacking::Thp(how) => format!("THP shmem ({how})"),
+            HugeBacking::Hugetlb(how) => format!("hugetlb ({how})"),
+        }
+    }
+}
+
+fn bracketed(path: &str) -> Option<String> {
+    let s = std::fs::read_to_string(path).ok()?;
+    let start = s.find('[')? + 1;
+    let end = start + s[start..].find(']')?;
+    Some(s[start..end].to_string())
+}
+
+fn read_u64(path: &str) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// THP mode for 2 MiB shmem pages as the host configured it (read only:
+/// system settings are never changed).
+fn shmem_thp_mode() -> (String, String) {
+    let top = bracketed("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
+        .unwrap_or_else(|| "absent".into());
+    let per = bracketed("/sys/kernel/mm/transparent_hugepage/hugepages-2048kB/shmem_enabled");
+    let desc = match &per {
+        Some(p) => format!("shmem_enabled=[{top}], hugepages-2048kB/shmem_enabled=[{p}]"),
+        None => format!("shmem_enabled=[{top}]"),
+    };
+    let effective = match per.as_deref() {
+        Some("inherit") | None => top,
+        Some(p) => p.to_string(),
+    };
+    (effective, desc)
+}
+
+/// What huge page backing a memfd of `size` bytes can get here without
+/// changing any system setting. hugetlb needs enough free reserved 2 MiB
+/// pages; THP shmem needs `always`, `within_size`, `force` or `advise`
+/// (the last through `MADV_HUGEPAGE` on the backend's mapping).
+pub fn memfd_huge_backing(size: u64) -> HugeBacking {
+    let free = read_u64("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages").unwrap_or(0);
+    let (mode, desc) = shmem_thp_mode();
+    if matches!(mode.as_str(), "always" | "within_size" | "force" | "advise") {
+        return HugeBacking::Thp(desc);
+    }
+    if free >= size / HUGE_PAGE_SIZE {
+        return HugeBacking::Hugetlb(format!("{free} free 2 MiB hugetlb pages"));
+    }
+    HugeBacking::None(format!("{desc}, {free} free 2 MiB hugetlb pages"))
+}
+
+/// Counts of what the backend did (exact when no call is in flight).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Counts {
+    /// `fallocate(PUNCH_HOLE)` calls that reached the kernel, including failed ones.
+    pub punch_calls: u64,
+    /// Bytes those punches covered (successful ones).
+    pub punched_bytes: u64,
+    /// `fallocate(KEEP_SIZE)` allocation calls that reached the kernel.
+    pub allocate_calls: u64,
+    /// `fallocate` calls that returned an error (after `EINTR` retries).
+    pub fallocate_errors: u64,
+    /// Nanoseconds spent inside `fallocate`.
+    pub fallocate_nanos: u64,
+    /// `zero` calls.
+    pub zero_calls: u64,
+    /// Bytes zeroed.
+    pub zeroed_bytes: u64,
+    /// Nanoseconds spent zeroing.
+    pub zero_nanos: u64,
+    /// `invalidate_begin` calls.
+    pub invalidations_begun: u64,
+    /// `invalidate_end` calls.
+    pub invalidations_ended: u64,
+    /// Huge pages that a partial free broke into 4 KiB pieces (at least
+    /// once) and that a whole free or allocation has not made whole again.
+    pub huge_pages_split: u64,
+}
+
+impl Counts {
+    /// Every `fallocate` call (punch or allocation).
+    pub fn fallocate_calls(&self) -> u64 {
+        self.punch_calls + self.allocate_calls
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    punch_calls: AtomicU64,
+    punched_bytes: AtomicU64,
+    allocate_calls: AtomicU64,
+    fallocate_errors: AtomicU64,
+    fallocate_nanos: AtomicU64,
+    zero_calls: AtomicU64,
+    zeroed_bytes: AtomicU64,
+    zero_nanos: AtomicU64,
+    invalidations_begun: AtomicU64,
+    invalidations_ended: AtomicU64,
+    invalidations_open: AtomicI64,
+}
+
+fn add(c: &AtomicU64, v: u64) {
+    // ORDERING: Relaxed: a statistic; readers take it at quiescent points,
+    // after joining the threads that counted (the join synchronises).
+    c.fetch_add(v, Ordering::Relaxed);
+}
+
+fn get(c: &AtomicU64) -> u64 {
+    // ORDERING: Relaxed: see `add`.
+    c.load(Ordering::Relaxed)
+}
+
+/// How the file was made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FileInfo {
+    /// Backend kind.
+    pub backend: Backend,
+    /// Size in bytes.
+    pub size: u64,
+    /// Huge page backing.
+    pub huge_backing: HugeBacking,
+    /// guest_memfd flags used (0 for memfd).
+    pub guest_memfd_flags: u64,
+    /// Whether a KVM memslot is bound to the guest_memfd.
+    pub memslot: bool,
+}
+
+/// The engine's host over a real file: see the module documentation.
+pub struct LinuxHost {
+    // Field order is drop order: the VM (and its memslot, which points into
+    // the mapping) goes first, then the mapping, then the file.
+    kvm: Option<sys::Kvm>,
+    map: Mapping,
+    fd: OwnedFd,
+    info: FileInfo,
+    /// One bit per subpage, set = shared.
+    shared: Box<[AtomicU64]>,
+    /// One bit per 2 MiB huge page: broken by a partial free.
+    split: Box<[AtomicU64]>,
+    counters: Counters,
+}
+
+/// Options for [`LinuxHost::memfd`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MemfdOptions {
+    /// Use hugetlbfs or THP shmem when the host offers them (never changes
+    /// a setting). Off: plain 4 KiB shmem.
+    pub use_huge_pages: bool,
+}
+
+impl LinuxHost {
+    fn build(fd: OwnedFd, kvm: Option<sys::Kvm>, info: FileInfo) -> Result<Self, SetupError> {
+        let map = Mapping::new(&fd, info.size as usize).map_err(|errno| SetupError::Syscall {
+            step: "mmap",
+            errno,
+        })?;
+        let subpages = info.size / SUBPAGE_SIZE;
+        let mut host = LinuxHost {
+            kvm,
+            map,
+            fd,
+            shared: (0..subpages.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            split: (0..(info.size / HUGE_PAGE_SIZE).div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            counters: Counters::default(),
+            info,
+        };
+        if let Some(kvm) = &host.kvm {
+            host.info.memslot = kvm.bind_memslot(&host.fd, &host.map).is_ok();
+        }
+        Ok(host)
+    }
+
+    fn check_size(size: u64) -> Result<(), SetupError> {
+        if size == 0 || !size.is_multiple_of(HUGE_PAGE_SIZE) || usize::try_from(size).is_err() {
+            return Err(SetupError::BadSize(size));
+        }
+        Ok(())
+    }
+
+    /// A memfd of `size` bytes (a multiple of 2 MiB), empty, every subpage
+    /// private.
+    pub fn memfd(size: u64, opts: MemfdOptions) -> Result<Self, SetupError> {
+        Self::check_size(size)?;
+        let huge = if opts.use_huge_pages {
+            memfd_huge_backing(size)
+        } else {
+            HugeBacking::None("4 KiB shmem asked for".into())
+        };
+        let hugetlb = matches!(huge, HugeBacking::Hugetlb(_));
+        let fd = sys::memfd("hugepunch", size, hugetlb).map_err(|errno| SetupError::Syscall {
+            step: "memfd_create",
+            errno,
+        })?;
+        let info = FileInfo {
+            backend: Backend::Memfd,
+            size,
+            huge_backing: huge,
+            guest_memfd_flags: 0,
+            memslot: false,
+        };
+        let host = Self::build(fd, None, info)?;
+        if matches!(host.info.huge_backing, HugeBacking::Thp(_)) {
+            // Only matters in `advise` mode; harmless otherwise.
+            let _ = host.map.advise_hugepage();
+        }
+        Ok(host)
+    }
+
+    /// A guest_memfd of `size` bytes (a multiple of 2 MiB) of a fresh type-0
+    /// VM, created with `GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED`
+    /// (refused where `KVM_CAP_GUEST_MEMFD_FLAGS` does not offer both: without
+    /// them the file cannot be mapped, zeroed or measured), mapped, and bound
+    /// to memslot 0 when the kernel accepts it (`FileInfo::memslot`). Empty,
+    /// every subpage private in the backend's tracking.
+    pub fn guest_memfd(size: u64) -> Result<Self, SetupError> {
+        Self::check_size(size)?;
+        let kvm = sys::Kvm::open().map_err(|e| SetupError::GuestMemfdUnavailable(e.to_string()))?;
+        let want = sys::GUEST_MEMFD_FLAG_MMAP | sys::GUEST_MEMFD_FLAG_INIT_SHARED;
+        if kvm.guest_memfd_flags & want != want {
+            return Err(SetupError::GuestMemfdUnavailable(format!(
+                "KVM_CAP_GUEST_MEMFD_FLAGS is {:#x}, need {want:#x}",
+                kvm.guest_memfd_flags
+            )));
+        }
+        let fd = kvm
+            .guest_memfd(size, want)
+            .map_err(|e| SetupError::GuestMemfdUnavailable(e.to_string()))?;
+        let info = FileInfo {
+            backend: Backend::GuestMemfd,
+            size,
+            huge_backing: HugeBacking::None(
+                "guest_memfd allocates 4 KiB folios on this kernel".into(),
+            ),
+            guest_memfd_flags: want,
+            memslot: false,
+        };
+        Self::build(fd, Some(kvm), info)
+    }
+
+    /// A host of `backend`; memfd uses huge pages where the host offers them.
+    pub fn open(backend: Backend, size: u64) -> Result<Self, SetupError> {
+        match backend {
+            Backend::Memfd => Self::memfd(
+                size,
+                MemfdOptions {
+                    use_huge_pages: true,
+                },
+            ),
+            Backend::GuestMemfd => Self::guest_memfd(size),
+        }
+    }
+
+    /// How the file was made.
+    pub fn info(&self) -> &FileInfo {
+        &self.info
+    }
+
+    /// File size.
+    pub fn size(&self) -> u64 {
+        self.info.size
+    }
+
+    /// Allocate the whole file (the engine's default "populated" start),
+    /// not counted in [`counts`](Self::counts). With THP in `advise` mode
+    /// each huge page is first touched through the `MADV_HUGEPAGE` mapping,
+    /// since a fallocate allocation takes no advice.
+    pub fn populate_all(&self) -> Result<(), HostError> {
+        if matches!(&self.info.huge_backing, HugeBacking::Thp(d) if d.contains("advise")) {
+            for h in 0..self.info.size / HUGE_PAGE_SIZE {
+                self.map
+                    .zero(ByteRange::new(h * HUGE_PAGE_SIZE, SUBPAGE_SIZE));
+            }
+        }
+        sys::allocate(&self.fd, 0, self.info.size).map_err(|errno| HostError { errno })
+    }
+
+    /// Mark every subpage shared (or private) in the backend's tracking.
+    pub fn set_all(&self, to: Attribute) {
+        let v = if to == Attribute::Shared { u64::MAX } else { 0 };
+        for w in self.shared.iter() {
+            // ORDERING: Release, as in `set_attributes`.
+            w.store(v, Ordering::Release);
+        }
+    }
+
+    /// What the backend did so far.
+    pub fn counts(&self) -> Counts {
+        let c = &self.counters;
+        Counts {
+            punch_calls: get(&c.punch_calls),
+            punched_bytes: get(&c.punched_bytes),
+            allocate_calls: get(&c.allocate_calls),
+            fallocate_errors: get(&c.fallocate_errors),
+            fallocate_nanos: get(&c.fallocate_nanos),
+            zero_calls: get(&c.zero_calls),
+            zeroed_bytes: get(&c.zeroed_bytes),
+            zero_nanos: get(&c.zero_nanos),
+            invalidations_begun: get(&c.invalidations_begun),
+            invalidations_ended: get(&c.invalidations_ended),
+            huge_pages_split: self
+                .split
+                .iter()
+                // ORDERING: Relaxed: a statistic, read at quiescent points.
+                .map(|w| w.load(Ordering::Relaxed).count_ones() as u64)
+                .sum(),
+        }
+    }
+
+    /// Invalidations begun and not yet ended (0 at quiescent points).
+    pub fn invalidations_open(&self) -> i64 {
+        // ORDERING: Relaxed: see `add`.
+        self.counters.invalidations_open.load(Ordering::Relaxed)
+    }
+
+    /// Bytes the file really holds: `st_blocks * 512` for memfd, resident
+    /// pages by `mincore` over the mapping for guest_memfd (whose
+    /// `st_blocks` is always 0).
+    pub fn resident_bytes(&self) -> Result<u64, i32> {
+        match self.info.backend {
+            Backend::Memfd => sys::allocated_bytes(&self.fd),
+            Backend::GuestMemfd => self.resident_bytes_in(ByteRange::new(0, self.info.size)),
+        }
+    }
+
+    /// Resident bytes of `range` by `mincore` (either backend).
+    pub fn resident_bytes_in(&self, range: ByteRange) -> Result<u64, i32> {
+        Ok(self.map.resident_pages(range)? * SUBPAGE_SIZE)
+    }
+
+    /// Read `buf.len()` bytes at `offset` without allocating anything: pread
+    /// for memfd; for guest_memfd (no pread) through the mapping, and only
+    /// where resident (a hole reads as zeros and is not touched).
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), i32> {
+        match self.info.backend {
+            Backend::Memfd => sys::pread_exact(&self.fd, buf, offset),
+            Backend::GuestMemfd => {
+                for (i, chunk) in buf.chunks_mut(SUBPAGE_SIZE as usize).enumerate() {
+                    let at = offset + i as u64 * SUBPAGE_SIZE;
+                    if self.map.resident_pages(ByteRange::new(at, SUBPAGE_SIZE))? == 1 {
+                        self.map.read(at, chunk);
+                    } else {
+                        chunk.fill(0);
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Fill `range` with `byte` through the mapping (allocates holes).
+    pub fn fill(&self, range: ByteRange, byte: u8) {
+        self.map.fill(range, byte);
+    }
+
+    /// A raw `fallocate(PUNCH_HOLE | KEEP_SIZE)` with no validation, counted
+    /// like any other punch: the kernel's own answer, for comparing
+    /// with hugepunch's (the invalid-punch matrix).
+    pub fn raw_punch(&self, offset: u64, len: u64) -> Result<(), i32> {
+        self.timed_fallocate(true, offset, len, || sys::punch_hole(&self.fd, offset, len))
+    }
+
+    fn timed_fallocate(
+        &self,
+        punch: bool,
+        offset: u64,
+        len: u64,
+        f: impl FnOnce() -> Result<(), i32>,
+    ) -> Result<(), i32> {
+        let c = &self.counters;
+        add(
+            if punch {
+                &c.punch_calls
+            } else {
+                &c.allocate_calls
+            },
+            1,
+        );
+        let t = Instant::now();
+        let res = f();
+        add(&c.fallocate_nanos, t.elapsed().as_nanos() as u64);
+        match res {
+            Ok(()) if punch => {
+                add(&c.punched_bytes, len);
+                self.note_split(offset, len, true);
+            }
+            Ok(()) => self.note_split(offset, len, false),
+            Err(_) => add(&c.fallocate_errors, 1),
+        }
+        res
+    }
+
+    /// Track huge pages broken by partial frees: a partial punch of a huge
+    /// page splits it; a whole free or allocation of it makes it whole.
+    fn note_split(&self, offset: u64, len: u64, punch: bool) {
+        let end = offset.saturating_add(len).min(self.info.size);
+        let mut at = offset;
+        while at < end {
+            let h = at / HUGE_PAGE_SIZE;
+            let page_end = (h + 1) * HUGE_PAGE_SIZE;
+            let whole = at == h * HUGE_PAGE_SIZE && end >= page_end;
+            let bit = 1u64 << (h % 64);
+            let w = &self.split[(h / 64) as usize];
+            // ORDERING: Relaxed: a statistic (see `counts`).
+            if whole {
+                w.fetch_and(!bit, Ordering::Relaxed);
+            } else if punch {
+                w.fetch_or(bit, Ordering::Relaxed);
+            }
+            at = page_end;
+        }
+    }
+
+    fn check(&self, r: ByteRange) {
+        assert!(
+            r.len > 0
+                && r.offset.is_multiple_of(SUBPAGE_SIZE)
+                && r.len.is_multiple_of(SUBPAGE_SIZE)
+                && r.end() <= self.info.size,
+            "the engine passed a range outside the file: {r:?}"
+        );
+    }
+
+    /// Word masks of the subpages of `r`: (word index, mask).
+    fn masks(r: ByteRange) -> impl Iterator<Item = (usize, u64)> {
+        let first = r.first_subpage();
+        let end = first + r.subpages();
+        let mut at = first;
+        std::iter::from_fn(move || {
+            if at >= end {
+                return None;
+            }
+            let w = at / 64;
+            let hi = ((w + 1) * 64).min(end);
+            let n = hi - at;
+            let mask = if n == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << n) - 1) << (at % 64)
+            };
+            at = hi;
+            Some((w as usize, mask))
+        })
+    }
+}
+
+impl Host for LinuxHost {
+    fn is_shared(&self, range: ByteRange) -> bool {
+        self.check(range);
+        Self::masks(range).all(|(w, mask)| {
+            // ORDERING: Acquire pairs with the Release of `set_attributes`:
+            // a conversion that finished before this check is seen. (The
+            // engine's own converting marks order conversions that are
+            // still in flight; answering from an older value is only ever
+            // "private", the safe answer, for a range turning shared.)
+            self.shared[w].load(Ordering::Acquire) & mask == mask
+        })
+    }
+
+    fn set_attributes(&self, range: ByteRange, to: Attribute) {
+        self.check(range);
+        for (w, mask) in Self::masks(range) {
+            // ORDERING: Release pairs with the Acquire of `is_shared`.
+            match to {
+                Attribute::Shared => self.shared[w].fetch_or(mask, Ordering::Release),
+                Attribute::Private => self.shared[w].fetch_and(!mask, Ordering::Release),
+            };
+        }
+    }
+
+    fn invalidate_begin(&self, range: ByteRange, _hint: Hint) {
+        self.check(range);
+        add(&self.counters.invalidations_begun, 1);
+        // ORDERING: Relaxed: a pairing check read at quiescent points.
+        self.counters
+            .invalidations_open
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn invalidate_end(&self, range: ByteRange) {
+        self.check(range);
+        add(&self.counters.invalidations_ended, 1);
+        // ORDERING: Relaxed: see `invalidate_begin`.
+        self.counters
+            .invalidations_open
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn allocate(&self, range: ByteRange, _order: u8) -> Result<(), HostError> {
+        self.check(range);
+        self.timed_fallocate(false, range.offset, range.len, || {
+            sys::allocate(&self.fd, range.offset, range.len)
+        })
+        .map_err(|errno| HostError { errno })
+    }
+
+    fn free(&self, range: ByteRange, _order: u8) -> Result<(), HostError> {
+        self.check(range);
+        self.timed_fallocate(true, range.offset, range.len, || {
+            sys::punch_hole(&self.fd, range.offset, range.len)
+        })
+        .map_err(|errno| HostError { errno })
+    }
+
+    fn zero(&self, range: ByteRange) {
+        self.check(range);
+        add(&self.counters.zero_calls, 1);
+        add(&self.counters.zeroed_bytes, range.len);
+        let t = Instant::now();
+        self.map.zero(range);
+        add(&self.counters.zero_nanos, t.elapsed().as_nanos() as u64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_cover_exactly_the_range() {
+        let m: Vec<_> = LinuxHost::masks(ByteRange::new(62 * 4096, 4 * 4096)).collect();
+        assert_eq!(m, vec![(0, 0b11 << 62), (1, 0b11)]);
+        let m: Vec<_> = LinuxHost::masks(ByteRange::new(64 * 4096, 64 * 4096)).collect();
+        assert_eq!(m, vec![(1, u64::MAX)]);
+    }
+
+    #[test]
+    fn backend_names_round_trip() {
+        for b in [Backend::Memfd, Backend::GuestMemfd] {
+            assert_eq!(b.name().parse::<Backend>().unwrap(), b);
+        }
+        assert!("tmpfs".parse::<Backend>().is_err());
+    }
+}
