@@ -342,7 +342,7 @@ pub fn ops_count(ops: &[Op]) -> u64 {
 pub enum Sharing {
     /// Each thread has its own huge pages (far apart).
     Disjoint,
-    /// All threads punch the same huge pages (thread t takes every t-th op).
+    /// All threads punch the same huge pages, interleaved subpage by subpage.
     Same,
 }
 
@@ -353,9 +353,23 @@ pub fn workload(name: &str, huge_pages: u64, threads: usize, sharing: Sharing) -
             .map(|t| pattern(name, t * huge_pages, huge_pages))
             .collect(),
         Sharing::Same => {
+            // Thread t takes the operations whose first subpage is t modulo
+            // `threads`: the same huge pages, and each subpage's operations
+            // stay in order in one thread, so completions do not depend on
+            // how the threads interleave.
             let all = pattern(name, 0, huge_pages);
+            let first = |op: &Op| match *op {
+                Op::Punch(o, _) | Op::Populate(o, _) | Op::Shared(o, _) | Op::Private(o, _) => {
+                    o / SUB
+                }
+            };
             (0..threads)
-                .map(|t| all.iter().copied().skip(t).step_by(threads).collect())
+                .map(|t| {
+                    all.iter()
+                        .copied()
+                        .filter(|op| first(op) % threads as u64 == t as u64)
+                        .collect()
+                })
                 .collect()
         }
     }

@@ -18,6 +18,7 @@ use crate::range::{ByteRange, Geometry, Hint, PagePart, SUBPAGE_SIZE};
 use crate::stats::{Counters, Delta, Stats, C};
 use crate::sync::{backoff, lock, AtomicBool, Mutex, Ordering};
 use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
 
 /// The largest huge page order accepted (1 GiB huge pages).
 pub const MAX_ORDER: u8 = 18;
@@ -591,7 +592,7 @@ impl HugePunch {
     }
 
     fn convert_reject(&self, cb: &Callbacks, r: ByteRange) -> Result<(), Error> {
-        let mut marked: Vec<Page<'_>> = Vec::new();
+        let mut marked: SmallVec<[Page<'_>; 4]> = SmallVec::new();
         let mut refused = None;
         for part in self.geo.parts(r) {
             let page = self.index.page(part.huge_page);
@@ -623,7 +624,7 @@ impl HugePunch {
     fn convert_cancel(&self, cb: &Callbacks, r: ByteRange, d: &mut Delta) {
         // Every huge page of the range stays registered (or marked) until
         // the attribute has changed; `held` releases them on unwind too.
-        let mut held = Held(Vec::new());
+        let mut held = Held(SmallVec::new());
         for part in self.geo.parts(r) {
             let h = part.huge_page;
             let page = self.index.page(h);
@@ -715,7 +716,7 @@ impl HugePunch {
             let punched = (part.first..part.first + part.count)
                 .filter(|&sub| self.subpage(part.huge_page, sub) == SubpageState::Punched)
                 .map(|sub| (sub / 64, 1u64 << (sub % 64)))
-                .fold(Vec::<(usize, u64)>::new(), |mut acc, (w, bit)| {
+                .fold(page::Words::new(), |mut acc, (w, bit)| {
                     match acc.last_mut() {
                         Some((lw, bits)) if *lw == w as usize => *bits |= bit,
                         _ => acc.push((w as usize, bit)),
@@ -957,7 +958,7 @@ const CANCEL_ONE: u64 = UNPUNCH_ONE + CONVERT_ONE;
 /// The huge pages a `CancelAndZero` conversion holds: (huge page, page,
 /// `Some(k)` if registered with `k` subpages un-punched, `None` if only
 /// marked). Dropping it releases what is left (the unwind path).
-struct Held<'a>(Vec<(u64, Page<'a>, Option<u32>)>);
+struct Held<'a>(SmallVec<[(u64, Page<'a>, Option<u32>); 4]>);
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
@@ -996,7 +997,7 @@ fn page_absent(page: Page<'_>) -> u32 {
 
 /// Runs of present (bit clear) subpages of a `SPLIT` huge page within
 /// `first .. first + count` (owner only).
-fn present_runs(page: Page<'_>, first: u32, count: u32) -> Vec<(u32, u32)> {
+fn present_runs(page: Page<'_>, first: u32, count: u32) -> page::Runs {
     let absent = page.read_bits(first, count);
     runs(page::word_masks(first, count).map(|(w, mask)| {
         let a = absent

@@ -96,6 +96,13 @@
 //! between an entry and an exit (or inside a claim), which order it.
 
 use crate::sync::{backoff, AtomicU64, Ordering};
+use smallvec::SmallVec;
+
+/// (word index, bits) pairs: inline for the common few-word case, so a
+/// 4 KiB operation allocates nothing.
+pub(crate) type Words = SmallVec<[(usize, u64); 4]>;
+/// (first subpage, count) runs, inline for the common case.
+pub(crate) type Runs = SmallVec<[(u32, u32); 4]>;
 
 pub(crate) const MODE_MASK: u64 = 0b11;
 pub(crate) const ABSENT: u64 = 0;
@@ -237,8 +244,8 @@ fn ones(bits: u64) -> u32 {
 
 /// Contiguous runs `(first, count)` of set bits in `masks` (word index,
 /// bits), which must come in ascending word order.
-pub(crate) fn runs(masks: impl IntoIterator<Item = (usize, u64)>) -> Vec<(u32, u32)> {
-    let mut out: Vec<(u32, u32)> = Vec::new();
+pub(crate) fn runs(masks: impl IntoIterator<Item = (usize, u64)>) -> Runs {
+    let mut out = Runs::new();
     for (w, mut bits) in masks {
         while bits != 0 {
             let lo = bits.trailing_zeros();
@@ -382,8 +389,8 @@ impl<'a> Page<'a> {
 
     /// Clear the bits of `first .. first + count`; returns the (word, bits)
     /// this call cleared (they are the caller's now).
-    pub fn clear_bits(&self, first: u32, count: u32) -> Vec<(usize, u64)> {
-        let mut cleared = Vec::new();
+    pub fn clear_bits(&self, first: u32, count: u32) -> Words {
+        let mut cleared = Words::new();
         for (w, mask) in word_masks(first, count) {
             // ORDERING: Relaxed, as in `set_bits`.
             let prev = self.words[w].fetch_and(!mask, Ordering::Relaxed);
@@ -395,7 +402,7 @@ impl<'a> Page<'a> {
     }
 
     /// The set bits among `first .. first + count`, as (word, bits).
-    pub fn read_bits(&self, first: u32, count: u32) -> Vec<(usize, u64)> {
+    pub fn read_bits(&self, first: u32, count: u32) -> Words {
         word_masks(first, count)
             .filter_map(|(w, mask)| {
                 // ORDERING: Acquire: a reader that found no registration in
@@ -548,7 +555,7 @@ impl<'a> Page<'a> {
     }
 
     /// The set bits of the whole huge page as (word, bits), owner only.
-    pub fn owner_bits(&self) -> Vec<(usize, u64)> {
+    pub fn owner_bits(&self) -> Words {
         self.read_bits(0, self.full)
     }
 }
@@ -569,10 +576,13 @@ mod tests {
 
     #[test]
     fn runs_merge_across_words() {
-        assert_eq!(runs([(0, 0b1011u64)]), vec![(0, 2), (3, 1)]);
-        assert_eq!(runs([(0, 1u64 << 63), (1, 1)]), vec![(63, 2)]);
-        assert_eq!(runs([(0, u64::MAX), (1, u64::MAX)]), vec![(0, 128)]);
-        assert_eq!(runs([(1, 1u64 << 63)]), vec![(127, 1)]);
+        assert_eq!(runs([(0, 0b1011u64)]).to_vec(), vec![(0, 2), (3, 1)]);
+        assert_eq!(runs([(0, 1u64 << 63), (1, 1)]).to_vec(), vec![(63, 2)]);
+        assert_eq!(
+            runs([(0, u64::MAX), (1, u64::MAX)]).to_vec(),
+            vec![(0, 128)]
+        );
+        assert_eq!(runs([(1, 1u64 << 63)]).to_vec(), vec![(127, 1)]);
     }
 
     #[test]
@@ -592,7 +602,7 @@ mod tests {
         assert_eq!(page.enter(PUNCH_ONE), Entry::Completing);
         page.end_completion(true);
         assert_eq!(page.load().mode(), ABSENT);
-        assert_eq!(page.read_bits(0, 4), vec![]);
+        assert!(page.read_bits(0, 4).is_empty());
     }
 
     #[test]
@@ -609,7 +619,7 @@ mod tests {
         let e = page.exit(PUNCH_ONE, n as i64);
         assert!(!e.claimed_completion, "an un-punch is registered");
         let cleared = page.clear_bits(0, 1);
-        assert_eq!(cleared, vec![(0, 1)]);
+        assert_eq!(cleared.to_vec(), vec![(0, 1)]);
         assert!(!page.exit(UNPUNCH_ONE, -1).claimed_completion);
         assert_eq!(page.load().count(), 3);
     }
