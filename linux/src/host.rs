@@ -7,7 +7,7 @@
 //! | callback | here | blocks? |
 //! |---|---|---|
 //! | `free(range, order)` | `fallocate(PUNCH_HOLE \| KEEP_SIZE)` on exactly `range`; `EINTR` retried; any other errno returned as [`HostError`] | yes (a syscall) |
-//! | `allocate(range, order)` | `fallocate(KEEP_SIZE)` on `range` | yes |
+//! | `allocate(range, order)` | `fallocate(KEEP_SIZE)` on `range`; for guest_memfd then one read per 4 KiB through the mapping (below) | yes |
 //! | `zero(range)` | writes zeros through the backend's own shared mapping: the memory is resident (a pending punch still holds it), so nothing is allocated and a huge folio stays whole | no (page faults at most) |
 //! | `is_shared(range)` | the backend's own attribute bitmap, one bit a subpage, changed only by `set_attributes` | no |
 //! | `set_attributes(range, to)` | updates that bitmap | no |
@@ -36,6 +36,18 @@
 //! can exist. The backend therefore counts the begin/end pairs (and checks
 //! they pair up, see [`LinuxHost::counts`]); a VMM with private memory wires
 //! its own zap in a wrapping host.
+//!
+//! # guest_memfd allocations are faulted in
+//!
+//! guest_memfd's `fallocate` allocates folios without clearing them: they
+//! are cleared and marked up to date at their first fault. `mincore`, the
+//! only residency measure guest_memfd has (its `st_blocks` is always 0, it
+//! has no pread or SEEK_HOLE), reports only up-to-date folios, so memory
+//! that is allocated and never touched would be invisible. The backend's
+//! `allocate` therefore reads one byte of each 4 KiB page through its
+//! mapping right after the `fallocate` — the fault the guest would take
+//! next anyway — so that what the file holds is what `mincore` sees
+//! ([`Counts::faulted_pages`]).
 //!
 //! Punched subpages are not unmapped from the backend's own mapping: the
 //! VMM reads through [`HugePunch::is_punched`](hugepunch::HugePunch::is_punched)
@@ -228,6 +240,10 @@ pub struct Counts {
     pub zeroed_bytes: u64,
     /// Nanoseconds spent zeroing.
     pub zero_nanos: u64,
+    /// 4 KiB pages faulted in after a guest_memfd allocation.
+    pub faulted_pages: u64,
+    /// Nanoseconds spent faulting them in.
+    pub fault_nanos: u64,
     /// `invalidate_begin` calls.
     pub invalidations_begun: u64,
     /// `invalidate_end` calls.
@@ -254,6 +270,8 @@ struct Counters {
     zero_calls: AtomicU64,
     zeroed_bytes: AtomicU64,
     zero_nanos: AtomicU64,
+    faulted_pages: AtomicU64,
+    fault_nanos: AtomicU64,
     invalidations_begun: AtomicU64,
     invalidations_ended: AtomicU64,
     invalidations_open: AtomicI64,
@@ -435,7 +453,22 @@ impl LinuxHost {
                     .zero(ByteRange::new(h * HUGE_PAGE_SIZE, SUBPAGE_SIZE));
             }
         }
-        sys::allocate(&self.fd, 0, self.info.size).map_err(|errno| HostError { errno })
+        sys::allocate(&self.fd, 0, self.info.size).map_err(|errno| HostError { errno })?;
+        if self.info.backend == Backend::GuestMemfd {
+            self.map.touch(ByteRange::new(0, self.info.size));
+        }
+        Ok(())
+    }
+
+    /// guest_memfd: fault in what `fallocate` just allocated (see the module
+    /// documentation).
+    fn fault_in(&self, range: ByteRange) {
+        if self.info.backend == Backend::GuestMemfd {
+            let t = Instant::now();
+            self.map.touch(range);
+            add(&self.counters.fault_nanos, t.elapsed().as_nanos() as u64);
+            add(&self.counters.faulted_pages, range.subpages());
+        }
     }
 
     /// Mark every subpage shared (or private) in the backend's tracking.
@@ -459,6 +492,8 @@ impl LinuxHost {
             zero_calls: get(&c.zero_calls),
             zeroed_bytes: get(&c.zeroed_bytes),
             zero_nanos: get(&c.zero_nanos),
+            faulted_pages: get(&c.faulted_pages),
+            fault_nanos: get(&c.fault_nanos),
             invalidations_begun: get(&c.invalidations_begun),
             invalidations_ended: get(&c.invalidations_ended),
             huge_pages_split: self
@@ -654,7 +689,9 @@ impl Host for LinuxHost {
         self.timed_fallocate(false, range.offset, range.len, || {
             sys::allocate(&self.fd, range.offset, range.len)
         })
-        .map_err(|errno| HostError { errno })
+        .map_err(|errno| HostError { errno })?;
+        self.fault_in(range);
+        Ok(())
     }
 
     fn free(&self, range: ByteRange, _order: u8) -> Result<(), HostError> {

@@ -314,6 +314,20 @@ impl Mapping {
         }
     }
 
+    /// Read one byte of every 4 KiB page of `r` through the mapping: a read
+    /// fault per page not yet mapped (guest_memfd clears a folio and marks
+    /// it up to date at its first fault).
+    pub fn touch(&self, r: ByteRange) {
+        self.check(r);
+        for off in (r.offset..r.end()).step_by(4096) {
+            // SAFETY: `off` lies inside the live, readable mapping (checked
+            // above); a volatile read of one byte of shared memory has no
+            // aliasing requirement and keeps the fault from being optimised
+            // away.
+            unsafe { std::ptr::read_volatile(self.ptr.as_ptr().cast::<u8>().add(off as usize)) };
+        }
+    }
+
     /// `madvise(MADV_HUGEPAGE)` over the whole mapping.
     pub fn advise_hugepage(&self) -> Result<(), i32> {
         // SAFETY: the range is exactly our own live mapping; MADV_HUGEPAGE

@@ -1,0 +1,206 @@
+//! Failing frees on a real memfd lose nothing and free nothing twice
+//! (SPEC.md §2 "A failed free", invariant 6): the [`FaultyHost`] fails the
+//! chosen `fallocate(PUNCH_HOLE)` calls before they reach the kernel, keeps a
+//! ledger of what is allocated, and records any free of unallocated memory.
+//! After every step the ledger, the engine and the kernel (`st_blocks`)
+//! agree.
+
+mod common;
+
+use common::*;
+use hugepunch::{Backing, ByteRange, Config, HugePunch, SubpageState};
+use hugepunch_linux::pattern::{engine_allocated_bytes, pattern, replay_engine};
+use hugepunch_linux::{Backend, FaultyHost, LinuxHost};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+fn agree(faulty: &FaultyHost<LinuxHost>, engine: &HugePunch, when: &str) {
+    assert_accounting(faulty.inner(), engine, when);
+    assert_eq!(
+        faulty.allocated_bytes(),
+        faulty.inner().resident_bytes().unwrap(),
+        "{when}: ledger and kernel agree"
+    );
+    assert!(
+        faulty.violations().is_empty(),
+        "{when}: {:?}",
+        faulty.violations()
+    );
+}
+
+/// Completions whose free fails stay `Huge`, every subpage punched and
+/// pending; `flush` frees them whole.
+#[test]
+#[cfg_attr(miri, ignore)]
+fn failed_completions_stay_pending_and_flush_frees_them() {
+    let inner = Arc::new(host(Backend::Memfd, SIZE).unwrap());
+    // Free calls 0 and 2: the completions of huge pages 0 and 2.
+    let faulty = Arc::new(FaultyHost::failing_calls(
+        inner.clone(),
+        SIZE,
+        true,
+        vec![0, 2],
+    ));
+    let engine = HugePunch::new(Config::new(SIZE), faulty.clone()).unwrap();
+    replay_engine(&engine, &pattern("ascending", SIZE).unwrap());
+
+    let s = engine.stats();
+    assert_eq!(faulty.injected(), 2);
+    assert_eq!(s.free_errors, 2);
+    assert_eq!(s.huge_frees, 2);
+    assert_eq!(
+        s.pending_subpages,
+        2 * 512,
+        "the failed huge pages stay pending"
+    );
+    for h in [0, 2] {
+        assert_eq!(engine.backing(h).unwrap(), Backing::Huge);
+        assert!(engine.is_punched(h * HP).unwrap());
+    }
+    assert_eq!(
+        inner.resident_bytes().unwrap(),
+        2 * HP,
+        "the failed frees reached no kernel"
+    );
+    agree(&faulty, &engine, "after the failed completions");
+
+    engine.flush(0, SIZE).unwrap();
+    let s = engine.stats();
+    assert_eq!(
+        s.huge_frees, 4,
+        "flush freed the two failed huge pages whole"
+    );
+    assert_eq!(s.pending_subpages, 0);
+    assert_eq!(inner.resident_bytes().unwrap(), 0);
+    agree(&faulty, &engine, "after flush");
+    assert!(engine.teardown().still_allocated.is_empty());
+    assert_eq!(
+        faulty.free_calls(),
+        6,
+        "four completions, two retries, nothing more"
+    );
+}
+
+/// A teardown free that fails is reported, counted, and freed by the next
+/// teardown.
+#[test]
+#[cfg_attr(miri, ignore)]
+fn failed_teardown_free_is_reported_and_retried() {
+    let inner = Arc::new(host(Backend::Memfd, SIZE).unwrap());
+    let armed = AtomicBool::new(true);
+    let h1 = ByteRange::new(HP, HP);
+    let faulty = Arc::new(FaultyHost::new(
+        inner.clone(),
+        SIZE,
+        true,
+        Box::new(move |_, r, _| {
+            (r == h1 && armed.swap(false, Ordering::Relaxed)).then_some(libc::ENOMEM)
+        }),
+    ));
+    let engine = HugePunch::new(Config::new(SIZE), faulty.clone()).unwrap();
+    engine.punch(HP + 8 * SUB, 16 * SUB).unwrap();
+    agree(&faulty, &engine, "before teardown");
+
+    let report = engine.teardown();
+    assert_eq!(report.still_allocated, vec![h1]);
+    assert_eq!(engine.stats().free_errors, 1);
+    assert_eq!(
+        inner.resident_bytes().unwrap(),
+        HP,
+        "huge page 1 is still held"
+    );
+    assert_eq!(faulty.allocated_bytes(), HP);
+
+    let again = engine.teardown();
+    assert!(again.still_allocated.is_empty());
+    assert_eq!(inner.resident_bytes().unwrap(), 0);
+    assert_eq!(faulty.allocated_bytes(), 0);
+    assert!(faulty.violations().is_empty(), "{:?}", faulty.violations());
+}
+
+/// With a budget of zero every partial punch is forced out as 4 KiB frees;
+/// a failed 4 KiB free leaves its subpages present and zeroed, and
+/// teardown frees them once.
+#[test]
+#[cfg_attr(miri, ignore)]
+fn failed_small_free_leaves_zeroed_subpages_present() {
+    let inner = Arc::new(host(Backend::Memfd, SIZE).unwrap());
+    let target = ByteRange::new(3 * HP + 100 * SUB, 2 * SUB);
+    let faulty = Arc::new(FaultyHost::new(
+        inner.clone(),
+        SIZE,
+        true,
+        Box::new(move |_, r, _| (r == target).then_some(libc::EIO)),
+    ));
+    let engine = HugePunch::new(Config::new(SIZE).budget(0), faulty.clone()).unwrap();
+    engine.punch(target.offset, target.len).unwrap();
+    engine.punch(target.offset + 4 * SUB, SUB).unwrap();
+
+    let s = engine.stats();
+    assert_eq!(s.free_errors, 1);
+    assert_eq!(
+        s.pending_subpages, 0,
+        "invariant 7: the budget of zero holds"
+    );
+    assert_eq!(engine.backing(3).unwrap(), Backing::Split);
+    for o in [target.offset, target.offset + SUB] {
+        assert_eq!(
+            engine.subpage_state(o).unwrap(),
+            SubpageState::Present,
+            "the failed free left {o:#x} present"
+        );
+        assert!(
+            subpage(&inner, o).iter().all(|&b| b == 0),
+            "and it reads as zeros"
+        );
+    }
+    assert_eq!(
+        engine.subpage_state(target.offset + 4 * SUB).unwrap(),
+        SubpageState::Absent
+    );
+    agree(&faulty, &engine, "after the failed 4 KiB free");
+    assert_eq!(engine_allocated_bytes(&engine), SIZE - SUB);
+
+    assert!(engine.teardown().still_allocated.is_empty());
+    assert_eq!(inner.resident_bytes().unwrap(), 0);
+    assert_eq!(faulty.allocated_bytes(), 0);
+    assert!(faulty.violations().is_empty(), "{:?}", faulty.violations());
+}
+
+/// Every pattern with every third free failing: nothing lost, nothing freed
+/// twice, and flush plus teardown release everything.
+#[test]
+#[cfg_attr(miri, ignore)]
+fn every_third_free_failing_loses_nothing() {
+    for name in hugepunch_linux::pattern::PATTERNS {
+        let inner = Arc::new(host(Backend::Memfd, SIZE).unwrap());
+        let faulty = Arc::new(FaultyHost::new(
+            inner.clone(),
+            SIZE,
+            true,
+            Box::new(|n, _, _| (n % 3 == 0).then_some(libc::EIO)),
+        ));
+        let engine = HugePunch::new(Config::new(SIZE).budget(256 << 10), faulty.clone()).unwrap();
+        replay_engine(&engine, &pattern(name, SIZE).unwrap());
+        agree(&faulty, &engine, &format!("{name}: after the replay"));
+        assert_eq!(
+            engine.stats().free_errors,
+            faulty.injected(),
+            "{name}: every failure counted"
+        );
+        engine.flush(0, SIZE).unwrap();
+        agree(&faulty, &engine, &format!("{name}: after flush"));
+        let mut rounds = 0;
+        while !engine.teardown().still_allocated.is_empty() {
+            rounds += 1;
+            assert!(rounds < 16, "{name}: teardown retries converge");
+        }
+        assert_eq!(inner.resident_bytes().unwrap(), 0, "{name}: all freed");
+        assert_eq!(faulty.allocated_bytes(), 0);
+        assert!(
+            faulty.violations().is_empty(),
+            "{name}: {:?}",
+            faulty.violations()
+        );
+    }
+}
