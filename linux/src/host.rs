@@ -443,8 +443,11 @@ impl LinuxHost {
     }
 
     /// Allocate the whole file (the engine's default "populated" start),
-    /// not counted in [`counts`](Self::counts). With THP in `advise` mode
-    /// each huge page is first touched through the `MADV_HUGEPAGE` mapping,
+    /// not counted in [`counts`](Self::counts), then read one byte of each
+    /// 4 KiB page through the backend's mapping: the whole file ends up
+    /// mapped, as a VMM maps guest memory, and guest_memfd's folios up to
+    /// date (see the module documentation). With THP in `advise` mode each
+    /// huge page is first touched through the `MADV_HUGEPAGE` mapping,
     /// since a fallocate allocation takes no advice.
     pub fn populate_all(&self) -> Result<(), HostError> {
         if matches!(&self.info.huge_backing, HugeBacking::Thp(d) if d.contains("advise")) {
@@ -454,9 +457,7 @@ impl LinuxHost {
             }
         }
         sys::allocate(&self.fd, 0, self.info.size).map_err(|errno| HostError { errno })?;
-        if self.info.backend == Backend::GuestMemfd {
-            self.map.touch(ByteRange::new(0, self.info.size));
-        }
+        self.map.touch(ByteRange::new(0, self.info.size));
         Ok(())
     }
 
