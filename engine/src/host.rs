@@ -54,23 +54,45 @@ pub trait Host: Send + Sync {
     /// no mapping of it backed by this file can exist? (In the seed's model:
     /// is all of it shared?) Answering `false` is always safe; it costs an
     /// immediate invalidation.
+    ///
+    /// Called on the punch path with no engine mark held: may block; may
+    /// call the engine's read-only functions; a panic propagates after the
+    /// punch's bits were set (they stay pending, nothing is lost).
     fn is_shared(&self, range: ByteRange) -> bool;
 
     /// Change the attribute of `range`. Called by `convert` once the engine
     /// has decided the conversion may go ahead, while it still marks the
     /// range as converting.
+    ///
+    /// May block. Runs while the conversion's marks are held (concurrent
+    /// punches of the range then invalidate at once): must not call the
+    /// engine's mutating functions on this file. A panic releases the marks
+    /// and propagates; the engine's state is as if the conversion had not
+    /// run (except un-punched subpages under `CancelAndZero`, which stay
+    /// un-punched and zeroed).
     fn set_attributes(&self, range: ByteRange, to: Attribute);
 
     /// Zap every mapping of `range` (a KVM MMU invalidation). `hint` names
     /// the huge page backing it and its order. Paired with
     /// [`invalidate_end`](Host::invalidate_end) on the same range.
+    ///
+    /// May block (this is where a VMM waits for its vCPUs to leave the
+    /// range). May run while a completion, a forced split or teardown owns
+    /// the huge page: must not call the engine's mutating functions on this
+    /// file. A panic releases the owner mark as a failed free would.
     fn invalidate_begin(&self, range: ByteRange, hint: Hint);
 
-    /// End of the invalidation of `range`.
+    /// End of the invalidation of `range`. Same rules as
+    /// [`invalidate_begin`](Host::invalidate_begin).
     fn invalidate_end(&self, range: ByteRange);
 
     /// Allocate backing for `range`: a whole huge page (`order` = the file's
     /// order) or a run of 4 KiB subpages (`order` = 0).
+    ///
+    /// May block. Runs while the huge page is `BUSY`: must not call the
+    /// engine's mutating functions on this file. `Err` fails the populate
+    /// with [`Error::AllocationFailed`](crate::Error::AllocationFailed);
+    /// a panic counts as a failed allocation.
     fn allocate(&self, range: ByteRange, order: u8) -> Result<(), HostError>;
 
     /// Return `range` to the system: a whole huge page (`order` = the
@@ -78,9 +100,17 @@ pub trait Host: Send + Sync {
     /// the engine keeps the memory recorded as allocated and retries later
     /// (`flush`, the shrinker, teardown); it never assumes a failed free
     /// freed anything.
+    ///
+    /// May block. Runs while the huge page is owned (completion, forced
+    /// split, teardown): must not call the engine's mutating functions on
+    /// this file. A panic counts as a failed free.
     fn free(&self, range: ByteRange, order: u8) -> Result<(), HostError>;
 
     /// Zero `range` (subpages being un-punched), before anyone can read it.
+    ///
+    /// May block. Runs while the populate is registered on the huge page
+    /// (a completion of it waits): must not call the engine's mutating
+    /// functions on this file. A panic leaves the subpages punched.
     fn zero(&self, range: ByteRange);
 }
 
