@@ -325,6 +325,14 @@ impl HugePunch {
                     let newly = page.set_bits(part.first, part.count);
                     let exit = page.exit(PUNCH_ONE, newly as i64);
                     d.pending += newly as i64;
+                    // A completion claimed by this exit must end even if a
+                    // callback below panics (as a failed free: retried later).
+                    let claimed = exit.claimed_completion;
+                    let guard = OnUnwind(Some(|| {
+                        if claimed {
+                            page.end_completion(false)
+                        }
+                    }));
                     if !whole {
                         d.add(C::PunchedSubpages, newly as u64);
                         // The shared-state check, after the exit: see the
@@ -334,7 +342,8 @@ impl HugePunch {
                             d.add(C::InvalidationsImmediate, 1);
                         }
                     }
-                    if exit.claimed_completion {
+                    guard.disarm();
+                    if claimed {
                         self.complete(cb, h, page, d);
                     } else if whole {
                         // Another operation is registered and will complete
