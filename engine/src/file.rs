@@ -395,6 +395,10 @@ impl HugePunch {
                 page.owner_set(first, count, true);
                 absent += count;
                 d.add(C::SmallFreedSubpages, count as u64);
+            } else {
+                // The subpages stay present; they were punched, so they
+                // must read as zeros (invariant 5).
+                cb.host.zero(run);
             }
         }
         guard.disarm();
