@@ -921,6 +921,54 @@ fn invariant_5_failed_small_free_leaves_zeros() {
     assert_eq!(e.stats().free_errors, 1);
 }
 
+/// The same for a punch of a `Split` huge page whose 4 KiB free fails: the
+/// subpage stays present (SPEC.md §2: "a failed 4 KiB free leaves those
+/// subpages present"), so populate has nothing to un-punch, and the guest
+/// that punched it would read its old content unless the engine zeroes it
+/// when the free fails (as the forced split does).
+#[test]
+fn invariant_5_failed_split_punch_free_leaves_zeros() {
+    let order = 2u8;
+    let per = 1u64 << order;
+    let size = per * SUB;
+    let inner = RecordingHost::new(size, Attribute::Shared, true);
+    let host = Arc::new(DataHost {
+        inner: inner.clone(),
+        data: Mutex::new(vec![0; per as usize]),
+    });
+    let e = HugePunch::new(Config::new(size).order(order), host.clone()).unwrap();
+    for s in 0..per {
+        host.write(s * SUB, 0xA0 + s as u8);
+    }
+    // Make huge page 0 Split: subpage 0 punched and force-split out.
+    e.punch(0, SUB).unwrap();
+    e.flush(0, SUB).unwrap();
+    assert_eq!(e.backing(0), Ok(Backing::Split));
+    inner.take_events();
+    // Punch subpage 2; its free fails.
+    inner.fail_next_frees.store(1, Ordering::SeqCst);
+    e.punch(2 * SUB, SUB).unwrap();
+    let ev = inner.take_events();
+    assert!(
+        ev.contains(&Event::FreeFailed(ByteRange::new(2 * SUB, SUB), 0)),
+        "{ev:?}"
+    );
+    assert_eq!(
+        e.subpage_state(2 * SUB),
+        Ok(SubpageState::Present),
+        "a failed 4 KiB free leaves the subpage present"
+    );
+    assert!(inner.is_resident(2 * SUB));
+    // The guest faults it in again and reads it.
+    e.populate(2 * SUB, SUB).unwrap();
+    assert_eq!(
+        host.read(2 * SUB),
+        0,
+        "invariant 5: a punched subpage whose free failed reads its old content after populate \
+         (events of the punch: {ev:?})"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Invariant 6
 // ---------------------------------------------------------------------------

@@ -418,9 +418,15 @@ impl Model {
                         self.invalidate(part, h);
                     }
                     for (f, c) in present {
-                        if self.free(self.part_range(h, f, c), 0) {
+                        let run = self.part_range(h, f, c);
+                        if self.free(run, 0) {
                             self.stats.small_freed_subpages += c;
                             (f..f + c).for_each(|i| self.pages[h as usize].set(i, false));
+                        } else {
+                            // A failed 4 KiB free leaves them present; they
+                            // were punched, so they must read as zeros
+                            // (invariant 5), as after a failed forced split.
+                            self.events.push(Event::Zero(run));
                         }
                     }
                     if self.pages[h as usize].ones == 0 {
@@ -1223,7 +1229,11 @@ fn run_case(setup: &Setup, ops: &[Op]) -> Result<(), TestCaseError> {
 
         if !model.torn {
             check_state(&engine, &host, &model, setup, &samples, step)?;
-            let sparse_check = setup.sparse() && (step % 4 == 3 || step + 1 == ops.len());
+            // The engine's pending_ranges over 1 GiB costs tens of
+            // milliseconds in debug: compared over the whole file before a
+            // teardown and at the end; sampled subpages meanwhile.
+            let sparse_check = setup.sparse()
+                && (step + 1 == ops.len() || matches!(ops.get(step + 1), Some(Op::Teardown)));
             if sparse_check {
                 let whole = ByteRange::new(0, size);
                 prop_assert_eq!(
@@ -1266,7 +1276,7 @@ fn run_case(setup: &Setup, ops: &[Op]) -> Result<(), TestCaseError> {
 // ---------------------------------------------------------------------------
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(1500))]
+    #![proptest_config(ProptestConfig::with_cases(1200))]
 
     /// Tiny huge pages (4 or 8 subpages): dense sequences that reach every
     /// state, both policies, with and without a budget (0 included).
@@ -1282,7 +1292,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
+    #![proptest_config(ProptestConfig::with_cases(200))]
 
     /// 2 MiB huge pages, files of 4 to 8 MiB.
     #[test]
@@ -1297,7 +1307,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(48))]
+    #![proptest_config(ProptestConfig::with_cases(32))]
 
     /// 1 GiB huge pages, one or two of them, sparse ranges.
     #[test]
