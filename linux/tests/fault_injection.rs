@@ -4,6 +4,7 @@
 //! ledger of what is allocated, and records any free of unallocated memory.
 //! After every step the ledger, the engine and the kernel (`st_blocks`)
 //! agree.
+#![cfg(target_os = "linux")]
 
 mod common;
 

@@ -16,6 +16,7 @@
 //! | starts past end of file | 0 (no-op) | 0 (no-op) | EINVAL |
 //! | runs past end of file | 0 (punches what is inside) | 0 | EINVAL |
 //! | offset + len overflows | EFBIG | EFBIG | EINVAL |
+#![cfg(target_os = "linux")]
 
 mod common;
 

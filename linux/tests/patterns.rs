@@ -9,6 +9,7 @@
 //! residency by `mincore` over its mapping (its `st_blocks` is always 0),
 //! reads through the mapping where resident. guest_memfd tests print why
 //! they skip where /dev/kvm does not offer an mmap()able guest_memfd.
+#![cfg(target_os = "linux")]
 
 mod common;
 
@@ -179,4 +180,38 @@ fn memfd_pin_with_budget_splits_and_accounts() {
 #[cfg_attr(miri, ignore)]
 fn guest_memfd_random_with_budget_splits_and_accounts() {
     check_budget(Backend::GuestMemfd, "random");
+}
+
+/// Two threads replay halves of the random pattern (each taking every
+/// other operation) on the same huge pages: the real file still holds
+/// exactly what the engine says, and every completion freed its huge page
+/// once (invariant 1: the kernel would have seen a second punch of the same
+/// range as a no-op, so count the frees instead).
+#[test]
+#[cfg_attr(miri, ignore)]
+fn memfd_two_threads_share_huge_pages() {
+    let Some(host) = host(Backend::Memfd, SIZE) else {
+        return;
+    };
+    let host = Arc::new(host);
+    let engine = HugePunch::new(Config::new(SIZE), host.clone()).unwrap();
+    let ops = pattern("random", SIZE).unwrap();
+    std::thread::scope(|s| {
+        for t in 0..2 {
+            let (engine, ops) = (&engine, &ops);
+            s.spawn(move || {
+                let mine: Vec<_> = ops.iter().copied().skip(t).step_by(2).collect();
+                replay_engine(engine, &mine);
+            });
+        }
+    });
+    let stats = engine.stats();
+    assert_eq!(stats.huge_frees, SIZE / HP, "each huge page completed once");
+    assert_eq!(
+        host.counts().punch_calls,
+        SIZE / HP,
+        "one fallocate per huge page"
+    );
+    assert_accounting(&host, &engine, "after two threads");
+    assert_eq!(host.resident_bytes().unwrap(), 0);
 }

@@ -1,5 +1,6 @@
 //! `real::run` on small files: the two sides do what the method says and
 //! the report serialises and prints.
+#![cfg(target_os = "linux")]
 
 use hugepunch_linux::real::run;
 use hugepunch_linux::{guest_memfd_unavailable, Backend};
