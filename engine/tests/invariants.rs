@@ -510,6 +510,174 @@ fn invariant_3_no_conversion_to_private_over_pending_punch() {
     assert_eq!(s.convert_calls, s.conversions_ok + s.conversions_rejected);
 }
 
+/// Concurrent: a punch of a shared subpage racing its conversion to
+/// private. Either the conversion is refused (the punch's bit was pending)
+/// or it succeeded and the punch, which left the subpage punched, saw it
+/// private or converting and invalidated it before returning (invariants 2
+/// and 3).
+#[test]
+fn invariant_3_punch_racing_conversion_to_private() {
+    let order = 2u8;
+    let target = ByteRange::new(SUB, SUB);
+    let (mut refused, mut converted) = (0, 0);
+    for round in 0..400 {
+        let (e, host) = file(order, 1, Attribute::Shared, true, None, Policy::Reject);
+        let e = Arc::new(e);
+        let start = Arc::new(Barrier::new(2));
+        let puncher = {
+            let (e, start) = (e.clone(), start.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                e.punch(target.offset, SUB).unwrap()
+            })
+        };
+        let converter = {
+            let (e, start) = (e.clone(), start.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                e.convert(0, 2 * SUB, Attribute::Private)
+            })
+        };
+        puncher.join().unwrap();
+        let res = converter.join().unwrap();
+        assert_eq!(e.is_punched(target.offset), Ok(true));
+        let ev = host.events();
+        match res {
+            Err(err) => {
+                assert_eq!(
+                    err,
+                    Error::PendingPunch {
+                        offset: target.offset
+                    },
+                    "round {round}"
+                );
+                assert!(
+                    !ev.iter().any(|x| matches!(x, Event::SetAttributes(..))),
+                    "round {round}: refused, yet converted"
+                );
+                refused += 1;
+            }
+            Ok(()) => {
+                let invalidated = ev
+                    .iter()
+                    .any(|x| matches!(x, Event::InvalidateEnd(r) if covers(*r, target)));
+                assert!(
+                    invalidated,
+                    "round {round}: invariant 3: converted to private over a pending punch that was never invalidated: {ev:?}"
+                );
+                converted += 1;
+            }
+        }
+        let s = e.stats();
+        assert_eq!(s.convert_calls, s.conversions_ok + s.conversions_rejected);
+    }
+    assert_eq!(refused + converted, 400);
+}
+
+/// A flag one thread raises and another waits for (with a timeout, so a
+/// broken engine fails the test instead of hanging it).
+#[derive(Default)]
+struct Signal(Mutex<bool>, std::sync::Condvar);
+
+impl Signal {
+    fn raise(&self) {
+        *self.0.lock().unwrap() = true;
+        self.1.notify_all();
+    }
+    fn wait(&self, secs: u64) -> bool {
+        let g = self.0.lock().unwrap();
+        let (g, _) = self
+            .1
+            .wait_timeout_while(g, std::time::Duration::from_secs(secs), |raised| !*raised)
+            .unwrap();
+        *g
+    }
+}
+
+/// A host whose `set_attributes` (to private) holds the conversion open
+/// until the test has punched.
+struct SlowConversionHost {
+    inner: Arc<RecordingHost>,
+    converting: Signal,
+    punched: Signal,
+}
+
+impl Host for SlowConversionHost {
+    fn is_shared(&self, r: ByteRange) -> bool {
+        self.inner.is_shared(r)
+    }
+    fn set_attributes(&self, r: ByteRange, to: Attribute) {
+        if to == Attribute::Private {
+            self.converting.raise();
+            self.punched.wait(5);
+        }
+        self.inner.set_attributes(r, to)
+    }
+    fn invalidate_begin(&self, r: ByteRange, h: Hint) {
+        self.inner.invalidate_begin(r, h)
+    }
+    fn invalidate_end(&self, r: ByteRange) {
+        self.inner.invalidate_end(r)
+    }
+    fn allocate(&self, r: ByteRange, order: u8) -> Result<(), HostError> {
+        self.inner.allocate(r, order)
+    }
+    fn free(&self, r: ByteRange, order: u8) -> Result<(), HostError> {
+        self.inner.free(r, order)
+    }
+    fn zero(&self, r: ByteRange) {
+        self.inner.zero(r)
+    }
+}
+
+/// Deterministic form of the race above: a conversion to private has
+/// checked the range (nothing pending) and is inside `set_attributes`, the
+/// attribute still shared, when a punch of a subpage of that range runs.
+/// The conversion goes ahead, so the punch must not trust the shared-state
+/// check: it must invalidate now (and it must not wait for the conversion,
+/// SPEC.md §5).
+#[test]
+fn invariant_3_punch_during_conversion_is_invalidated_now() {
+    let order = 2u8;
+    let size = SUB << order;
+    let inner = RecordingHost::new(size, Attribute::Shared, true);
+    let host = Arc::new(SlowConversionHost {
+        inner: inner.clone(),
+        converting: Signal::default(),
+        punched: Signal::default(),
+    });
+    let e = Arc::new(HugePunch::new(Config::new(size).order(order), host.clone()).unwrap());
+    let converter = {
+        let e = e.clone();
+        std::thread::spawn(move || e.convert(0, 2 * SUB, Attribute::Private))
+    };
+    assert!(
+        host.converting.wait(5),
+        "the conversion never reached set_attributes"
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    {
+        let e = e.clone();
+        std::thread::spawn(move || tx.send(e.punch(SUB, SUB)).unwrap());
+    }
+    let punched = rx.recv_timeout(std::time::Duration::from_secs(3));
+    host.punched.raise();
+    assert_eq!(
+        punched,
+        Ok(Ok(())),
+        "SPEC.md §5: a punch waited for a conversion in flight"
+    );
+    assert_eq!(converter.join().unwrap(), Ok(()));
+    assert_eq!(e.is_punched(SUB), Ok(true));
+    let ev = inner.events();
+    let target = ByteRange::new(SUB, SUB);
+    assert!(
+        ev.iter().any(|x| matches!(x, Event::InvalidateEnd(r) if covers(*r, target))),
+        "invariants 2 and 3: a punch during a conversion to private trusted the shared-state check: {ev:?}"
+    );
+    assert_eq!(e.stats().invalidations_immediate, 1);
+}
+
 /// `CancelAndZero` un-punches (zeroing) the pending subpages, then converts.
 #[test]
 fn invariant_3_cancel_and_zero_unpunches_then_converts() {
@@ -742,6 +910,111 @@ fn invariant_4_populate_racing_the_completing_punch() {
             assert_eq!(e.subpage_state(0), Ok(SubpageState::Punched));
         }
     }
+}
+
+/// A host whose whole free (a completion) holds until the test lets it go.
+struct SlowCompletionHost {
+    inner: Arc<RecordingHost>,
+    order: u8,
+    freeing: Signal,
+    go: Signal,
+}
+
+impl Host for SlowCompletionHost {
+    fn is_shared(&self, r: ByteRange) -> bool {
+        self.inner.is_shared(r)
+    }
+    fn set_attributes(&self, r: ByteRange, to: Attribute) {
+        self.inner.set_attributes(r, to)
+    }
+    fn invalidate_begin(&self, r: ByteRange, h: Hint) {
+        self.inner.invalidate_begin(r, h)
+    }
+    fn invalidate_end(&self, r: ByteRange) {
+        self.inner.invalidate_end(r)
+    }
+    fn allocate(&self, r: ByteRange, order: u8) -> Result<(), HostError> {
+        self.inner.allocate(r, order)
+    }
+    fn free(&self, r: ByteRange, order: u8) -> Result<(), HostError> {
+        if order == self.order {
+            self.freeing.raise();
+            self.go.wait(5);
+        }
+        self.inner.free(r, order)
+    }
+    fn zero(&self, r: ByteRange) {
+        self.inner.zero(r)
+    }
+}
+
+/// Deterministic form of the race: a populate of a punched subpage arrives
+/// while the completion of its huge page is freeing it. The populate must
+/// not un-punch what is being freed; it waits for the completion and
+/// allocates a new life, so when it returns the subpage is allocated.
+#[test]
+fn invariant_4_populate_during_completion_waits_and_reallocates() {
+    let order = 2u8;
+    let size = SUB << order;
+    let inner = RecordingHost::new(size, Attribute::Shared, true);
+    let host = Arc::new(SlowCompletionHost {
+        inner: inner.clone(),
+        order,
+        freeing: Signal::default(),
+        go: Signal::default(),
+    });
+    let e = Arc::new(HugePunch::new(Config::new(size).order(order), host.clone()).unwrap());
+    e.punch(0, 3 * SUB).unwrap();
+    let completer = {
+        let e = e.clone();
+        std::thread::spawn(move || e.punch(3 * SUB, SUB))
+    };
+    assert!(host.freeing.wait(5), "the completion never reached free");
+    let (tx, rx) = std::sync::mpsc::channel();
+    {
+        let (e, inner) = (e.clone(), inner.clone());
+        std::thread::spawn(move || {
+            let res = e.populate(SUB, SUB);
+            tx.send((res, inner.is_resident(SUB))).unwrap();
+        });
+    }
+    // Give a broken populate time to un-punch under the completion.
+    let early = rx.recv_timeout(std::time::Duration::from_millis(100));
+    host.go.raise();
+    assert_eq!(completer.join().unwrap(), Ok(()));
+    let (res, resident) = match early {
+        Ok(v) => v,
+        Err(_) => rx
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("populate never returned"),
+    };
+    assert_eq!(res, Ok(()));
+    assert!(
+        resident,
+        "invariant 4: populate returned with its subpage not allocated"
+    );
+    assert_eq!(e.subpage_state(SUB), Ok(SubpageState::Present));
+    assert!(
+        inner.is_resident(SUB),
+        "invariant 4: the completion freed a subpage the populate un-punched"
+    );
+    let ev = inner.events();
+    let free_at = ev
+        .iter()
+        .position(|x| *x == Event::Free(ByteRange::new(0, size), order))
+        .expect("the completion freed");
+    let alloc_at = ev
+        .iter()
+        .position(|x| *x == Event::Allocate(ByteRange::new(0, size), order));
+    assert!(
+        alloc_at.is_some_and(|a| a > free_at),
+        "invariant 4: populate must allocate a new life after the completion: {ev:?}"
+    );
+    let s = e.stats();
+    assert_eq!(
+        (s.huge_frees, s.repopulated_subpages, s.pending_subpages),
+        (1, 0, 0)
+    );
 }
 
 // ---------------------------------------------------------------------------
