@@ -287,7 +287,10 @@ pub struct MemoryFigures {
     pub huge_pages_split: u64,
     /// Nothing allocated.
     pub huge_pages_absent: u64,
-    /// Huge pages not split (huge, or freed whole / never allocated).
+    /// Huge pages whose folio was split at some point of the run.
+    pub huge_pages_ever_split: u64,
+    /// Huge pages never split during the run (huge now, or freed whole,
+    /// or never allocated): `huge_pages - huge_pages_ever_split`.
     pub huge_pages_intact: u64,
     /// 2 MiB direct-map entries covering the file.
     pub direct_map_entries: u64,
@@ -320,6 +323,8 @@ pub struct KernelHost {
     mmu: Mutex<Mmu>,
     /// Split direct-map entries.
     direct_map_split: Mutex<BTreeSet<u64>>,
+    /// Huge pages whose folio was ever split.
+    ever_split: Mutex<RangeMap<bool>>,
     counters: Mutex<HostCounters>,
     resident: Mutex<u64>,
     violations: Mutex<Violations>,
@@ -340,6 +345,7 @@ impl KernelHost {
             shared: DashMap::new(),
             mmu: Mutex::new(Mmu::default()),
             direct_map_split: Mutex::new(BTreeSet::new()),
+            ever_split: Mutex::new(RangeMap::new(false)),
             counters: Mutex::new(HostCounters::default()),
             resident: Mutex::new(if populated { geo.size } else { 0 }),
             violations: Mutex::new(Violations::default()),
@@ -644,15 +650,19 @@ impl KernelHost {
             absent += untouched;
         }
         let regions = self.geo.regions();
+        let ever_split = lock(&self.ever_split).count(0, n, true);
+        let dm_split = lock(&self.direct_map_split).len() as u64;
+        let resident = *lock(&self.resident);
         MemoryFigures {
             huge_pages: n,
             huge_pages_huge: huge,
             huge_pages_split: split,
             huge_pages_absent: absent,
-            huge_pages_intact: n - split,
+            huge_pages_ever_split: ever_split,
+            huge_pages_intact: n - ever_split,
             direct_map_entries: regions,
-            direct_map_intact: regions - lock(&self.direct_map_split).len() as u64,
-            resident_bytes: *lock(&self.resident),
+            direct_map_intact: regions - dm_split,
+            resident_bytes: resident,
         }
     }
 
@@ -946,6 +956,9 @@ impl Host for KernelHost {
                         .collect()
                 };
                 self.split_direct_map(private);
+                if split_folio {
+                    lock(&self.ever_split).set(h, h + 1, true);
+                }
                 let n = freed.len() as u64;
                 self.count(|c| {
                     c.small_freed_subpages += n;

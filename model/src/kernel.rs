@@ -92,6 +92,9 @@ pub struct Figures {
     pub memory: MemoryFigures,
     /// Bytes returned to the host so far.
     pub bytes_freed: u64,
+    /// Bytes freed and not allocated again: `bytes_freed` less what was
+    /// allocated since the start (0 if more was allocated).
+    pub bytes_freed_net: u64,
     /// Huge mappings the guest's faults installed.
     pub huge_mappings_installed: u64,
     /// 4 KiB mappings the guest's faults installed.
@@ -483,6 +486,7 @@ impl Kernel {
             strategy: self.kind(),
             memory: self.host.memory_figures(),
             bytes_freed: host.bytes_freed,
+            bytes_freed_net: host.bytes_freed.saturating_sub(host.bytes_allocated),
             huge_mappings_installed: huge,
             small_mappings_installed: small,
             host,

@@ -1,0 +1,206 @@
+//! `hugepunch`: the demo (no arguments), `replay`, `gen`.
+//!
+//! Every user error is one line on stderr and a non-zero exit status.
+
+mod compare;
+mod demo;
+mod format;
+mod progress;
+mod replay;
+mod svg;
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand, ValueEnum};
+use hugepunch::Policy;
+use hugepunch_model::{Geometry, Pattern, StrategyKind};
+use std::io::Write as _;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "hugepunch",
+    version,
+    about = "Deferred hole-punch coalescing for huge-page-backed confidential-VM guest memory",
+    long_about = "Deferred hole-punch coalescing for huge-page-backed confidential-VM guest memory.\n\n\
+                  With no arguments, runs the demo: a simulated 4 GiB confidential guest, adversarial \
+                  workloads, and a side-by-side table of hugepunch and what hosts do today."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The demo (what `hugepunch` with no arguments runs).
+    Demo(demo::Args),
+    /// Replay a trace (SPEC.md §7) on the simulated kernel.
+    Replay(ReplayArgs),
+    /// Write an adversarial trace to stdout (or --output).
+    Gen(GenArgs),
+}
+
+/// The conversion policy, as flags spell it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum PolicyArg {
+    /// Refuse a conversion to private over a pending punch (EAGAIN).
+    Reject,
+    /// Un-punch (zero) pending subpages, then convert.
+    CancelAndZero,
+}
+
+impl From<PolicyArg> for Policy {
+    fn from(p: PolicyArg) -> Policy {
+        match p {
+            PolicyArg::Reject => Policy::Reject,
+            PolicyArg::CancelAndZero => Policy::CancelAndZero,
+        }
+    }
+}
+
+/// `--strategy`: one strategy, or all of them side by side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StrategyArg {
+    One(StrategyKind),
+    All,
+}
+
+fn strategy_arg(s: &str) -> Result<StrategyArg, String> {
+    if s == "all" {
+        return Ok(StrategyArg::All);
+    }
+    s.parse::<StrategyKind>()
+        .map(StrategyArg::One)
+        .map_err(|e| format!("{e}, or all"))
+}
+
+/// A number in the trace syntax: decimal or 0x hex, optional K/M/G.
+fn number(s: &str) -> Result<u64, String> {
+    hugepunch::trace::parse_number(s).ok_or_else(|| {
+        format!("bad number {s:?} (decimal or 0x hex, with an optional K, M or G suffix)")
+    })
+}
+
+fn pattern_arg(s: &str) -> Result<Pattern, String> {
+    s.parse()
+}
+
+#[derive(clap::Args)]
+struct ReplayArgs {
+    /// The trace file.
+    trace: PathBuf,
+    /// hugepunch, eager, zero-only, single-partial, or all (side by side).
+    #[arg(long, default_value = "hugepunch", value_parser = strategy_arg)]
+    strategy: StrategyArg,
+    /// Conversion policy of the engine.
+    #[arg(long, value_enum)]
+    policy: Option<PolicyArg>,
+    /// Pending-bytes budget of the engine (e.g. 2M; 0 is a real budget).
+    #[arg(long, value_parser = number)]
+    budget: Option<u64>,
+    /// Print one JSON object (statistics under "stats").
+    #[arg(long)]
+    json: bool,
+    /// Write a picture of the file at the end.
+    #[arg(long, value_name = "FILE")]
+    svg: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct GenArgs {
+    /// ascending, descending, random, strided, round-robin, pin,
+    /// conversion-churn or straddling.
+    #[arg(value_parser = pattern_arg)]
+    pattern: Pattern,
+    /// File size (a multiple of the huge page size).
+    #[arg(long, default_value = "64M", value_parser = number)]
+    size: u64,
+    /// Huge page order (9 = 2 MiB, 18 = 1 GiB).
+    #[arg(long, default_value_t = 9)]
+    order: u8,
+    /// Seed of the random patterns.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Write here instead of stdout.
+    #[arg(long, short, value_name = "FILE")]
+    output: Option<PathBuf>,
+}
+
+/// Operations a generated trace may hold.
+const MAX_GEN_OPS: u64 = 1 << 24;
+
+fn gen(a: GenArgs) -> anyhow::Result<()> {
+    if !(1..=hugepunch::MAX_ORDER).contains(&a.order) {
+        bail!(
+            "--order must be between 1 and {}, got {}",
+            hugepunch::MAX_ORDER,
+            a.order
+        );
+    }
+    let geo = Geometry {
+        size: a.size,
+        order: a.order,
+    };
+    if a.size == 0 || a.size % geo.huge_page_size() != 0 {
+        bail!(
+            "--size must be a positive multiple of the huge page size ({} bytes at order {})",
+            geo.huge_page_size(),
+            a.order
+        );
+    }
+    if geo.subpages() > MAX_GEN_OPS {
+        bail!(
+            "--size {} would make a trace of more than {} operations; use a smaller --size",
+            a.size,
+            MAX_GEN_OPS
+        );
+    }
+    let text = hugepunch_model::workload::generate(a.pattern, geo, a.seed);
+    match a.output {
+        Some(path) => std::fs::write(&path, text)
+            .with_context(|| format!("cannot write {}", path.display()))?,
+        None => write_stdout(&text)?,
+    }
+    Ok(())
+}
+
+/// Write to stdout; a closed pipe (`| head`) ends quietly.
+fn write_stdout(text: &str) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        r => r.context("cannot write to stdout"),
+    }
+}
+
+fn main() {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let _ = e.print();
+                std::process::exit(0);
+            }
+            // One line: clap's first line says what is wrong.
+            let msg = e.render().to_string();
+            let first = msg
+                .lines()
+                .next()
+                .unwrap_or("invalid arguments")
+                .trim_start_matches("error: ");
+            eprintln!("hugepunch: error: {first} (see hugepunch --help)");
+            std::process::exit(2);
+        }
+    };
+    let res = match cli.command {
+        None => demo::run(demo::Args::default()),
+        Some(Command::Demo(a)) => demo::run(a),
+        Some(Command::Replay(a)) => replay::run(a),
+        Some(Command::Gen(a)) => gen(a),
+    };
+    if let Err(e) = res {
+        eprintln!("hugepunch: error: {}", format!("{e:#}").replace('\n', " "));
+        std::process::exit(1);
+    }
+}
