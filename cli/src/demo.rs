@@ -60,7 +60,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         size: a.size,
         order: 9,
     };
-    if a.size < 4 * geo.huge_page_size() || a.size % geo.huge_page_size() != 0 {
+    if a.size < 4 * geo.huge_page_size() || !a.size.is_multiple_of(geo.huge_page_size()) {
         bail!("--size must be a multiple of 2 MiB and at least 8 MiB");
     }
     let cfg = ModelConfig {

@@ -141,7 +141,7 @@ fn gen(a: GenArgs) -> anyhow::Result<()> {
         size: a.size,
         order: a.order,
     };
-    if a.size == 0 || a.size % geo.huge_page_size() != 0 {
+    if a.size == 0 || !a.size.is_multiple_of(geo.huge_page_size()) {
         bail!(
             "--size must be a positive multiple of the huge page size ({} bytes at order {})",
             geo.huge_page_size(),

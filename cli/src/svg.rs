@@ -271,7 +271,7 @@ mod tests {
         assert_eq!(p.cells.len(), 4096);
         assert_eq!(p.cells[0].split, 1);
         assert_eq!(p.cells[0].intact, 127);
-        let svg = render(&[p], "caption");
+        let svg = render(std::slice::from_ref(&p), "caption");
         assert_eq!(
             svg.matches(r#"width="4""#).count(),
             1,

@@ -68,7 +68,7 @@ impl Geometry {
     /// The range, if `offset .. offset + len` is valid for this file:
     /// 4 KiB aligned, non-empty, no overflow, inside the file.
     pub fn validate(&self, offset: u64, len: u64) -> Option<ByteRange> {
-        let aligned = offset % SUBPAGE_SIZE == 0 && len % SUBPAGE_SIZE == 0;
+        let aligned = offset.is_multiple_of(SUBPAGE_SIZE) && len.is_multiple_of(SUBPAGE_SIZE);
         let end = offset.checked_add(len)?;
         (aligned && len > 0 && end <= self.size).then_some(ByteRange::new(offset, len))
     }

@@ -906,7 +906,7 @@ impl Host for KernelHost {
                             present: vec![u64::MAX; words],
                             realloc: HashMap::new(),
                         };
-                        if full % 64 != 0 {
+                        if !full.is_multiple_of(64) {
                             if let Backing::Split { present, .. } = &mut slot.backing {
                                 present[0] = (1u64 << full) - 1;
                             }

@@ -166,7 +166,7 @@ impl Kernel {
         let geo = cfg.geometry();
         if !(1..=hugepunch::MAX_ORDER).contains(&cfg.order)
             || cfg.size == 0
-            || cfg.size % geo.huge_page_size() != 0
+            || !cfg.size.is_multiple_of(geo.huge_page_size())
         {
             return Err(Error::InvalidConfig(
                 "size must be a positive multiple of the huge page size, order 1..=18",

@@ -26,8 +26,7 @@ use serde::Serialize;
 use std::sync::{Arc, Mutex};
 
 /// Which strategy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum StrategyKind {
     /// The engine.
     HugePunch,
@@ -74,6 +73,12 @@ impl StrategyKind {
     /// The balloon's tracker does not zero what it un-tracks.
     pub fn zeroes_punched(self) -> bool {
         self != StrategyKind::SinglePartial
+    }
+}
+
+impl Serialize for StrategyKind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
     }
 }
 
@@ -149,7 +154,7 @@ pub fn build(
         _ => {
             if !(1..=hugepunch::MAX_ORDER).contains(&geo.order)
                 || geo.size == 0
-                || geo.size % geo.huge_page_size() != 0
+                || !geo.size.is_multiple_of(geo.huge_page_size())
             {
                 return Err(Error::InvalidConfig(
                     "size must be a positive multiple of the huge page size, order 1..=18",

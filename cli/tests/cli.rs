@@ -1,0 +1,433 @@
+//! The `hugepunch` binary, as a user runs it.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_hugepunch"))
+}
+
+fn run(args: &[&str]) -> Output {
+    bin().args(args).output().expect("the binary runs")
+}
+
+fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../engine/tests/examples")
+}
+
+fn tmp(name: &str, text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("hugepunch-cli-tests-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn json(out: &Output) -> Value {
+    assert!(
+        out.status.success(),
+        "exit {:?}, stderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("stdout is one JSON object")
+}
+
+/// A user error: non-zero exit, exactly one line on stderr, no panic.
+fn one_line_error(out: &Output) -> String {
+    assert!(!out.status.success(), "should fail");
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err:?}");
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty(), "nothing on stdout");
+    err
+}
+
+const STAT_NAMES: [&str; 19] = [
+    "punch_calls",
+    "convert_calls",
+    "populate_calls",
+    "punched_subpages",
+    "pending_subpages",
+    "pending_bytes_peak",
+    "huge_frees",
+    "teardown_frees",
+    "small_freed_subpages",
+    "free_calls",
+    "invalidations",
+    "invalidations_immediate",
+    "conversions_ok",
+    "conversions_rejected",
+    "repopulated_subpages",
+    "forced_splits",
+    "free_errors",
+    "errors_invalid_range",
+    "errors_torn_down",
+];
+
+#[test]
+fn every_worked_example_gives_its_figures() {
+    let mut checked = 0;
+    for entry in std::fs::read_dir(examples()).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        let Some(stem) = name.strip_suffix(".expected.json") else {
+            continue;
+        };
+        let trace = examples().join(format!("{stem}.trace"));
+        let expected: serde_json::Map<String, Value> =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        for (flags, want) in expected {
+            let mut args = vec!["replay", trace.to_str().unwrap(), "--json"];
+            if flags != "defaults" {
+                args.extend(flags.split_whitespace());
+            }
+            let got = json(&run(&args));
+            let stats = got["stats"].as_object().expect("stats object");
+            assert_eq!(
+                stats.len(),
+                STAT_NAMES.len(),
+                "{stem} [{flags}]: exactly the names of SPEC.md §6"
+            );
+            for name in STAT_NAMES {
+                assert!(stats.contains_key(name), "{stem}: missing {name}");
+            }
+            for (stat, value) in want.as_object().unwrap() {
+                assert_eq!(stats.get(stat), Some(value), "{stem} [{flags}]: {stat}");
+            }
+            assert_eq!(
+                got["model"]["violations"], 0,
+                "{stem}: the model saw a violation"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 8, "only {checked} example runs");
+}
+
+#[test]
+fn the_host_saw_what_the_engine_counted() {
+    let got = json(&run(&[
+        "replay",
+        examples().join("seed-example.trace").to_str().unwrap(),
+        "--json",
+    ]));
+    assert_eq!(
+        got["model"]["host"]["invalidations"],
+        got["stats"]["invalidations"]
+    );
+    assert_eq!(
+        got["model"]["host"]["free_calls"],
+        got["stats"]["free_calls"]
+    );
+    assert_eq!(got["model"]["bytes_freed"], 2 << 20);
+}
+
+#[test]
+fn malformed_line_names_its_line() {
+    let p = tmp(
+        "malformed.trace",
+        "size 4M\n# fine\npunch 0 4K\npunch 0x1000 twelve\npunch 0 4K\n",
+    );
+    let err = one_line_error(&run(&["replay", p.to_str().unwrap()]));
+    assert!(err.contains("line 4"), "{err}");
+    let p = tmp("header-late.trace", "punch 0 4K\nsize 4M\n");
+    assert!(one_line_error(&run(&["replay", p.to_str().unwrap(), "--json"])).contains("line 2"));
+    let p = tmp("unknown-op.trace", "size 4M\n\nfrobnicate 0 4K\n");
+    assert!(one_line_error(&run(&["replay", p.to_str().unwrap()])).contains("line 3"));
+}
+
+#[test]
+fn missing_or_unreadable_trace_is_one_line() {
+    let err = one_line_error(&run(&["replay", "/nonexistent/dir/x.trace"]));
+    assert!(err.contains("/nonexistent/dir/x.trace"), "{err}");
+    let p = tmp("binary.trace", "");
+    std::fs::write(&p, [0xff, 0xfe, 0x00, 0x80]).unwrap();
+    one_line_error(&run(&["replay", p.to_str().unwrap()]));
+    let dir = std::env::temp_dir();
+    one_line_error(&run(&["replay", dir.to_str().unwrap()]));
+}
+
+#[test]
+fn unknown_strategy_policy_or_number_is_one_line() {
+    let t = examples().join("flush.trace");
+    let t = t.to_str().unwrap();
+    let err = one_line_error(&run(&["replay", t, "--strategy", "lazy"]));
+    assert!(err.contains("lazy") && err.contains("eager"), "{err}");
+    one_line_error(&run(&["replay", t, "--policy", "maybe"]));
+    let err = one_line_error(&run(&["replay", t, "--budget", "2Q"]));
+    assert!(err.contains("2Q"), "{err}");
+    one_line_error(&run(&[
+        "replay",
+        t,
+        "--strategy",
+        "eager",
+        "--budget",
+        "2M",
+    ]));
+    one_line_error(&run(&["gen", "sideways"]));
+    one_line_error(&run(&["gen", "random", "--size", "3M"]));
+    one_line_error(&run(&["frobnicate"]));
+    let p = tmp("bad-size.trace", "size 3M\npunch 0 4K\n");
+    one_line_error(&run(&["replay", p.to_str().unwrap()]));
+}
+
+#[test]
+fn failing_operations_are_counted_and_the_replay_goes_on() {
+    let p = tmp(
+        "errors.trace",
+        "size 4M\nstart shared\npunch 0x800 4K\npunch 0 4K\nteardown\npunch 0 4K\n",
+    );
+    let got = json(&run(&["replay", p.to_str().unwrap(), "--json"]));
+    assert_eq!(got["failed_operations"], 2);
+    assert_eq!(got["failures"][0]["line"], 3);
+    assert_eq!(got["failures"][0]["errno"], 22);
+    assert_eq!(got["failures"][1]["line"], 6);
+    assert_eq!(got["failures"][1]["errno"], 5);
+    assert_eq!(got["stats"]["punch_calls"], 1);
+    assert_eq!(got["stats"]["teardown_frees"], 2);
+    // Human output too.
+    let out = run(&["replay", p.to_str().unwrap()]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("line 3:") && text.contains("2 operations failed"),
+        "{text}"
+    );
+}
+
+#[test]
+fn every_strategy_reports_the_same_names() {
+    let t = examples().join("pin-with-budget.trace");
+    for s in ["hugepunch", "eager", "zero-only", "single-partial"] {
+        let got = json(&run(&[
+            "replay",
+            t.to_str().unwrap(),
+            "--json",
+            "--strategy",
+            s,
+        ]));
+        assert_eq!(got["strategy"], s);
+        let stats = got["stats"].as_object().unwrap();
+        assert_eq!(stats.len(), STAT_NAMES.len());
+        assert_eq!(got["stats"]["punch_calls"], 2044, "{s}");
+        assert_eq!(got["model"]["violations"], 0, "{s}");
+    }
+    let eager = json(&run(&[
+        "replay",
+        t.to_str().unwrap(),
+        "--json",
+        "--strategy",
+        "eager",
+    ]));
+    assert_eq!(eager["stats"]["small_freed_subpages"], 2044);
+    assert_eq!(eager["stats"]["pending_subpages"], 0);
+    let all = json(&run(&[
+        "replay",
+        t.to_str().unwrap(),
+        "--json",
+        "--strategy",
+        "all",
+        "--budget",
+        "2M",
+    ]));
+    assert_eq!(all["strategies"].as_array().unwrap().len(), 4);
+    assert_eq!(
+        all["stats"]["forced_splits"], 3,
+        "the top-level stats are the engine's"
+    );
+    let text = run(&["replay", t.to_str().unwrap(), "--strategy", "all"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("verdict:") && text.contains("single-partial"),
+        "{text}"
+    );
+}
+
+/// A trace over a 1 TiB file that touches a few huge pages replays in well
+/// under a second and a few tens of MiB: nothing in the engine or the model
+/// is per huge page of the whole file.
+#[test]
+fn replay_scales_with_what_the_trace_touches() {
+    let trace = "size 1024G\nstart private\n\
+                 punch 0 4K\npunch 0x1000 0x1ff000\n\
+                 punch 0x8000000000 4K\nconvert 0x8000000000 2M shared\npunch 0x8000001000 8K\npopulate 0x8000000000 4K\n\
+                 punch 0xffffe00000 0x200000\nflush 0x8000000000 4K\n\
+                 punch 0x7fffff000 0x3000\n";
+    let p = tmp("terabyte.trace", trace);
+    for strategy in ["hugepunch", "all"] {
+        let start = Instant::now();
+        let got = json(&run(&[
+            "replay",
+            p.to_str().unwrap(),
+            "--json",
+            "--strategy",
+            strategy,
+        ]));
+        let took = start.elapsed();
+        assert!(
+            got["elapsed_seconds"].as_f64().unwrap() < 0.5,
+            "{strategy}: replay took {}",
+            got["elapsed_seconds"]
+        );
+        assert!(
+            took < Duration::from_secs(3),
+            "{strategy}: the process took {took:?}"
+        );
+        if let Some(rss) = got["peak_rss_bytes"].as_u64() {
+            assert!(rss < 64 << 20, "{strategy}: peak RSS {} MiB", rss >> 20);
+        }
+        assert!(got["model"]["model_bytes"].as_u64().unwrap() < 1 << 20);
+        assert_eq!(got["model"]["huge_pages"], 1u64 << 19);
+        assert_eq!(got["stats"]["huge_frees"], 2);
+    }
+    // An empty terabyte, populated in a few places and torn down.
+    let p = tmp("terabyte-empty.trace", "size 1024G\nstart empty\npopulate 0 4M\npopulate 0x8000000000 4K\npunch 0x1000 4K\nteardown\n");
+    let start = Instant::now();
+    let got = json(&run(&["replay", p.to_str().unwrap(), "--json"]));
+    assert!(start.elapsed() < Duration::from_secs(3));
+    assert_eq!(got["stats"]["teardown_frees"], 3);
+    assert_eq!(got["model"]["resident_bytes"], 0);
+}
+
+#[test]
+fn gen_writes_traces_replay_reads() {
+    for pattern in [
+        "ascending",
+        "descending",
+        "random",
+        "strided",
+        "round-robin",
+        "pin",
+        "conversion-churn",
+        "straddling",
+    ] {
+        let out = run(&["gen", pattern, "--size", "4M", "--seed", "3"]);
+        assert!(out.status.success(), "{pattern}");
+        let p = tmp(
+            &format!("gen-{pattern}.trace"),
+            &String::from_utf8(out.stdout).unwrap(),
+        );
+        let got = json(&run(&["replay", p.to_str().unwrap(), "--json"]));
+        assert!(
+            got["stats"]["punch_calls"].as_u64().unwrap() > 0,
+            "{pattern}"
+        );
+        assert_eq!(got["model"]["violations"], 0, "{pattern}");
+        if pattern != "pin" && pattern != "conversion-churn" {
+            assert_eq!(
+                got["stats"]["huge_frees"], 2,
+                "{pattern}: every huge page completes"
+            );
+        }
+    }
+    let a = run(&["gen", "random", "--size", "4M", "--seed", "9"]).stdout;
+    assert_eq!(
+        a,
+        run(&["gen", "random", "--size", "4M", "--seed", "9"]).stdout,
+        "a seed gives one trace"
+    );
+    let out = run(&["gen", "strided", "--size", "64K", "--order", "3"]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("order 3") && text.lines().filter(|l| l.starts_with("punch")).count() == 16
+    );
+}
+
+#[test]
+fn svg_pictures_the_file() {
+    let dir = std::env::temp_dir().join(format!("hugepunch-cli-svg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let svg = dir.join("pin.svg");
+    let t = examples().join("pin-with-budget.trace");
+    let out = run(&[
+        "replay",
+        t.to_str().unwrap(),
+        "--budget",
+        "2M",
+        "--svg",
+        svg.to_str().unwrap(),
+    ]);
+    assert!(out.status.success());
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(text.starts_with("<svg") && text.trim_end().ends_with("</svg>"));
+    assert!(
+        text.contains("split into 4 KiB pages") && text.contains("pending"),
+        "legend"
+    );
+    assert!(
+        text.contains("huge page 3: 1 pending (511 of 512 punched)"),
+        "the one huge page left pending"
+    );
+    let err = one_line_error(&run(&[
+        "replay",
+        t.to_str().unwrap(),
+        "--svg",
+        "/nonexistent/dir/x.svg",
+    ]));
+    assert!(err.contains("x.svg"), "{err}");
+}
+
+#[test]
+fn demo_prints_the_side_by_side_table() {
+    let out = run(&[
+        "demo",
+        "--size",
+        "32M",
+        "--window",
+        "8M",
+        "--budget",
+        "2M",
+        "--only",
+        "random,pin",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    for col in [
+        "strategy",
+        "freed (net)",
+        "huge pages never split",
+        "direct map intact",
+        "free calls",
+        "invalidations",
+        "pending peak",
+    ] {
+        assert!(text.contains(col), "column {col}: {text}");
+    }
+    for s in ["hugepunch", "eager", "zero-only", "single-partial"] {
+        assert!(text.contains(&format!("\n{s} ")), "row {s}");
+    }
+    assert_eq!(text.matches("verdict:").count(), 2);
+    assert!(text.contains("nothing leaked"));
+    assert!(
+        out.stderr.is_empty(),
+        "no progress bar when stderr is not a terminal"
+    );
+    let got = json(&run(&[
+        "demo",
+        "--size",
+        "32M",
+        "--window",
+        "8M",
+        "--only",
+        "ascending",
+        "--json",
+    ]));
+    let rows = got["workloads"][0]["rows"].as_array().unwrap();
+    let hp = &rows[0];
+    assert_eq!(hp["strategy"], "hugepunch");
+    assert_eq!(hp["stats"]["huge_frees"], 4);
+    assert_eq!(hp["model"]["huge_pages_ever_split"], 0);
+    let eager = rows.iter().find(|r| r["strategy"] == "eager").unwrap();
+    assert_eq!(eager["model"]["huge_pages_ever_split"], 4);
+    assert_eq!(eager["verification"]["lost_writes"], 0);
+}
