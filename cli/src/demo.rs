@@ -121,6 +121,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             };
             let _ = writeln!(out, "  {:<24} {}", c.label(), about);
         }
+        write_stdout(&std::mem::take(&mut out))?;
     }
     let mut results = Vec::new();
     for w in &workloads {
@@ -137,7 +138,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     )
                 })
                 .count();
-            pb.suspend(|| {});
             let _ = writeln!(
                 out,
                 "\n== {}: {} ({} punches)",
@@ -147,6 +147,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             );
             out.push_str(&compare::render_table(&rows));
             let _ = writeln!(out, "verdict: {}", compare::verdict(&rows));
+            // Each table as soon as it is ready, above the progress bar.
+            let text = std::mem::take(&mut out);
+            pb.suspend(|| write_stdout(&text))?;
         }
         results.push((w.pattern, rows));
     }
