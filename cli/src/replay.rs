@@ -11,6 +11,9 @@ use serde_json::{json, Value};
 use std::fmt::Write as _;
 use std::time::Instant;
 
+/// The largest file replayed: 1 PiB.
+const MAX_SIZE: u64 = 1 << 50;
+
 /// Failures listed in the output (all are counted).
 const LISTED_FAILURES: usize = 20;
 
@@ -49,6 +52,21 @@ pub fn run(a: ReplayArgs) -> anyhow::Result<()> {
         policy: a.policy.map(Into::into).unwrap_or_default(),
     };
     let cfg = ModelConfig::from_trace(&trace);
+    if trace.size > MAX_SIZE {
+        bail!(
+            "{name}: a {} file is larger than this tool replays ({} at most: the engine keeps one pointer per chunk of huge pages of the whole file)",
+            bytes(trace.size),
+            bytes(MAX_SIZE)
+        );
+    }
+    let huge_pages = trace.size >> (12 + trace.order as u32);
+    if a.svg.is_some() && huge_pages > svg::MAX_PAGES {
+        bail!(
+            "--svg draws files of at most {} huge pages; this one has {}",
+            count(svg::MAX_PAGES),
+            count(huge_pages)
+        );
+    }
     let pb = progress::bar((trace.ops.len() * kinds.len()) as u64, !a.json, "replaying");
     let start = Instant::now();
     let mut outcomes = Vec::new();

@@ -6,6 +6,10 @@ use crate::format::{bytes, count};
 use hugepunch_model::{Kernel, PageView};
 use std::fmt::Write as _;
 
+/// Pictures are of files of at most this many huge pages (every huge page
+/// is looked at once).
+pub const MAX_PAGES: u64 = 1 << 24;
+
 /// At most this many cells per panel.
 pub const MAX_CELLS: u64 = 4096;
 const COLS: u64 = 64;

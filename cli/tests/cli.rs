@@ -175,6 +175,10 @@ fn unknown_strategy_policy_or_number_is_one_line() {
     one_line_error(&run(&["frobnicate"]));
     let p = tmp("bad-size.trace", "size 3M\npunch 0 4K\n");
     one_line_error(&run(&["replay", p.to_str().unwrap()]));
+    let p = tmp("huge-size.trace", "size 0x4000000000000000\npunch 0 4K\n");
+    assert!(one_line_error(&run(&["replay", p.to_str().unwrap()])).contains("larger"));
+    let p = tmp("many-pages.trace", "size 1024G\norder 1\npunch 0 4K\n");
+    one_line_error(&run(&["replay", p.to_str().unwrap(), "--svg", "x.svg"]));
 }
 
 #[test]
