@@ -435,3 +435,98 @@ fn demo_prints_the_side_by_side_table() {
     assert_eq!(eager["model"]["huge_pages_ever_split"], 4);
     assert_eq!(eager["verification"]["lost_writes"], 0);
 }
+
+/// A plain host that only keeps attributes (what decides the engine's
+/// counters), to check the replay's figures against the engine driven
+/// directly: the model's host and the command's plumbing (flags, trace
+/// header) must not change a single counter.
+struct PlainHost(std::sync::Mutex<Vec<hugepunch::Attribute>>);
+
+impl hugepunch::Host for PlainHost {
+    fn is_shared(&self, r: hugepunch::ByteRange) -> bool {
+        let a = self.0.lock().unwrap();
+        (r.first_subpage()..r.first_subpage() + r.subpages())
+            .all(|s| a[s as usize] == hugepunch::Attribute::Shared)
+    }
+    fn set_attributes(&self, r: hugepunch::ByteRange, to: hugepunch::Attribute) {
+        let mut a = self.0.lock().unwrap();
+        for s in r.first_subpage()..r.first_subpage() + r.subpages() {
+            a[s as usize] = to;
+        }
+    }
+    fn invalidate_begin(&self, _: hugepunch::ByteRange, _: hugepunch::Hint) {}
+    fn invalidate_end(&self, _: hugepunch::ByteRange) {}
+    fn allocate(&self, _: hugepunch::ByteRange, _: u8) -> Result<(), hugepunch::HostError> {
+        Ok(())
+    }
+    fn free(&self, _: hugepunch::ByteRange, _: u8) -> Result<(), hugepunch::HostError> {
+        Ok(())
+    }
+    fn zero(&self, _: hugepunch::ByteRange) {}
+}
+
+fn direct(
+    trace: &hugepunch::trace::Trace,
+    budget: Option<u64>,
+    policy: hugepunch::Policy,
+) -> Value {
+    use hugepunch::trace::Op;
+    let host = PlainHost(std::sync::Mutex::new(vec![
+        trace.start;
+        (trace.size / 4096) as usize
+    ]));
+    let mut cfg = hugepunch::Config::new(trace.size)
+        .order(trace.order)
+        .policy(policy);
+    cfg.populated = trace.populated;
+    cfg.budget = budget;
+    let e = hugepunch::HugePunch::new(cfg, std::sync::Arc::new(host)).unwrap();
+    for (_, op) in &trace.ops {
+        let _ = match *op {
+            Op::Punch { offset, len } => e.punch(offset, len),
+            Op::Convert { offset, len, to } => e.convert(offset, len, to),
+            Op::Populate { offset, len } => e.populate(offset, len),
+            Op::Flush { offset, len } => e.flush(offset, len),
+            Op::Teardown => {
+                e.teardown();
+                Ok(())
+            }
+        };
+    }
+    serde_json::to_value(e.stats()).unwrap()
+}
+
+#[test]
+fn replay_counts_exactly_what_the_engine_counts() {
+    for pattern in ["random", "strided", "pin", "conversion-churn", "straddling"] {
+        let out = run(&["gen", pattern, "--size", "8M", "--seed", "5"]);
+        let text = String::from_utf8(out.stdout).unwrap();
+        // Some flushes and a teardown after the pattern, to cover them too.
+        let text = format!("{text}flush 0 4M\npopulate 0x1000 0x3000\nteardown\npunch 0 4K\n");
+        let p = tmp(&format!("direct-{pattern}.trace"), &text);
+        let trace = hugepunch::trace::Trace::parse(&text).unwrap();
+        for (flags, budget, policy) in [
+            (vec![], None, hugepunch::Policy::Reject),
+            (
+                vec!["--budget", "1M"],
+                Some(1 << 20),
+                hugepunch::Policy::Reject,
+            ),
+            (
+                vec!["--policy", "cancel-and-zero"],
+                None,
+                hugepunch::Policy::CancelAndZero,
+            ),
+        ] {
+            let mut args = vec!["replay", p.to_str().unwrap(), "--json"];
+            args.extend(flags.iter().copied());
+            let got = json(&run(&args));
+            assert_eq!(
+                got["stats"],
+                direct(&trace, budget, policy),
+                "{pattern} {flags:?}"
+            );
+            assert_eq!(got["model"]["violations"], 0, "{pattern} {flags:?}");
+        }
+    }
+}
