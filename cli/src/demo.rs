@@ -173,10 +173,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             ));
         }
         let caption = format!(
-            "{} guest, {} punched ({}): one cell per huge page",
+            "{} guest, {} window punched: {}",
             bytes(a.size),
             bytes(window),
-            pattern.describes()
+            pattern.name()
         );
         std::fs::write(path, svg::render(&panels, &caption))
             .with_context(|| format!("cannot write {}", path.display()))?;
