@@ -9,7 +9,7 @@
 
 use crate::error::{Error, HostError};
 use crate::host::{Attribute, CallbackSlot, Callbacks, Host, Policy};
-use crate::index::Index;
+use crate::index::{Index, Slot};
 use crate::page::{
     self, runs, Entry, Page, Snapshot, ABSENT, BUSY, COMPLETING, CONVERT_ONE, HUGE, PUNCH_ONE,
     SPLIT, TORN, UNPUNCH_ONE,
@@ -151,6 +151,9 @@ impl HugePunch {
             size: config.size,
             order: config.order,
         };
+        if config.size > Index::MAX_SIZE {
+            return Err(Error::InvalidConfig("size must be at most 4 PiB"));
+        }
         if config.size == 0 || config.size % geo.huge_page_size() != 0 {
             return Err(Error::InvalidConfig(
                 "size must be a positive multiple of the huge page size",
@@ -843,12 +846,11 @@ impl HugePunch {
     /// between equals) until pending bytes are within the budget.
     fn shrink(&self, cb: &Callbacks, d: &mut Delta) {
         let _slow = lock(&self.slow);
-        let n = self.geo.huge_pages();
         let mut failed: Vec<u64> = Vec::new();
         while self.over_budget(self.counters.pending()) {
             let victim = self
                 .index
-                .touched(n)
+                .touched()
                 .filter(|h| !failed.contains(h))
                 .filter_map(|h| {
                     let s = self.index.existing(h)?.load();
@@ -901,13 +903,47 @@ impl HugePunch {
             // ORDERING: Release pairs with `live`'s Acquire; operations that
             // started before it are waited for page by page (`claim_busy`).
             self.torn.store(true, Ordering::Release);
-            let pages: Vec<u64> = if self.index.initial().mode() == HUGE {
-                (0..self.geo.huge_pages()).collect()
-            } else {
-                self.index.touched(self.geo.huge_pages()).collect()
-            };
-            for h in pages {
-                self.teardown_page(&cb, h, &mut d, &mut report);
+            for c in 0..self.index.chunks() {
+                match self.index.close(c) {
+                    // Never touched: in the initial state, and closed now,
+                    // so nothing else can touch them.
+                    Slot::Closed(pages) if self.index.initial().mode() == HUGE => {
+                        // Huge pages not freed yet: failed ones, and on
+                        // unwind (a panicking callback) the rest too.
+                        let unfreed = std::cell::RefCell::new(Vec::new());
+                        let next = std::cell::Cell::new(pages.start);
+                        let guard = OnUnwind(Some(|| {
+                            let mut still = unfreed.borrow().clone();
+                            still.extend(next.get()..pages.end);
+                            self.index.reopen(c, &still);
+                        }));
+                        for h in pages.clone() {
+                            next.set(h);
+                            let whole = self.geo.huge_page_range(h);
+                            cb.host.invalidate_begin(whole, self.hint(h));
+                            let res = self.free(&cb, whole, self.geo.order, &mut d);
+                            cb.host.invalidate_end(whole);
+                            d.add(C::Invalidations, 1);
+                            if res.is_ok() {
+                                d.add(C::TeardownFrees, 1);
+                            } else {
+                                unfreed.borrow_mut().push(h);
+                                report.still_allocated.push(whole);
+                            }
+                        }
+                        guard.disarm();
+                        let unfreed = unfreed.into_inner();
+                        if !unfreed.is_empty() {
+                            self.index.reopen(c, &unfreed);
+                        }
+                    }
+                    Slot::Closed(_) | Slot::Gone(_) => {}
+                    Slot::Live(pages) => {
+                        for h in pages {
+                            self.teardown_page(&cb, h, &mut d, &mut report);
+                        }
+                    }
+                }
             }
         }
         self.finish(&cb, &mut d, false);
