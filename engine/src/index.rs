@@ -121,7 +121,7 @@ impl Index {
     }
 
     /// Load `slot`, installing `make()` if it is null.
-    fn get_or_install<'a, T>(slot: &'a AtomicPtr<T>, make: impl FnOnce() -> Box<T>) -> &'a T {
+    fn get_or_install<T>(slot: &AtomicPtr<T>, make: impl FnOnce() -> Box<T>) -> &T {
         // ORDERING: Acquire pairs with the Release of the installing CAS:
         // the installed object's initial contents are seen.
         let p = slot.load(Ordering::Acquire);
