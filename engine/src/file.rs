@@ -937,7 +937,7 @@ impl HugePunch {
                             self.index.reopen(c, &unfreed);
                         }
                     }
-                    Slot::Closed(_) | Slot::Gone(_) => {}
+                    Slot::Closed(_) | Slot::Gone => {}
                     Slot::Live(pages) => {
                         for h in pages {
                             self.teardown_page(&cb, h, &mut d, &mut report);

@@ -49,14 +49,14 @@ pub(crate) struct Index {
 }
 
 /// What teardown found in one chunk slot.
-pub(crate) enum Slot<'a> {
+pub(crate) enum Slot {
     /// The slot was empty and is now closed: its huge pages were in the
     /// initial state, and no operation can touch them any more.
     Closed(std::ops::Range<u64>),
     /// A chunk operations may be using: tear its huge pages down one by one.
     Live(std::ops::Range<u64>),
     /// Closed by an earlier teardown.
-    Gone(std::marker::PhantomData<&'a ()>),
+    Gone,
 }
 
 /// Is `p` a real chunk (neither null nor the sentinel)?
@@ -222,7 +222,7 @@ impl Index {
 
     /// Teardown, under the file's slow-path lock: close chunk slot `c` if
     /// it is empty, and say what it held.
-    pub fn close(&self, c: usize) -> Slot<'_> {
+    pub fn close(&self, c: usize) -> Slot {
         let torn_chunk = Self::get_or_install(&self.torn_chunk, || self.chunk_of(|_| ABSENT | TORN))
             as *const Chunk as *mut Chunk;
         let dir = self.dir(c >> DIR_SHIFT);
@@ -236,7 +236,7 @@ impl Index {
             Ordering::Acquire,
         ) {
             Ok(_) => Slot::Closed(self.pages_of(c)),
-            Err(p) if p == torn_chunk => Slot::Gone(std::marker::PhantomData),
+            Err(p) if p == torn_chunk => Slot::Gone,
             Err(_) => Slot::Live(self.pages_of(c)),
         }
     }
