@@ -1,4 +1,4 @@
-//! `hugepunch`: the demo (no arguments), `replay`, `gen`.
+//! `hugepunch`: the demo (no arguments), `replay`, `gen`, `real`.
 //!
 //! Every user error is one line on stderr and a non-zero exit status.
 
@@ -6,6 +6,8 @@ mod compare;
 mod demo;
 mod format;
 mod progress;
+#[cfg(target_os = "linux")]
+mod real;
 mod replay;
 mod svg;
 
@@ -38,6 +40,11 @@ enum Command {
     Replay(ReplayArgs),
     /// Write an adversarial trace to stdout (or --output).
     Gen(GenArgs),
+    /// Run a pattern on real kernel memory (memfd or KVM guest_memfd), once
+    /// punching 4 KiB directly as VMMs do today and once through the engine,
+    /// and compare.
+    #[cfg(target_os = "linux")]
+    Real(real::Args),
 }
 
 /// The conversion policy, as flags spell it.
@@ -198,6 +205,8 @@ fn main() {
         Some(Command::Demo(a)) => demo::run(a),
         Some(Command::Replay(a)) => replay::run(a),
         Some(Command::Gen(a)) => gen(a),
+        #[cfg(target_os = "linux")]
+        Some(Command::Real(a)) => real::run(a),
     };
     if let Err(e) = res {
         eprintln!("hugepunch: error: {}", format!("{e:#}").replace('\n', " "));

@@ -18,3 +18,15 @@ pub fn bar(total: u64, wanted: bool, message: &str) -> ProgressBar {
     pb.set_message(message.to_string());
     pb
 }
+
+/// A spinner for one long step without intermediate progress, hidden
+/// unless `wanted` and stderr is a terminal; cleared when dropped.
+pub fn spinner(wanted: bool, message: &str) -> ProgressBar {
+    if !wanted || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new_spinner();
+    pb.set_message(message.to_string());
+    pb.enable_steady_tick(std::time::Duration::from_millis(120));
+    pb
+}

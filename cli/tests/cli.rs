@@ -530,3 +530,36 @@ fn replay_counts_exactly_what_the_engine_counts() {
         }
     }
 }
+
+/// `hugepunch real` on memfd (always available on Linux): both sides
+/// release the same bytes, the engine with 512 times fewer fallocates.
+#[cfg(target_os = "linux")]
+#[test]
+fn real_on_memfd_releases_the_same_bytes_with_fewer_fallocates() {
+    let out = run(&[
+        "real",
+        "--backend",
+        "memfd",
+        "--size",
+        "8M",
+        "--pattern",
+        "ascending",
+        "--json",
+    ]);
+    let v = json(&out);
+    let (direct, engine) = (&v["direct"], &v["engine"]);
+    assert_eq!(direct["bytes_released"], engine["bytes_released"]);
+    assert_eq!(direct["bytes_released"].as_u64(), Some(8 << 20));
+    assert_eq!(direct["fallocate_calls"].as_u64(), Some(2048));
+    assert_eq!(engine["fallocate_calls"].as_u64(), Some(4));
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn real_rejects_an_unknown_backend_in_one_line() {
+    let out = run(&["real", "--backend", "nope"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("unknown backend"), "{err}");
+}
