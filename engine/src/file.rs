@@ -340,7 +340,18 @@ impl HugePunch {
                         d.add(C::PunchedSubpages, newly as u64);
                         // The shared-state check, after the exit: see the
                         // punch-vs-conversion race in `page`.
-                        if exit.after.converting() > 0 || !cb.host.is_shared(r) {
+                        #[cfg(not(hugepunch_broken = "conversion"))]
+                        let converting = exit.after.converting() > 0;
+                        // BROKEN on purpose, test-only (`--cfg
+                        // hugepunch_broken="conversion"`, see loom-tests):
+                        // the punch ignores a conversion in flight and trusts
+                        // `is_shared` alone, so a conversion that checked the
+                        // bits before this punch set them, and changes the
+                        // attribute after `is_shared` answered, goes ahead
+                        // over a pending punch that was never invalidated.
+                        #[cfg(hugepunch_broken = "conversion")]
+                        let converting = false;
+                        if converting || !cb.host.is_shared(r) {
                             self.invalidate(cb, r, h, d);
                             d.add(C::InvalidationsImmediate, 1);
                         }
@@ -459,10 +470,10 @@ impl HugePunch {
             if nothing_to_unpunch(page, part) {
                 return Ok(());
             }
-            match page.enter(UNPUNCH_ONE) {
+            match page.enter(POPULATE_ONE) {
                 Entry::Registered(before) => {
-                    let k = self.unpunch(cb, h, page, part, UNPUNCH_ONE, d);
-                    let exit = page.exit(UNPUNCH_ONE, -(k as i64));
+                    let k = self.unpunch(cb, h, page, part, POPULATE_ONE, d);
+                    let exit = page.exit(POPULATE_ONE, -(k as i64));
                     if exit.claimed_completion {
                         // Concurrent punches filled the huge page while we
                         // found nothing to un-punch: complete it, then
@@ -1003,6 +1014,18 @@ impl HugePunch {
 
 /// A `CancelAndZero` conversion's registration: an un-punch and a mark.
 const CANCEL_ONE: u64 = UNPUNCH_ONE + CONVERT_ONE;
+
+/// What populate's un-punch registers on the state word.
+#[cfg(not(hugepunch_broken = "unpunch"))]
+const POPULATE_ONE: u64 = UNPUNCH_ONE;
+/// BROKEN on purpose, test-only (`--cfg hugepunch_broken="unpunch"`, see
+/// loom-tests): populate's un-punch registers nothing (its entry still
+/// checks that the huge page is `HUGE` with no completion or slow path in
+/// flight, its exit still lowers `COUNT`), so a punch exit that fills the
+/// huge page while the un-punch clears bits and zeroes claims the
+/// completion, which frees a subpage populate un-punched and hands out.
+#[cfg(hugepunch_broken = "unpunch")]
+const POPULATE_ONE: u64 = 0;
 
 /// The huge pages a `CancelAndZero` conversion holds: (huge page, page,
 /// `Some(k)` if registered with `k` subpages un-punched, `None` if only

@@ -345,6 +345,7 @@ impl<'a> Page<'a> {
     /// Leave a registration taken with `one`, committing `delta` to `COUNT`
     /// (`+n` for a punch, `-k` for an un-punch). Claims the completion if
     /// the result is complete.
+    #[cfg(not(hugepunch_broken = "completion"))]
     pub fn exit(&self, one: u64, delta: i64) -> Exit {
         let full = self.full;
         let mut claimed = false;
@@ -370,6 +371,34 @@ impl<'a> Page<'a> {
             .wrapping_add((delta as u64).wrapping_mul(COUNT_ONE));
         Exit {
             after: Snapshot(after | if claimed { COMPLETING } else { 0 }),
+            claimed_completion: claimed,
+        }
+    }
+
+    /// BROKEN on purpose, test-only (`--cfg hugepunch_broken="completion"`,
+    /// see loom-tests): the exit's RMW only leaves the registration and
+    /// commits `COUNT`; the completion is then decided by a separate load
+    /// and claimed by a separate store. Two exits that both load the
+    /// complete state both claim it: two completions of one life, the huge
+    /// page freed twice (invariant 1). Never built outside that cfg.
+    #[cfg(hugepunch_broken = "completion")]
+    pub fn exit(&self, one: u64, delta: i64) -> Exit {
+        let step = |s: u64| {
+            s.wrapping_sub(one)
+                .wrapping_add((delta as u64).wrapping_mul(COUNT_ONE))
+        };
+        // ORDERING: AcqRel, as in the real `exit`.
+        let (prev, _) = self.update(Ordering::AcqRel, |s| Some(step(s.0)));
+        let now = self.load();
+        let claimed = now.complete(self.full);
+        if claimed {
+            // ORDERING: Release, as a claim would be; the bug is that this
+            // store is not the RMW that decided.
+            self.state.store(now.0 | COMPLETING, Ordering::Release);
+        }
+        let after = step(prev.0) | if claimed { COMPLETING } else { 0 };
+        Exit {
+            after: Snapshot(after),
             claimed_completion: claimed,
         }
     }
