@@ -242,8 +242,23 @@ pub struct SinglePartial {
 
 impl Tracker for SinglePartial {
     fn apply(&self, op: Op) {
-        let Op::Punch(o, l) = op else { return };
         let mut tracked = self.tracked.lock().unwrap();
+        let (o, l) = match op {
+            Op::Punch(o, l) => (o, l),
+            Op::Populate(o, l) => {
+                // A re-used subpage of the tracked huge page is no longer
+                // discarded.
+                for (h, first, count) in parts(o, l) {
+                    if let Some((t, bits)) = tracked.as_mut() {
+                        if *t == h {
+                            bits[first..first + count].fill(false);
+                        }
+                    }
+                }
+                return;
+            }
+            Op::Shared(..) | Op::Private(..) => return,
+        };
         for (h, first, count) in parts(o, l) {
             if tracked.as_ref().is_none_or(|(t, _)| *t != h) {
                 *tracked = Some((h, bitvec![0; 512]));
