@@ -93,6 +93,8 @@ fn hot_path(c: &mut Criterion) {
             total
         })
     });
+    // The floor: the punch protocol's four read-modify-writes alone.
+    g.bench_function("protocol-floor-4-rmw", |b| b.iter_custom(protocol_floor));
     // A conversion to private over nothing pending (the check passes).
     g.bench_function("convert-private-4k", |b| {
         let e = Engine::new(PAGES);

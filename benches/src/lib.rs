@@ -448,3 +448,30 @@ pub const IMPLEMENTATIONS: &[&str] = &[
 pub fn same_contract(name: &str) -> bool {
     name != "single-partial"
 }
+
+/// The floor of the engine's punch protocol: the four read-modify-writes a
+/// deferred 4 KiB punch makes (entry CAS on the state word, `fetch_or` on a
+/// bitmap word, exit CAS, the global pending count), on the same memory
+/// layout, with nothing else. What the engine costs above this is its
+/// bookkeeping (validation, callbacks, index lookup, statistics).
+pub fn protocol_floor(punches: u64) -> std::time::Duration {
+    let state = AtomicU64::new(1);
+    let words: Vec<AtomicU64> = (0..8).map(|_| AtomicU64::new(0)).collect();
+    let pending = crossbeam::utils::CachePadded::new(std::sync::atomic::AtomicI64::new(0));
+    let start = std::time::Instant::now();
+    for i in 0..punches {
+        let bit = i % 511;
+        // ORDERING: as the engine's entry (Acquire), bit RMW (Relaxed), exit
+        // (AcqRel) and pending count (Relaxed).
+        let s = state.load(Ordering::Relaxed);
+        let _ = state.compare_exchange_weak(s, s + (1 << 8), Ordering::Acquire, Ordering::Acquire);
+        let prev = words[(bit / 64) as usize].fetch_or(1 << (bit % 64), Ordering::Relaxed);
+        let s = state.load(Ordering::Relaxed);
+        let _ = state.compare_exchange_weak(s, s - (1 << 8), Ordering::AcqRel, Ordering::Acquire);
+        pending.fetch_add((prev >> (bit % 64) & 1) as i64, Ordering::Relaxed);
+        if bit == 510 {
+            words.iter().for_each(|w| w.store(0, Ordering::Relaxed));
+        }
+    }
+    start.elapsed()
+}
