@@ -471,7 +471,7 @@ impl HugePunch {
                 return Ok(());
             }
             match page.enter(POPULATE_ONE) {
-                Entry::Registered(before) => {
+                Entry::Registered(_) => {
                     let k = self.unpunch(cb, h, page, part, POPULATE_ONE, d);
                     let exit = page.exit(POPULATE_ONE, -(k as i64));
                     if exit.claimed_completion {
@@ -481,8 +481,11 @@ impl HugePunch {
                         self.complete(cb, h, page, d);
                         continue;
                     }
-                    if before.unpunching() > 0 {
-                        // Another un-punch may be zeroing part of our range.
+                    if exit.after.unpunching() > 0 {
+                        // Another un-punch is still registered: it may have
+                        // claimed (and be zeroing) part of our range, and
+                        // we may not return before that is done. (One that
+                        // left before our exit has finished its zeroing.)
                         page.wait_unpunches();
                     }
                     return Ok(());
@@ -710,7 +713,10 @@ impl HugePunch {
             if !s.is(BUSY) && s.unpunching() == 0 {
                 let bit = !page.read_bits(sub, 1).is_empty();
                 let again = page.load();
-                if again.mode() == s.mode() && !again.is(BUSY) && again.unpunching() == 0 {
+                if again.mode() == s.mode()
+                    && !again.is(BUSY | COMPLETING)
+                    && again.unpunching() == 0
+                {
                     return match (s.mode(), bit) {
                         (HUGE, true) => SubpageState::Punched,
                         (HUGE, false) | (SPLIT, false) => SubpageState::Present,

@@ -92,8 +92,10 @@
 //! them, and they see the bit reset a completion published). Exits and
 //! releases are `Release` or `AcqRel` (the bit accesses may not move after
 //! them; an exit that claims a completion must see every other exit's bits).
-//! Bitmap RMWs are `Relaxed`: every access to a huge page's bits sits
-//! between an entry and an exit (or inside a claim), which order it.
+//! Every bitmap write is `Release` and every lock-free bitmap read
+//! `Acquire`: the populate fast path and the queries read bits without
+//! registering and then re-read the state word, so a reader that sees a
+//! bit must also see the registration or claim of whoever wrote it.
 
 use crate::sync::{backoff, AtomicU64, Ordering};
 use smallvec::SmallVec;
@@ -408,9 +410,11 @@ impl<'a> Page<'a> {
     pub fn set_bits(&self, first: u32, count: u32) -> u32 {
         let mut newly = 0;
         for (w, mask) in word_masks(first, count) {
-            // ORDERING: Relaxed; ordered by the entry (Acquire) before and
-            // the exit (Release) after, see the module doc.
-            let prev = self.words[w].fetch_or(mask, Ordering::Relaxed);
+            // ORDERING: Release. Among registered operations the entry
+            // and exit order the bits; but lock-free readers (the populate
+            // fast path, queries) read a bit and then the state word, and a
+            // reader that sees this bit must then see our registration.
+            let prev = self.words[w].fetch_or(mask, Ordering::Release);
             newly += ones(mask & !prev);
         }
         newly
@@ -421,8 +425,11 @@ impl<'a> Page<'a> {
     pub fn clear_bits(&self, first: u32, count: u32) -> Words {
         let mut cleared = Words::new();
         for (w, mask) in word_masks(first, count) {
-            // ORDERING: Relaxed, as in `set_bits`.
-            let prev = self.words[w].fetch_and(!mask, Ordering::Relaxed);
+            // ORDERING: Release, as in `set_bits`: a populate that reads
+            // this bit clear (its fast path) must then see our
+            // registration and wait for our zeroing (loom found it with
+            // Relaxed: two populates of one subpage).
+            let prev = self.words[w].fetch_and(!mask, Ordering::Release);
             if prev & mask != 0 {
                 cleared.push((w, prev & mask));
             }
@@ -537,8 +544,11 @@ impl<'a> Page<'a> {
     pub fn end_completion(&self, freed: bool) {
         if freed {
             for w in self.words {
-                // ORDERING: Relaxed; published by the Release RMW below.
-                w.store(0, Ordering::Relaxed);
+                // ORDERING: Release: a lock-free reader that reads this
+                // reset (populate's fast path, queries) must then see
+                // `COMPLETING`, not the state before the claim (loom found
+                // it with Relaxed: a populate returning over a freed page).
+                w.store(0, Ordering::Release);
             }
         }
         // ORDERING: Release: the bit reset and the host's free happen-before
@@ -574,11 +584,12 @@ impl<'a> Page<'a> {
     /// (owner only: `BUSY` or `COMPLETING` held, nothing registered).
     pub fn owner_set(&self, first: u32, count: u32, set: bool) {
         for (w, mask) in word_masks(first, count) {
-            // ORDERING: Relaxed; the owner publishes with `release_busy`.
+            // ORDERING: Release, for the lock-free readers as in
+            // `end_completion`: one that reads this value then sees `BUSY`.
             if set {
-                self.words[w].fetch_or(mask, Ordering::Relaxed);
+                self.words[w].fetch_or(mask, Ordering::Release);
             } else {
-                self.words[w].fetch_and(!mask, Ordering::Relaxed);
+                self.words[w].fetch_and(!mask, Ordering::Release);
             }
         }
     }
