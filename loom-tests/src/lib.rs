@@ -16,8 +16,12 @@
 //!
 //! The host state sits behind a `std::sync::Mutex`: host callbacks are
 //! outside the engine's atomics, and loom runs one thread at a time, so the
-//! host is a sequentially consistent observer of the engine's calls. No
-//! loom operation happens while that mutex is held.
+//! host is a sequentially consistent observer of the engine's calls that
+//! adds no happens-before edge between the engine's threads. No loom
+//! operation happens while that mutex is held. Each callback and guest
+//! action starts with a Relaxed RMW on one shared loom counter: a schedule
+//! point (see [`World`]'s `schedule`), so loom interleaves other threads
+//! between an engine step and the host call after it.
 //!
 //! The host itself asserts what must hold at each callback, so a model
 //! fails at the first bad call, with a message naming the invariant of
@@ -26,8 +30,9 @@
 //! * `free` of a subpage that is not allocated: freed twice (invariant 6);
 //! * `free` of a subpage the guest still maps: freed without invalidation
 //!   first (invariant 4);
-//! * `free` of a subpage the guest never punched, or populated again since
-//!   (outside teardown): freed while unpunched (invariants 1 and 4);
+//! * `free` of a subpage the guest never punched, or that the engine zeroed
+//!   since (an un-punch hands it back), outside teardown: freed while
+//!   unpunched (invariants 1 and 4);
 //! * `allocate` of an allocated subpage: a leak (invariant 6);
 //! * `zero` of a subpage that is not allocated (invariant 4).
 //!

@@ -12,8 +12,9 @@ use loom_tests::{file, model, sub, subs_len};
 
 const ORDER: u8 = 2;
 
+///
+/// Found engine bugs A and B (docs/RELIABILITY.md); their regression model.
 #[test]
-#[ignore = "fails: engine bugs A and B (subpage_state trusts a reset bit during a completion), see docs/RELIABILITY.md"]
 fn subpage_state_racing_completion() {
     model(|| {
         let (engine, world) = file(1, ORDER, Attribute::Private, |c| c);

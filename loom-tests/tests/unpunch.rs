@@ -13,17 +13,12 @@ use loom_tests::{file, model, sub, subs_len, Event};
 const ORDER: u8 = 2;
 
 /// Subpages 0..3 are punched; one thread punches subpage 3 (completing the
-/// huge page), the other populates subpage 1.
-///
-/// `guest`: after populate returns, the guest reads the subpage (it must
-/// be allocated and zero) and maps it, and the end state is checked
-/// against the winner. Without it, only what the host sees during the race
-/// is checked: no free of a subpage after the engine zeroed it for
-/// populate, no zeroing of freed memory, no double free. That narrower
-/// model is what the planted `unpunch` bug is shown against, because the
-/// full one also fails on engine bug A (docs/RELIABILITY.md).
-fn populate_races_completing_punch(guest: bool) {
-    model(move || {
+/// huge page), the other populates subpage 1. After populate returns, the
+/// guest reads the subpage (it must be allocated and zero) and maps it,
+/// and the end state is checked against the winner. (Found engine bug A,
+/// docs/RELIABILITY.md.)
+fn populate_races_completing_punch() {
+    model(|| {
         let (engine, world) = file(1, ORDER, Attribute::Private, |c| c);
         world.guest_punch(0, subs_len(3));
         engine.punch(0, subs_len(3)).unwrap();
@@ -40,12 +35,10 @@ fn populate_races_completing_punch(guest: bool) {
             let (engine, world) = (engine.clone(), world.clone());
             thread::spawn(move || {
                 engine.populate(sub(1), subs_len(1)).unwrap();
-                if guest {
-                    // Subpage 1 was punched before populate started: it
-                    // must be allocated and read as zeros (the host
-                    // asserts both); then the guest maps it and writes.
-                    world.guest_populated(sub(1), subs_len(1), true);
-                }
+                // Subpage 1 was punched before populate started: it must be
+                // allocated and read as zeros (the host asserts both); then
+                // the guest maps it and writes.
+                world.guest_populated(sub(1), subs_len(1), true);
             })
         };
         punch.join().unwrap();
@@ -57,9 +50,6 @@ fn populate_races_completing_punch(guest: bool) {
             "invariant 1: one completion at most\n{:#?}",
             world.calls()
         );
-        if !guest {
-            return;
-        }
         let whole = ByteRange::new(0, subs_len(4));
         assert_eq!(
             engine.backing(0).unwrap(),
@@ -89,14 +79,8 @@ fn populate_races_completing_punch(guest: bool) {
 }
 
 #[test]
-#[ignore = "fails: engine bug A (Relaxed bit resets vs populate's fast path), see docs/RELIABILITY.md"]
 fn populate_racing_completing_punch() {
-    populate_races_completing_punch(true);
-}
-
-#[test]
-fn populate_racing_completing_punch_host_view() {
-    populate_races_completing_punch(false);
+    populate_races_completing_punch();
 }
 
 /// Planted bug `--cfg hugepunch_broken="unpunch"`: populate's un-punch is
@@ -108,14 +92,15 @@ fn populate_racing_completing_punch_host_view() {
 #[test]
 #[should_panic(expected = "invariant")]
 fn broken_unpunch_is_caught() {
-    populate_races_completing_punch(false);
+    populate_races_completing_punch();
 }
 
 /// Two populates (two vCPUs faulting) of one punched subpage: one
 /// un-punches and zeroes it; the other must not return before the zeroing
 /// is done.
+///
+/// Found engine bugs A and C (docs/RELIABILITY.md); their regression model.
 #[test]
-#[ignore = "fails: engine bugs A and C (populate returns before another populate's zeroing), see docs/RELIABILITY.md"]
 fn two_populates_of_one_punched_subpage() {
     model(|| {
         let (engine, world) = file(1, ORDER, Attribute::Private, |c| c);
