@@ -72,8 +72,11 @@ impl Index {
         let full = geo.subpages_per_huge_page();
         let stride = 1 + (full as usize).div_ceil(64);
         // A power of two, so locating a huge page is a shift and a mask.
-        let chunk_pages = 1u64 << (CHUNK_WORDS / stride).max(1).ilog2();
         let huge_pages = geo.huge_pages();
+        // No larger than the file needs (a small file, or a loom model,
+        // allocates only its own huge pages).
+        let chunk_pages =
+            (1u64 << (CHUNK_WORDS / stride).max(1).ilog2()).min(huge_pages.next_power_of_two());
         let n_chunks = huge_pages.div_ceil(chunk_pages) as usize;
         let n_dirs = n_chunks.div_ceil(DIR_CHUNKS);
         let initial = if populated { HUGE } else { ABSENT };
