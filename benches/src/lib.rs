@@ -347,11 +347,6 @@ pub fn pattern(name: &str, base: u64, huge_pages: u64) -> Vec<Op> {
     }
 }
 
-/// Punches (operations of any kind) in a pattern.
-pub fn ops_count(ops: &[Op]) -> u64 {
-    ops.len() as u64
-}
-
 /// How threads share the huge pages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sharing {

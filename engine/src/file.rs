@@ -324,7 +324,7 @@ impl HugePunch {
         let r = self.part_range(part);
         loop {
             match page.enter(PUNCH_ONE) {
-                Entry::Registered(_) => {
+                Entry::Registered => {
                     let newly = page.set_bits(part.first, part.count);
                     let exit = page.exit(PUNCH_ONE, newly as i64);
                     d.pending += newly as i64;
@@ -471,7 +471,7 @@ impl HugePunch {
                 return Ok(());
             }
             match page.enter(POPULATE_ONE) {
-                Entry::Registered(_) => {
+                Entry::Registered => {
                     let k = self.unpunch(cb, h, page, part, POPULATE_ONE, d);
                     let exit = page.exit(POPULATE_ONE, -(k as i64));
                     if exit.claimed_completion {
@@ -660,7 +660,7 @@ impl HugePunch {
             let page = self.index.page(h);
             loop {
                 match page.enter(CANCEL_ONE) {
-                    Entry::Registered(_) => {
+                    Entry::Registered => {
                         let k = self.unpunch(cb, h, page, part, CANCEL_ONE, d);
                         held.0.push((h, page, Some(k)));
                         break;

@@ -185,8 +185,8 @@ impl std::fmt::Debug for Snapshot {
 #[must_use]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Entry {
-    /// Registered on a `HUGE` huge page; the state word before the entry.
-    Registered(Snapshot),
+    /// Registered on a `HUGE` huge page.
+    Registered,
     /// A completion owns the huge page.
     Completing,
     /// The huge page is not `HUGE` (its snapshot says which mode).
@@ -331,7 +331,7 @@ impl<'a> Page<'a> {
                 (!saturated).then(|| s.0 + one)
             });
             if done {
-                return Entry::Registered(prev);
+                return Entry::Registered;
             }
             if prev.is(COMPLETING) {
                 return Entry::Completing;
@@ -630,8 +630,8 @@ mod tests {
         let state = AtomicU64::new(HUGE);
         let words = [AtomicU64::new(0)];
         let page = Page::new(&state, &words, 4);
-        assert!(matches!(page.enter(PUNCH_ONE), Entry::Registered(_)));
-        assert!(matches!(page.enter(PUNCH_ONE), Entry::Registered(_)));
+        assert!(matches!(page.enter(PUNCH_ONE), Entry::Registered));
+        assert!(matches!(page.enter(PUNCH_ONE), Entry::Registered));
         let a = page.set_bits(0, 3);
         let b = page.set_bits(2, 2);
         assert_eq!((a, b), (3, 1));
@@ -650,11 +650,11 @@ mod tests {
         let state = AtomicU64::new(HUGE);
         let words = [AtomicU64::new(0)];
         let page = Page::new(&state, &words, 4);
-        assert!(matches!(page.enter(PUNCH_ONE), Entry::Registered(_)));
+        assert!(matches!(page.enter(PUNCH_ONE), Entry::Registered));
         let n = page.set_bits(0, 3);
         assert!(!page.exit(PUNCH_ONE, n as i64).claimed_completion);
-        assert!(matches!(page.enter(UNPUNCH_ONE), Entry::Registered(_)));
-        assert!(matches!(page.enter(PUNCH_ONE), Entry::Registered(_)));
+        assert!(matches!(page.enter(UNPUNCH_ONE), Entry::Registered));
+        assert!(matches!(page.enter(PUNCH_ONE), Entry::Registered));
         let n = page.set_bits(3, 1);
         let e = page.exit(PUNCH_ONE, n as i64);
         assert!(!e.claimed_completion, "an un-punch is registered");
@@ -669,8 +669,8 @@ mod tests {
         let state = AtomicU64::new(HUGE);
         let words = [AtomicU64::new(0)];
         let page = Page::new(&state, &words, 4);
-        assert!(matches!(page.enter(PUNCH_ONE), Entry::Registered(_)));
-        assert!(matches!(page.enter(UNPUNCH_ONE), Entry::Registered(_)));
+        assert!(matches!(page.enter(PUNCH_ONE), Entry::Registered));
+        assert!(matches!(page.enter(UNPUNCH_ONE), Entry::Registered));
         assert_eq!(page.set_bits(1, 1), 1);
         assert_eq!(page.clear_bits(1, 1).len(), 1);
         let e = page.exit(UNPUNCH_ONE, -1);
