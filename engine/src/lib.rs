@@ -10,6 +10,8 @@ mod page;
 mod range;
 mod stats;
 mod sync;
+#[cfg(feature = "test-util")]
+pub mod testing;
 pub mod trace;
 
 pub use error::{Error, HostError, EAGAIN, EINVAL, EIO};

@@ -1,0 +1,505 @@
+//! The differential harness: one case (a [`Setup`] and a sequence of
+//! [`Op`]s) runs on the engine with a [`RecordingHost`] and on the
+//! sequential [`Model`], and after every step the result, the whole
+//! statistics snapshot, the host events (invalidations with their hints,
+//! frees with their order, allocations, zeroing, attribute changes), the
+//! backing and `max_mapping_order` of every huge page, the state of the
+//! subpages, the host's residency and attributes must all agree.
+//!
+//! The property tests (`engine/tests/reference_model.rs`) and the
+//! `differential` fuzz target both call [`run_case`]; a difference is a
+//! [`Mismatch`] naming the step and what differs.
+//!
+//! The order of `invalidate_end` against the frees is not compared (only
+//! begin/end pairing); the completion's bracket is checked in the engine's
+//! `invariants.rs` tests.
+
+use super::{Event, MBacking, Model, RecordingHost, Setup};
+use crate::{
+    Attribute, Backing, ByteRange, Config, Error, HugePunch, Policy, SubpageState, TeardownReport,
+    SUBPAGE_SIZE,
+};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering;
+
+const SUB: u64 = SUBPAGE_SIZE;
+
+/// The first difference between the engine and the model, in words.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mismatch(pub String);
+
+impl std::fmt::Display for Mismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Mismatch {}
+
+/// `prop_assert!` without proptest: return a [`Mismatch`] unless `cond`.
+macro_rules! ensure {
+    ($cond:expr, $($fmt:tt)+) => {
+        if !$cond {
+            return Err(Mismatch(format!(
+                "assertion failed: {}: {}",
+                stringify!($cond),
+                format_args!($($fmt)+)
+            )));
+        }
+    };
+}
+
+/// `prop_assert_eq!` without proptest: return a [`Mismatch`] showing both
+/// sides unless they are equal.
+macro_rules! ensure_eq {
+    ($left:expr, $right:expr, $($fmt:tt)+) => {
+        match (&$left, &$right) {
+            (left, right) => {
+                if !(*left == *right) {
+                    return Err(Mismatch(format!(
+                        "assertion failed: `(left == right)`\n  left: `{:?}`,\n right: `{:?}`: {}",
+                        left,
+                        right,
+                        format_args!($($fmt)+)
+                    )));
+                }
+            }
+        }
+    };
+}
+
+/// The engine's statistics by the names its serialisation uses.
+pub fn engine_stats(e: &HugePunch) -> BTreeMap<String, u64> {
+    let v = serde_json::to_value(e.stats()).expect("stats serialise");
+    v.as_object()
+        .expect("stats are an object")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_u64().expect("a counter")))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+// Operations and their outcomes
+// ---------------------------------------------------------------------------
+
+/// One step of a case: an operation or query of the engine's API (byte
+/// offsets and lengths, valid or not), or a change of the host's or the
+/// file's knobs between operations.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// `punch(offset, len)`.
+    Punch(u64, u64),
+    /// `convert(offset, len, to)`.
+    Convert(u64, u64, Attribute),
+    /// `populate(offset, len)`.
+    Populate(u64, u64),
+    /// `flush(offset, len)`.
+    Flush(u64, u64),
+    /// `teardown()`.
+    Teardown,
+    /// The host fails its next `n` frees.
+    FailFrees(u64),
+    /// `set_policy(policy)`.
+    SetPolicy(Policy),
+    /// `subpage_state(offset)`.
+    SubpageState(u64),
+    /// `is_punched(offset)`.
+    IsPunched(u64),
+    /// `pending_ranges(offset, len)`.
+    PendingRanges(u64, u64),
+    /// `backing(huge_page)`.
+    Backing(u64),
+    /// `max_mapping_order(huge_page)`.
+    MaxMappingOrder(u64),
+}
+
+impl std::fmt::Debug for Op {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Op::Punch(o, l) => write!(f, "punch({o:#x}, {l:#x})"),
+            Op::Convert(o, l, a) => write!(f, "convert({o:#x}, {l:#x}, {a:?})"),
+            Op::Populate(o, l) => write!(f, "populate({o:#x}, {l:#x})"),
+            Op::Flush(o, l) => write!(f, "flush({o:#x}, {l:#x})"),
+            Op::Teardown => write!(f, "teardown()"),
+            Op::FailFrees(n) => write!(f, "fail_next_frees({n})"),
+            Op::SetPolicy(p) => write!(f, "set_policy({p:?})"),
+            Op::SubpageState(o) => write!(f, "subpage_state({o:#x})"),
+            Op::IsPunched(o) => write!(f, "is_punched({o:#x})"),
+            Op::PendingRanges(o, l) => write!(f, "pending_ranges({o:#x}, {l:#x})"),
+            Op::Backing(h) => write!(f, "backing({h})"),
+            Op::MaxMappingOrder(h) => write!(f, "max_mapping_order({h})"),
+        }
+    }
+}
+
+impl Op {
+    /// The byte range the operation names, if any.
+    pub fn range(&self) -> Option<(u64, u64)> {
+        match *self {
+            Op::Punch(o, l)
+            | Op::Convert(o, l, _)
+            | Op::Populate(o, l)
+            | Op::Flush(o, l)
+            | Op::PendingRanges(o, l) => Some((o, l)),
+            Op::SubpageState(o) | Op::IsPunched(o) => Some((o, SUB)),
+            _ => None,
+        }
+    }
+}
+
+/// What a step returned, compared between the engine and the model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// `punch`, `convert`, `populate`, `flush`.
+    Unit(Result<(), Error>),
+    /// `teardown`.
+    Report(TeardownReport),
+    /// A knob: nothing returned.
+    None,
+    /// `subpage_state`.
+    State(Result<SubpageState, Error>),
+    /// `is_punched`.
+    Bool(Result<bool, Error>),
+    /// `pending_ranges`.
+    Ranges(Result<Vec<ByteRange>, Error>),
+    /// `backing`.
+    Backing(Result<Backing, Error>),
+    /// `max_mapping_order`.
+    Order(Result<u8, Error>),
+}
+
+/// For per-huge-page queries the spec names the error, not its range.
+fn vague<T>(r: Result<T, Error>) -> Result<T, Error> {
+    r.map_err(|e| match e {
+        Error::InvalidRange { .. } => Error::InvalidRange { offset: 0, len: 0 },
+        e => e,
+    })
+}
+
+/// Run one step on the engine and its recording host.
+pub fn run_engine(e: &HugePunch, host: &RecordingHost, op: Op) -> Outcome {
+    match op {
+        Op::Punch(o, l) => Outcome::Unit(e.punch(o, l)),
+        Op::Convert(o, l, a) => Outcome::Unit(e.convert(o, l, a)),
+        Op::Populate(o, l) => Outcome::Unit(e.populate(o, l)),
+        Op::Flush(o, l) => Outcome::Unit(e.flush(o, l)),
+        Op::Teardown => Outcome::Report(e.teardown()),
+        Op::FailFrees(n) => {
+            host.fail_next_frees.store(n, Ordering::SeqCst);
+            Outcome::None
+        }
+        Op::SetPolicy(p) => {
+            e.set_policy(p);
+            Outcome::None
+        }
+        Op::SubpageState(o) => Outcome::State(e.subpage_state(o)),
+        Op::IsPunched(o) => Outcome::Bool(e.is_punched(o)),
+        Op::PendingRanges(o, l) => Outcome::Ranges(e.pending_ranges(o, l)),
+        Op::Backing(h) => Outcome::Backing(vague(e.backing(h))),
+        Op::MaxMappingOrder(h) => Outcome::Order(vague(e.max_mapping_order(h))),
+    }
+}
+
+/// Run one step on the model.
+pub fn run_model(m: &mut Model, op: Op) -> Outcome {
+    match op {
+        Op::Punch(o, l) => Outcome::Unit(m.punch(o, l)),
+        Op::Convert(o, l, a) => Outcome::Unit(m.convert(o, l, a)),
+        Op::Populate(o, l) => Outcome::Unit(m.populate(o, l)),
+        Op::Flush(o, l) => Outcome::Unit(m.flush(o, l)),
+        Op::Teardown => Outcome::Report(m.teardown()),
+        Op::FailFrees(n) => {
+            m.fail_next_frees = n;
+            Outcome::None
+        }
+        Op::SetPolicy(p) => {
+            m.policy = p;
+            Outcome::None
+        }
+        Op::SubpageState(o) => Outcome::State(m.subpage_state(o)),
+        Op::IsPunched(o) => Outcome::Bool(m.is_punched(o)),
+        Op::PendingRanges(o, l) => Outcome::Ranges(m.pending_ranges(o, l)),
+        Op::Backing(h) => Outcome::Backing(m.backing(h)),
+        Op::MaxMappingOrder(h) => Outcome::Order(m.max_mapping_order(h)),
+    }
+}
+
+/// Normalise the engine's events for comparison: `IsShared` dropped, every
+/// `InvalidateBegin` checked to be closed by an `InvalidateEnd` of the same
+/// range (with only frees in between) and the ends dropped, adjacent zeroed
+/// ranges merged. Also checks invariant 4's sequential part: every free is
+/// covered by an invalidation issued earlier in the same operation.
+pub fn normalise(events: Vec<Event>) -> Result<Vec<Event>, Mismatch> {
+    let mut out: Vec<Event> = Vec::new();
+    let mut open: Option<ByteRange> = None;
+    let mut invalidated: Vec<ByteRange> = Vec::new();
+    for e in events {
+        match e {
+            Event::IsShared(_) => {}
+            Event::InvalidateBegin(r, _) => {
+                ensure!(
+                    open.is_none(),
+                    "nested invalidation {:?} inside {:?}",
+                    r,
+                    open
+                );
+                open = Some(r);
+                invalidated.push(r);
+                out.push(e);
+            }
+            Event::InvalidateEnd(r) => {
+                ensure_eq!(open, Some(r), "invalidate_end without its begin");
+                open = None;
+            }
+            Event::Free(r, _) | Event::FreeFailed(r, _) => {
+                ensure!(
+                    invalidated
+                        .iter()
+                        .any(|i| i.offset <= r.offset && r.end() <= i.end()),
+                    "invariant 4: free of {:?} without an invalidation of it first",
+                    r
+                );
+                out.push(e);
+            }
+            Event::Zero(r) => {
+                ensure!(open.is_none(), "zero inside an invalidation");
+                match out.last_mut() {
+                    Some(Event::Zero(last)) if last.end() == r.offset => last.len += r.len,
+                    _ => out.push(e),
+                }
+            }
+            _ => {
+                ensure!(open.is_none(), "{:?} inside an invalidation", e);
+                out.push(e);
+            }
+        }
+    }
+    ensure!(open.is_none(), "invalidation {:?} never ended", open);
+    Ok(out)
+}
+
+/// Merge adjacent zeroed ranges of the model's events, as [`normalise`]
+/// does for the engine's.
+pub fn merge_zeros(events: Vec<Event>) -> Vec<Event> {
+    let mut out: Vec<Event> = Vec::new();
+    for e in events {
+        match (out.last_mut(), e) {
+            (Some(Event::Zero(last)), Event::Zero(r)) if last.end() == r.offset => {
+                last.len += r.len
+            }
+            _ => out.push(e),
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------
+// The comparison
+// ---------------------------------------------------------------------------
+
+/// Compare the state the engine and its host show against the model's: the
+/// backing and `max_mapping_order` of every huge page, then every subpage's
+/// state, residency and attribute (for [`Setup::sparse`] files, only the
+/// subpages in `samples`, and the total residency).
+pub fn check_state(
+    e: &HugePunch,
+    host: &RecordingHost,
+    m: &Model,
+    setup: &Setup,
+    samples: &BTreeSet<u64>,
+    step: usize,
+) -> Result<(), Mismatch> {
+    for h in 0..setup.huge_pages {
+        ensure_eq!(
+            e.backing(h),
+            Ok(m.backing_of(h)),
+            "step {}: backing of huge page {}",
+            step,
+            h
+        );
+        ensure_eq!(
+            e.max_mapping_order(h),
+            Ok(m.max_order_of(h)),
+            "step {}: max_mapping_order of {}",
+            step,
+            h
+        );
+    }
+    if setup.sparse() {
+        for &sub in samples {
+            ensure_eq!(
+                e.subpage_state(sub * SUB),
+                Ok(m.state_of(sub)),
+                "step {}: subpage {:#x}",
+                step,
+                sub * SUB
+            );
+            ensure_eq!(
+                host.is_resident(sub * SUB),
+                m.resident(sub),
+                "step {}: residency of {:#x}",
+                step,
+                sub * SUB
+            );
+            ensure_eq!(
+                host.attrs.lock().unwrap()[sub as usize],
+                m.attrs[sub as usize],
+                "step {}: attr {:#x}",
+                step,
+                sub * SUB
+            );
+        }
+        let resident: u64 = (0..setup.huge_pages as usize)
+            .map(|h| match m.pages[h].backing {
+                MBacking::Absent => 0,
+                MBacking::Huge => m.per,
+                MBacking::Split => m.pages[h].ones,
+            })
+            .sum();
+        ensure_eq!(
+            host.resident_subpages(),
+            resident,
+            "step {}: invariant 6: resident subpages",
+            step
+        );
+    } else {
+        for sub in 0..setup.subpages() {
+            ensure_eq!(
+                e.subpage_state(sub * SUB),
+                Ok(m.state_of(sub)),
+                "step {}: subpage {:#x}",
+                step,
+                sub * SUB
+            );
+        }
+        let resident: Vec<bool> = (0..setup.subpages()).map(|s| m.resident(s)).collect();
+        ensure_eq!(
+            &*host.resident.lock().unwrap(),
+            &resident,
+            "step {}: invariant 6: residency",
+            step
+        );
+        ensure_eq!(
+            &*host.attrs.lock().unwrap(),
+            &m.attrs,
+            "step {}: attributes",
+            step
+        );
+    }
+    Ok(())
+}
+
+/// Run a whole case on a fresh engine with a [`RecordingHost`] and on a
+/// fresh [`Model`], comparing after every step the result, the host events
+/// (see [`normalise`]), the whole statistics snapshot, the budget
+/// (invariant 7) and, until teardown, [`check_state`]; then a final
+/// teardown (with frees succeeding) must leave nothing allocated
+/// (invariant 6). The first difference is returned.
+pub fn run_case(setup: &Setup, ops: &[Op]) -> Result<(), Mismatch> {
+    let size = setup.size();
+    let host = RecordingHost::new(size, setup.start, setup.populated);
+    let mut cfg = Config::new(size).order(setup.order).policy(setup.policy);
+    cfg.budget = setup.budget;
+    cfg.populated = setup.populated;
+    let engine = HugePunch::new(cfg, host.clone()).expect("valid config");
+    let mut model = Model::new(setup);
+
+    // Subpages sampled for order 18: the edges of every range of the case.
+    let mut samples = BTreeSet::new();
+    if setup.sparse() {
+        let total = setup.subpages();
+        for h in 0..setup.huge_pages {
+            for s in [0, 1, setup.per() / 2, setup.per() - 1] {
+                samples.insert(h * setup.per() + s);
+            }
+        }
+        for (o, l) in ops.iter().filter_map(Op::range) {
+            if o % SUB == 0 && l % SUB == 0 && o.checked_add(l).is_some_and(|e| e <= size) {
+                let (a, b) = (o / SUB, (o + l) / SUB);
+                for s in [a.wrapping_sub(1), a, a + 1, b.wrapping_sub(1), b] {
+                    if s < total {
+                        samples.insert(s);
+                    }
+                }
+            }
+        }
+    }
+
+    for (step, &op) in ops.iter().enumerate() {
+        let got = run_engine(&engine, &host, op);
+        let want = run_model(&mut model, op);
+        ensure_eq!(&got, &want, "step {}: {:?}: result", step, op);
+
+        let got_events = normalise(host.take_events())?;
+        let want_events = merge_zeros(std::mem::take(&mut model.events));
+        ensure_eq!(
+            &got_events,
+            &want_events,
+            "step {}: {:?}: host events",
+            step,
+            op
+        );
+
+        ensure_eq!(
+            engine_stats(&engine),
+            model.stats.named(),
+            "step {}: {:?}: stats",
+            step,
+            op
+        );
+
+        if let Some(b) = setup.budget {
+            // Invariant 7, unless a whole free failed (the memory is then
+            // still pending, not lost).
+            if model.stats.free_errors == 0 {
+                ensure!(
+                    engine.stats().pending_subpages * SUB <= b,
+                    "step {}: invariant 7: pending above budget",
+                    step
+                );
+            }
+        }
+
+        if !model.torn {
+            check_state(&engine, &host, &model, setup, &samples, step)?;
+            // The engine's pending_ranges over 1 GiB costs tens of
+            // milliseconds in debug: compared over the whole file before a
+            // teardown and at the end; sampled subpages meanwhile.
+            let sparse_check = setup.sparse()
+                && (step + 1 == ops.len() || matches!(ops.get(step + 1), Some(Op::Teardown)));
+            if sparse_check {
+                let whole = ByteRange::new(0, size);
+                ensure_eq!(
+                    engine.pending_ranges(0, size),
+                    Ok(model.pending_runs(whole)),
+                    "step {}: pending ranges",
+                    step
+                );
+            }
+        }
+    }
+
+    // Invariant 6: a final teardown (frees succeed) leaves nothing allocated.
+    host.fail_next_frees.store(0, Ordering::SeqCst);
+    model.fail_next_frees = 0;
+    let got = engine.teardown();
+    let want = model.teardown();
+    ensure_eq!(got, want, "final teardown report");
+    ensure_eq!(
+        normalise(host.take_events())?,
+        merge_zeros(std::mem::take(&mut model.events)),
+        "final teardown events"
+    );
+    ensure_eq!(
+        engine_stats(&engine),
+        model.stats.named(),
+        "final teardown stats"
+    );
+    ensure_eq!(
+        host.resident_subpages(),
+        0,
+        "invariant 6: memory left allocated after teardown"
+    );
+    ensure_eq!(engine.stats().pending_subpages, 0, "pending after teardown");
+    Ok(())
+}

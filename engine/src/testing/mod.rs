@@ -1,0 +1,22 @@
+//! Test support, compiled only with the `test-util` feature: a recording
+//! host, the sequential reference model of SPEC.md §3 and §6, and the
+//! differential harness that runs one case on both and compares them after
+//! every step. The engine's property tests and its `differential` fuzz
+//! target share them, so both judge the engine by the same oracle.
+//!
+//! Not for production: the host and the model keep one entry per subpage
+//! (small files only), and the host panics on a double free or a double
+//! allocation so that a test sees them. The host's knobs use the standard
+//! library's atomics and locks directly, not the crate's `sync` facade:
+//! they must stay real under `--cfg hugepunch_loom`, outside any model.
+
+mod differential;
+mod host;
+mod model;
+
+pub use differential::{
+    check_state, engine_stats, merge_zeros, normalise, run_case, run_engine, run_model, Mismatch,
+    Op, Outcome,
+};
+pub use host::{Event, RecordingHost};
+pub use model::{MBacking, MPage, Model, ModelStats, Setup};
