@@ -121,24 +121,6 @@ pub struct HugePunch {
     torn: AtomicBool,
 }
 
-/// On unwind out of a host callback, leaves the huge page as a failed call
-/// would (see [`Host`]).
-struct OnUnwind<F: FnMut()>(Option<F>);
-
-impl<F: FnMut()> OnUnwind<F> {
-    fn disarm(mut self) {
-        self.0 = None;
-    }
-}
-
-impl<F: FnMut()> Drop for OnUnwind<F> {
-    fn drop(&mut self) {
-        if let Some(f) = self.0.as_mut() {
-            f();
-        }
-    }
-}
-
 impl HugePunch {
     /// Build a file. Fails with [`Error::InvalidConfig`] when the order is
     /// outside 1..=18 or the size is not a positive multiple of the huge
@@ -273,28 +255,65 @@ impl HugePunch {
         }
         self.counters.observe_peak(pending);
         self.counters.flush_counts(d);
+        // Only now, with the statistics applied, may a host panic go on.
+        d.caught.resume();
     }
 
-    fn invalidate(&self, cb: &Callbacks, r: ByteRange, h: u64, d: &mut Delta) {
-        cb.host.invalidate_begin(r, self.hint(h));
-        cb.host.invalidate_end(r);
+    // ---- host calls (each through `Caught`: a panic counts as a failure) --
+
+    /// The shared-state check; a panic counts as "not shared".
+    fn is_shared(&self, cb: &Callbacks, r: ByteRange, d: &mut Delta) -> bool {
+        d.caught.call(|| cb.host.is_shared(r)).unwrap_or(false)
+    }
+
+    /// One invalidation of `r`. Returns `false` when `invalidate_begin`
+    /// panicked: the invalidation did not happen, nothing may be freed
+    /// under it.
+    fn invalidate(&self, cb: &Callbacks, r: ByteRange, h: u64, d: &mut Delta) -> bool {
+        let hint = self.hint(h);
+        if d.caught
+            .call(|| cb.host.invalidate_begin(r, hint))
+            .is_none()
+        {
+            return false;
+        }
         d.add(C::Invalidations, 1);
+        // A panicking end: the invalidation happened all the same.
+        let _ = d.caught.call(|| cb.host.invalidate_end(r));
+        true
     }
 
-    /// Free one run and count it.
-    fn free(
-        &self,
-        cb: &Callbacks,
-        r: ByteRange,
-        order: u8,
-        d: &mut Delta,
-    ) -> Result<(), HostError> {
+    /// Free one run and count it; `true` if it was freed.
+    fn free(&self, cb: &Callbacks, r: ByteRange, order: u8, d: &mut Delta) -> bool {
         d.add(C::FreeCalls, 1);
-        let res = cb.host.free(r, order);
-        if res.is_err() {
+        let freed = matches!(d.caught.call(|| cb.host.free(r, order)), Some(Ok(())));
+        if !freed {
             d.add(C::FreeErrors, 1);
         }
-        res
+        freed
+    }
+
+    /// Free huge page `h` whole inside one invalidation of it (a
+    /// completion, teardown, a fully punched huge page forced out); `true`
+    /// if it was freed. Nothing is freed when `invalidate_begin` panics.
+    fn free_whole(&self, cb: &Callbacks, h: u64, d: &mut Delta) -> bool {
+        let whole = self.geo.huge_page_range(h);
+        let hint = self.hint(h);
+        if d.caught
+            .call(|| cb.host.invalidate_begin(whole, hint))
+            .is_none()
+        {
+            return false;
+        }
+        let freed = self.free(cb, whole, self.geo.order, d);
+        let _ = d.caught.call(|| cb.host.invalidate_end(whole));
+        d.add(C::Invalidations, 1);
+        freed
+    }
+
+    /// Zero `r`; `false` if `zero` panicked (the subpages were not zeroed).
+    fn zero(&self, cb: &Callbacks, r: ByteRange, d: &mut Delta) -> bool {
+        d.caught.call(|| cb.host.zero(r)).is_some()
     }
 
     // ---- punch -----------------------------------------------------------
@@ -328,14 +347,6 @@ impl HugePunch {
                     let newly = page.set_bits(part.first, part.count);
                     let exit = page.exit(PUNCH_ONE, newly as i64);
                     d.pending += newly as i64;
-                    // A completion claimed by this exit must end even if a
-                    // callback below panics (as a failed free: retried later).
-                    let claimed = exit.claimed_completion;
-                    let guard = OnUnwind(Some(|| {
-                        if claimed {
-                            page.end_completion(false)
-                        }
-                    }));
                     if !whole {
                         d.add(C::PunchedSubpages, newly as u64);
                         // The shared-state check, after the exit: see the
@@ -351,13 +362,12 @@ impl HugePunch {
                         // over a pending punch that was never invalidated.
                         #[cfg(hugepunch_broken = "conversion")]
                         let converting = false;
-                        if converting || !cb.host.is_shared(r) {
-                            self.invalidate(cb, r, h, d);
+                        if (converting || !self.is_shared(cb, r, d)) && self.invalidate(cb, r, h, d)
+                        {
                             d.add(C::InvalidationsImmediate, 1);
                         }
                     }
-                    guard.disarm();
-                    if claimed {
+                    if exit.claimed_completion {
                         self.complete(cb, h, page, d);
                     } else if whole {
                         // Another operation is registered and will complete
@@ -369,11 +379,18 @@ impl HugePunch {
                 }
                 Entry::Completing => {
                     // The huge page is being freed whole; we may not wait
-                    // for that completion to invalidate, so we do it now.
+                    // for that completion to invalidate, so we do it now
+                    // when the range may be private, or may be becoming
+                    // private: a conversion marked on the huge page (read
+                    // with an RMW after the shared-state check, so that a
+                    // conversion that marks later also changes the
+                    // attribute after that check answered) — either the
+                    // conversion is refused or this punch invalidates.
                     if whole {
                         self.invalidate(cb, r, h, d);
-                    } else if !cb.host.is_shared(r) {
-                        self.invalidate(cb, r, h, d);
+                    } else if (!self.is_shared(cb, r, d) || page.load_rmw().converting() > 0)
+                        && self.invalidate(cb, r, h, d)
+                    {
                         d.add(C::InvalidationsImmediate, 1);
                     }
                     return;
@@ -398,24 +415,21 @@ impl HugePunch {
             return false;
         }
         let mut absent = s.count();
-        let guard = OnUnwind(Some(|| page.release_busy(SPLIT, page_absent(page), 0)));
         let present = present_runs(page, part.first, part.count);
-        if !present.is_empty() {
-            self.invalidate(cb, self.part_range(part), h, d);
-        }
+        // Nothing is freed unless the invalidation happened.
+        let invalidated = present.is_empty() || self.invalidate(cb, self.part_range(part), h, d);
         for (first, count) in present {
             let run = self.geo.part_range(h, first, count);
-            if self.free(cb, run, 0, d).is_ok() {
+            if invalidated && self.free(cb, run, 0, d) {
                 page.owner_set(first, count, true);
                 absent += count;
                 d.add(C::SmallFreedSubpages, count as u64);
             } else {
                 // The subpages stay present; they were punched, so they
                 // must read as zeros (invariant 5).
-                cb.host.zero(run);
+                let _ = self.zero(cb, run, d);
             }
         }
-        guard.disarm();
         if absent == page.full() {
             page.owner_set(0, page.full(), false);
             page.release_busy(ABSENT, 0, 0);
@@ -428,15 +442,9 @@ impl HugePunch {
     /// Run a completion this thread claimed: one invalidation of the whole
     /// huge page, one free of its order.
     fn complete(&self, cb: &Callbacks, h: u64, page: Page<'_>, d: &mut Delta) {
-        let whole = self.geo.huge_page_range(h);
-        let guard = OnUnwind(Some(|| page.end_completion(false)));
-        cb.host.invalidate_begin(whole, self.hint(h));
-        let res = self.free(cb, whole, self.geo.order, d);
-        cb.host.invalidate_end(whole);
-        guard.disarm();
-        d.add(C::Invalidations, 1);
-        page.end_completion(res.is_ok());
-        if res.is_ok() {
+        let freed = self.free_whole(cb, h, d);
+        page.end_completion(freed);
+        if freed {
             d.add(C::HugeFrees, 1);
             d.pending -= page.full() as i64;
         }
@@ -472,8 +480,16 @@ impl HugePunch {
             }
             match page.enter(POPULATE_ONE) {
                 Entry::Registered => {
-                    let k = self.unpunch(cb, h, page, part, POPULATE_ONE, d);
+                    let k = self.unpunch(cb, h, page, part, d);
                     let exit = page.exit(POPULATE_ONE, -(k as i64));
+                    if d.caught.any() {
+                        // A `zero` panicked: its subpages stay punched, and
+                        // this populate stops here (the panic goes on).
+                        if exit.claimed_completion {
+                            self.complete(cb, h, page, d);
+                        }
+                        return Ok(());
+                    }
                     if exit.claimed_completion {
                         // Concurrent punches filled the huge page while we
                         // found nothing to un-punch: complete it, then
@@ -486,7 +502,13 @@ impl HugePunch {
                         // claimed (and be zeroing) part of our range, and
                         // we may not return before that is done. (One that
                         // left before our exit has finished its zeroing.)
+                        // Then look again: if its `zero` panicked, it set
+                        // its bits again, and they are ours to un-punch.
                         page.wait_unpunches();
+                        if page.read_bits(part.first, part.count).is_empty() {
+                            return Ok(());
+                        }
+                        continue;
                     }
                     return Ok(());
                 }
@@ -497,9 +519,8 @@ impl HugePunch {
                         continue;
                     }
                     let whole = self.geo.huge_page_range(h);
-                    let guard = OnUnwind(Some(|| page.release_busy(ABSENT, 0, 0)));
-                    let res = cb.host.allocate(whole, self.geo.order);
-                    guard.disarm();
+                    let order = self.geo.order;
+                    let res = allocate(cb, whole, order, d);
                     return match res {
                         Ok(()) => {
                             page.release_busy(HUGE, 0, 0);
@@ -515,7 +536,7 @@ impl HugePunch {
                     };
                 }
                 Entry::NotHuge(_) => {
-                    if let Some(res) = self.populate_split(cb, part, page) {
+                    if let Some(res) = self.populate_split(cb, part, page, d) {
                         return res;
                     }
                 }
@@ -523,33 +544,28 @@ impl HugePunch {
         }
     }
 
-    /// Un-punch the punched subpages of `part` (caller registered with
-    /// `one`): claim their bits, zero them. Returns how many.
+    /// Un-punch the punched subpages of `part` (caller registered as an
+    /// un-punch): claim their bits, zero them. Returns how many it
+    /// un-punched (net of those a panicking `zero` left punched).
     fn unpunch(
         &self,
         cb: &Callbacks,
         h: u64,
         page: Page<'_>,
         part: PagePart,
-        one: u64,
         d: &mut Delta,
     ) -> u32 {
         let cleared = page.clear_bits(part.first, part.count);
-        let k: u32 = cleared.iter().map(|(_, b)| b.count_ones()).sum();
-        let claimed = runs(cleared);
-        let guard = OnUnwind(Some(|| {
-            // A panicking `zero`: the subpages stay punched.
-            for &(first, count) in &claimed {
-                let _ = page.set_bits(first, count);
+        let mut k: u32 = cleared.iter().map(|(_, b)| b.count_ones()).sum();
+        for (first, count) in runs(cleared) {
+            if !self.zero(cb, self.geo.part_range(h, first, count), d) {
+                // A panicking `zero`: the subpages stay punched. A punch
+                // may have set some of these bits again meanwhile (and
+                // counted them); `k` is what this un-punch took away net,
+                // so `COUNT` and the pending count keep matching the bits.
+                k -= page.set_bits(first, count);
             }
-            if page.exit(one, 0).claimed_completion {
-                page.end_completion(false);
-            }
-        }));
-        for &(first, count) in &claimed {
-            cb.host.zero(self.geo.part_range(h, first, count));
         }
-        guard.disarm();
         d.pending -= k as i64;
         d.add(C::RepopulatedSubpages, k as u64);
         k
@@ -562,6 +578,7 @@ impl HugePunch {
         cb: &Callbacks,
         part: PagePart,
         page: Page<'_>,
+        d: &mut Delta,
     ) -> Option<Result<(), Error>> {
         let h = part.huge_page;
         let s = page.claim_busy();
@@ -569,11 +586,10 @@ impl HugePunch {
             page.release_busy(s.mode(), s.count(), 0);
             return s.is(TORN).then_some(Err(Error::TornDown));
         }
-        let guard = OnUnwind(Some(|| page.release_busy(SPLIT, page_absent(page), 0)));
         let mut res = Ok(());
         for (first, count) in runs(page.read_bits(part.first, part.count)) {
             let run = self.geo.part_range(h, first, count);
-            if let Err(e) = cb.host.allocate(run, 0) {
+            if let Err(e) = allocate(cb, run, 0, d) {
                 res = Err(Error::AllocationFailed {
                     offset: run.offset,
                     errno: e.errno,
@@ -582,7 +598,6 @@ impl HugePunch {
             }
             page.owner_set(first, count, false);
         }
-        guard.disarm();
         page.release_busy(SPLIT, page_absent(page), 0);
         Some(res)
     }
@@ -600,14 +615,13 @@ impl HugePunch {
         d.add(C::ConvertCalls, 1);
         let res = match (to, cb.policy) {
             (Attribute::Shared, _) => {
-                cb.host.set_attributes(r, Attribute::Shared);
+                let _ = d
+                    .caught
+                    .call(|| cb.host.set_attributes(r, Attribute::Shared));
                 Ok(())
             }
-            (Attribute::Private, Policy::Reject) => self.convert_reject(&cb, r),
-            (Attribute::Private, Policy::CancelAndZero) => {
-                self.convert_cancel(&cb, r, &mut d);
-                Ok(())
-            }
+            (Attribute::Private, Policy::Reject) => self.convert_reject(&cb, r, &mut d),
+            (Attribute::Private, Policy::CancelAndZero) => self.convert_cancel(&cb, r, &mut d),
         };
         d.add(
             if res.is_ok() {
@@ -621,7 +635,7 @@ impl HugePunch {
         res
     }
 
-    fn convert_reject(&self, cb: &Callbacks, r: ByteRange) -> Result<(), Error> {
+    fn convert_reject(&self, cb: &Callbacks, r: ByteRange, d: &mut Delta) -> Result<(), Error> {
         let mut marked: SmallVec<[Page<'_>; 4]> = SmallVec::new();
         let mut refused = None;
         for part in self.geo.parts(r) {
@@ -640,29 +654,31 @@ impl HugePunch {
                 break;
             }
         }
-        let guard = OnUnwind(Some(|| marked.iter().for_each(|p| p.unmark_converting())));
         if refused.is_none() {
-            cb.host.set_attributes(r, Attribute::Private);
+            let _ = d
+                .caught
+                .call(|| cb.host.set_attributes(r, Attribute::Private));
         }
-        drop(guard);
+        marked.iter().for_each(|p| p.unmark_converting());
         match refused {
             Some(offset) => Err(Error::PendingPunch { offset }),
             None => Ok(()),
         }
     }
 
-    fn convert_cancel(&self, cb: &Callbacks, r: ByteRange, d: &mut Delta) {
+    fn convert_cancel(&self, cb: &Callbacks, r: ByteRange, d: &mut Delta) -> Result<(), Error> {
         // Every huge page of the range stays registered (or marked) until
-        // the attribute has changed; `held` releases them on unwind too.
-        let mut held = Held(SmallVec::new());
+        // the attribute has changed: (huge page, page, `Some(k)` if
+        // registered with `k` subpages un-punched, `None` if only marked).
+        let mut held: SmallVec<[(u64, Page<'_>, Option<u32>); 4]> = SmallVec::new();
         for part in self.geo.parts(r) {
             let h = part.huge_page;
             let page = self.index.page(h);
             loop {
                 match page.enter(CANCEL_ONE) {
                     Entry::Registered => {
-                        let k = self.unpunch(cb, h, page, part, CANCEL_ONE, d);
-                        held.0.push((h, page, Some(k)));
+                        let k = self.unpunch(cb, h, page, part, d);
+                        held.push((h, page, Some(k)));
                         break;
                     }
                     Entry::Completing => page.wait_completion(),
@@ -674,14 +690,22 @@ impl HugePunch {
                             page.unmark_converting();
                             continue;
                         }
-                        held.0.push((h, page, None));
+                        held.push((h, page, None));
                         break;
                     }
                 }
             }
         }
-        cb.host.set_attributes(r, Attribute::Private);
-        while let Some((h, page, k)) = held.0.pop() {
+        // A `zero` that panicked left its subpages punched: converting
+        // them to private now would break invariant 3, so the conversion
+        // does not go ahead (counted as refused; the panic goes on).
+        let refused = d.caught.any();
+        if !refused {
+            let _ = d
+                .caught
+                .call(|| cb.host.set_attributes(r, Attribute::Private));
+        }
+        while let Some((h, page, k)) = held.pop() {
             match k {
                 Some(k) => {
                     if page.exit(CANCEL_ONE, -(k as i64)).claimed_completion {
@@ -690,6 +714,10 @@ impl HugePunch {
                 }
                 None => page.unmark_converting(),
             }
+        }
+        match refused {
+            true => Err(Error::PendingPunch { offset: r.offset }),
+            false => Ok(()),
         }
     }
 
@@ -818,16 +846,9 @@ impl HugePunch {
             page.release_busy(s.mode(), count, 0);
             return false;
         }
-        let whole = self.geo.huge_page_range(h);
         if count == page.full() {
             // A completion whose free failed: free it whole now.
-            let guard = OnUnwind(Some(|| page.release_busy(HUGE, count, 0)));
-            cb.host.invalidate_begin(whole, self.hint(h));
-            let res = self.free(cb, whole, self.geo.order, d);
-            cb.host.invalidate_end(whole);
-            guard.disarm();
-            d.add(C::Invalidations, 1);
-            if res.is_err() {
+            if !self.free_whole(cb, h, d) {
                 page.release_busy(HUGE, count, 0);
                 return false;
             }
@@ -835,22 +856,24 @@ impl HugePunch {
             page.release_busy(ABSENT, 0, 0);
             d.add(C::HugeFrees, 1);
         } else {
-            let guard = OnUnwind(Some(|| page.release_busy(HUGE, page_absent(page), 0)));
-            self.invalidate(cb, whole, h, d);
+            if !self.invalidate(cb, self.geo.huge_page_range(h), h, d) {
+                // Nothing may be freed: the huge page stays as it was.
+                page.release_busy(HUGE, count, 0);
+                return false;
+            }
             let mut absent = count;
             for (first, count) in runs(page.owner_bits()) {
                 let run = self.geo.part_range(h, first, count);
-                if self.free(cb, run, 0, d).is_ok() {
+                if self.free(cb, run, 0, d) {
                     d.add(C::SmallFreedSubpages, count as u64);
                 } else {
                     // A failed 4 KiB free leaves the subpages present; they
                     // were punched, so they must read as zeros.
-                    cb.host.zero(run);
+                    let _ = self.zero(cb, run, d);
                     page.owner_set(first, count, false);
                     absent -= count;
                 }
             }
-            guard.disarm();
             page.release_busy(SPLIT, absent, 0);
             d.add(C::ForcedSplits, 1);
         }
@@ -925,31 +948,15 @@ impl HugePunch {
                     // Never touched: in the initial state, and closed now,
                     // so nothing else can touch them.
                     Slot::Closed(pages) if self.index.initial().mode() == HUGE => {
-                        // Huge pages not freed yet: failed ones, and on
-                        // unwind (a panicking callback) the rest too.
-                        let unfreed = std::cell::RefCell::new(Vec::new());
-                        let next = std::cell::Cell::new(pages.start);
-                        let guard = OnUnwind(Some(|| {
-                            let mut still = unfreed.borrow().clone();
-                            still.extend(next.get()..pages.end);
-                            self.index.reopen(c, &still);
-                        }));
-                        for h in pages.clone() {
-                            next.set(h);
-                            let whole = self.geo.huge_page_range(h);
-                            cb.host.invalidate_begin(whole, self.hint(h));
-                            let res = self.free(&cb, whole, self.geo.order, &mut d);
-                            cb.host.invalidate_end(whole);
-                            d.add(C::Invalidations, 1);
-                            if res.is_ok() {
+                        let mut unfreed = Vec::new();
+                        for h in pages {
+                            if self.free_whole(&cb, h, &mut d) {
                                 d.add(C::TeardownFrees, 1);
                             } else {
-                                unfreed.borrow_mut().push(h);
-                                report.still_allocated.push(whole);
+                                unfreed.push(h);
+                                report.still_allocated.push(self.geo.huge_page_range(h));
                             }
                         }
-                        guard.disarm();
-                        let unfreed = unfreed.into_inner();
                         if !unfreed.is_empty() {
                             self.index.reopen(c, &unfreed);
                         }
@@ -973,13 +980,7 @@ impl HugePunch {
         let whole = self.geo.huge_page_range(h);
         match s.mode() {
             HUGE => {
-                let guard = OnUnwind(Some(|| page.release_busy(HUGE, s.count(), TORN)));
-                cb.host.invalidate_begin(whole, self.hint(h));
-                let res = self.free(cb, whole, self.geo.order, d);
-                cb.host.invalidate_end(whole);
-                guard.disarm();
-                d.add(C::Invalidations, 1);
-                if res.is_ok() {
+                if self.free_whole(cb, h, d) {
                     d.add(C::TeardownFrees, 1);
                     d.pending -= s.count() as i64;
                     page.owner_set(0, page.full(), false);
@@ -991,20 +992,17 @@ impl HugePunch {
             }
             SPLIT => {
                 let present = present_runs(page, 0, page.full());
-                let guard = OnUnwind(Some(|| page.release_busy(SPLIT, page_absent(page), TORN)));
-                if !present.is_empty() {
-                    self.invalidate(cb, whole, h, d);
-                }
+                // Nothing is freed unless the invalidation happened.
+                let invalidated = present.is_empty() || self.invalidate(cb, whole, h, d);
                 for (first, count) in present {
                     let run = self.geo.part_range(h, first, count);
-                    if self.free(cb, run, 0, d).is_ok() {
+                    if invalidated && self.free(cb, run, 0, d) {
                         page.owner_set(first, count, true);
                         d.add(C::SmallFreedSubpages, count as u64);
                     } else {
                         report.still_allocated.push(run);
                     }
                 }
-                guard.disarm();
                 let absent = page_absent(page);
                 if absent == page.full() {
                     page.owner_set(0, page.full(), false);
@@ -1033,26 +1031,11 @@ const POPULATE_ONE: u64 = UNPUNCH_ONE;
 #[cfg(hugepunch_broken = "unpunch")]
 const POPULATE_ONE: u64 = 0;
 
-/// The huge pages a `CancelAndZero` conversion holds: (huge page, page,
-/// `Some(k)` if registered with `k` subpages un-punched, `None` if only
-/// marked). Dropping it releases what is left (the unwind path).
-struct Held<'a>(SmallVec<[(u64, Page<'a>, Option<u32>); 4]>);
-
-impl Drop for Held<'_> {
-    fn drop(&mut self) {
-        for (_, page, k) in self.0.drain(..) {
-            match k {
-                Some(k) => {
-                    // A completion claimed here is left for a later
-                    // punch, flush or teardown, as if its free had failed.
-                    if page.exit(CANCEL_ONE, -(k as i64)).claimed_completion {
-                        page.end_completion(false);
-                    }
-                }
-                None => page.unmark_converting(),
-            }
-        }
-    }
+/// Allocate through the host; a panic counts as a failed allocation.
+fn allocate(cb: &Callbacks, r: ByteRange, order: u8, d: &mut Delta) -> Result<(), HostError> {
+    d.caught
+        .call(|| cb.host.allocate(r, order))
+        .unwrap_or(Err(HostError { errno: crate::EIO }))
 }
 
 /// Is there nothing to un-punch in `part`, and no un-punch in flight that

@@ -13,6 +13,7 @@ mod sync;
 #[cfg(feature = "test-util")]
 pub mod testing;
 pub mod trace;
+mod unwind;
 
 pub use error::{Error, HostError, EAGAIN, EINVAL, EIO};
 pub use file::{Backing, Config, HugePunch, SubpageState, TeardownReport, MAX_ORDER};

@@ -283,6 +283,19 @@ impl<'a> Page<'a> {
         Snapshot(self.state.load(Ordering::Acquire))
     }
 
+    /// The state word now, read with a read-modify-write (`fetch_add(0)`),
+    /// so the read takes the latest value in the word's modification order
+    /// and is ordered after the caller's earlier accesses (see NOTES on
+    /// store-then-load patterns: loom gives RMWs exactly that meaning).
+    pub fn load_rmw(&self) -> Snapshot {
+        // ORDERING: AcqRel. Release: the caller's earlier host call (the
+        // shared-state check) happens-before any RMW later in the word's
+        // modification order, a conversion's mark included, so that
+        // conversion's attribute change comes after the check answered.
+        // Acquire: a mark earlier in the order is seen.
+        Snapshot(self.state.fetch_add(0, Ordering::AcqRel))
+    }
+
     /// One CAS loop on the state word: `f` maps the current value to the new
     /// one, or to `None` to leave it. Returns the previous value and
     /// whether it was replaced.

@@ -7,6 +7,7 @@
 //! largest value it had at the end of an operation.
 
 use crate::sync::{AtomicI64, AtomicU64, Ordering};
+use crate::unwind::Caught;
 use crossbeam_utils::CachePadded;
 use serde::{Deserialize, Serialize};
 
@@ -81,13 +82,16 @@ pub(crate) enum C {
 }
 const N: usize = C::ErrorsTornDown as usize + 1;
 
-/// What one operation changed, flushed into the shared counters once.
+/// What one operation changed, flushed into the shared counters once, and
+/// the first host panic it caught (resumed once the counters are applied).
 pub(crate) struct Delta {
     counts: [u64; N],
     /// Which counters are non-zero (bit i: `counts[i]`).
     touched: u32,
     /// Change in pending subpages not yet applied to the global counter.
     pub pending: i64,
+    /// The operation's host calls go through this (see [`crate::unwind`]).
+    pub caught: Caught,
 }
 
 impl Default for Delta {
@@ -97,6 +101,7 @@ impl Default for Delta {
             counts: [0; N],
             touched: 0,
             pending: 0,
+            caught: Caught::default(),
         }
     }
 }
@@ -129,6 +134,23 @@ fn new_shard() -> Shard {
 /// update is a plain load and store (no locked instruction, no shared
 /// cache line). A snapshot sums the shards; shards of threads that exited
 /// are folded into a total when the next thread registers.
+///
+/// # Who owns a shard, and how long a pointer to it lives
+///
+/// A shard is an `Arc` held by the file's registry (`Shards::all`) and by
+/// the thread's `MINE` list. The fast path reads `LAST`, a plain
+/// `Cell` (no destructor: it can be read at any point of a thread's life,
+/// thread-local destructors included) caching a raw pointer to the last
+/// shard used. That pointer never outlives its owner:
+///
+/// * the registry drops a shard only once `MINE` has dropped its clone
+///   (`strong_count == 1`), and `MINE` drops a clone only (a) when the
+///   file is gone (its id then matches no live file, so `LAST` is never
+///   dereferenced under it: ids are never reused), or (b) in `MINE`'s own
+///   destructor, which **first clears `LAST`** (`Mine`'s `Drop`);
+/// * after `MINE` is destroyed, `try_with` fails and an operation (run,
+///   say, from another thread-local's destructor) adds its counts to the
+///   file's `orphans` shard with atomic adds: nothing is lost.
 #[cfg(not(hugepunch_loom))]
 mod shards {
     use super::{new_shard, Delta, Shard, N};
@@ -137,19 +159,38 @@ mod shards {
     use std::sync::{Arc, Mutex};
 
     static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+
+    /// This thread's shards: (file id, shard). Its destructor clears `LAST`
+    /// before it drops the shards, so the cache never points at a shard
+    /// this thread no longer owns.
+    struct Mine(Vec<(u64, Arc<Shard>)>);
+
+    impl Drop for Mine {
+        fn drop(&mut self) {
+            LAST.set(EMPTY);
+        }
+    }
+
+    const EMPTY: (u64, *const Shard) = (u64::MAX, std::ptr::null());
+
     thread_local! {
-        /// (file id, this thread's shard of that file): owns the shards.
-        static MINE: RefCell<Vec<(u64, Arc<Shard>)>> = const { RefCell::new(Vec::new()) };
+        /// Owns this thread's shards.
+        static MINE: RefCell<Mine> = const { RefCell::new(Mine(Vec::new())) };
         /// The last (file id, shard) used by this thread: the fast path,
         /// a `Cell` without destructor, so reading it costs no lazy
-        /// initialisation check.
-        static LAST: Cell<(u64, *const Shard)> = const { Cell::new((u64::MAX, std::ptr::null())) };
+        /// initialisation check and works during thread exit. Points into
+        /// `MINE` (see the module doc for why it never dangles).
+        static LAST: Cell<(u64, *const Shard)> = const { Cell::new(EMPTY) };
     }
 
     pub(crate) struct Shards {
         id: u64,
         /// Live shards, and the totals of shards whose threads exited.
         all: Mutex<(Vec<Arc<Shard>>, [u64; N])>,
+        /// Counts of operations that ran after their thread's `MINE` was
+        /// destroyed (from another thread-local's destructor), added
+        /// atomically: there is no per-thread shard left to own them.
+        orphans: Shard,
     }
 
     impl Shards {
@@ -158,6 +199,7 @@ mod shards {
             Shards {
                 id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
                 all: Mutex::new((Vec::new(), [0; N])),
+                orphans: new_shard(),
             }
         }
 
@@ -188,52 +230,72 @@ mod shards {
             shard
         }
 
-        /// This thread's shard of this file.
-        fn mine(&self) -> *const Shard {
+        /// This thread's shard of this file, or `None` once this thread's
+        /// `MINE` is destroyed (or borrowed: never, no callback runs under
+        /// the borrow).
+        fn mine(&self) -> Option<*const Shard> {
             let (id, ptr) = LAST.get();
             if id == self.id {
-                return ptr;
+                return Some(ptr);
             }
-            let ptr = MINE.with(|mine| {
-                let mut mine = mine.borrow_mut();
-                if let Some((_, s)) = mine.iter().find(|(id, _)| *id == self.id) {
-                    return Arc::as_ptr(s);
-                }
-                // Forget shards of files that were dropped.
-                mine.retain(|(_, s)| Arc::strong_count(s) > 1);
-                let shard = self.register();
-                let ptr = Arc::as_ptr(&shard);
-                mine.push((self.id, shard));
-                ptr
-            });
+            let ptr = MINE
+                .try_with(|mine| {
+                    let mut mine = mine.try_borrow_mut().ok()?;
+                    let mine = &mut mine.0;
+                    if let Some((_, s)) = mine.iter().find(|(id, _)| *id == self.id) {
+                        return Some(Arc::as_ptr(s));
+                    }
+                    // Forget shards of files that were dropped.
+                    mine.retain(|(_, s)| Arc::strong_count(s) > 1);
+                    let shard = self.register();
+                    let ptr = Arc::as_ptr(&shard);
+                    mine.push((self.id, shard));
+                    Some(ptr)
+                })
+                .ok()??;
             LAST.set((self.id, ptr));
-            ptr
+            Some(ptr)
         }
 
         pub fn flush(&self, d: &mut Delta) {
-            // SAFETY: the shard is kept alive by this file's registry (and
-            // this thread's `MINE`) for as long as `self` lives; file ids
-            // are never reused, so a pointer cached under this id belongs
-            // to this file's live shard.
-            let shard: &Shard = unsafe { &*self.mine() };
-            {
-                while d.touched != 0 {
-                    let i = d.touched.trailing_zeros() as usize;
-                    d.touched &= d.touched - 1;
-                    // ORDERING: Relaxed load and store: this thread is the
-                    // shard's only writer, so nothing is lost; readers need
-                    // no synchronisation (exact at quiescent points, after
-                    // the writers were joined).
-                    let v = shard[i].load(Ordering::Relaxed);
-                    shard[i].store(v + d.counts[i], Ordering::Relaxed);
-                }
+            let Some(ptr) = self.mine() else {
+                return self.flush_orphan(d);
+            };
+            // SAFETY: `ptr` came from `LAST` under this file's id or from
+            // `MINE` just now, so this thread's `MINE` holds an `Arc` of the
+            // shard: `MINE` drops it only in its destructor, which clears
+            // `LAST` first, or when this file is gone, which it is not
+            // (`self` is borrowed). Nothing below can run that destructor
+            // or drop the file.
+            let shard: &Shard = unsafe { &*ptr };
+            while d.touched != 0 {
+                let i = d.touched.trailing_zeros() as usize;
+                d.touched &= d.touched - 1;
+                // ORDERING: Relaxed load and store: this thread is the
+                // shard's only writer, so nothing is lost; readers need
+                // no synchronisation (exact at quiescent points, after
+                // the writers were joined).
+                let v = shard[i].load(Ordering::Relaxed);
+                shard[i].store(v + d.counts[i], Ordering::Relaxed);
+            }
+        }
+
+        /// The counts of an operation whose thread has no shard any more.
+        #[cold]
+        fn flush_orphan(&self, d: &mut Delta) {
+            while d.touched != 0 {
+                let i = d.touched.trailing_zeros() as usize;
+                d.touched &= d.touched - 1;
+                // ORDERING: Relaxed: counters carry no synchronisation; the
+                // RMW keeps concurrent orphans from losing updates.
+                self.orphans[i].fetch_add(d.counts[i], Ordering::Relaxed);
             }
         }
 
         pub fn sum(&self) -> [u64; N] {
             let all = self.lock();
             let mut c = all.1;
-            for s in &all.0 {
+            for s in all.0.iter().map(|s| &**s).chain([&self.orphans]) {
                 for (t, v) in c.iter_mut().zip(s.iter()) {
                     // ORDERING: Relaxed: see `flush`.
                     *t += v.load(Ordering::Relaxed);
