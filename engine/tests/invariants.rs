@@ -19,6 +19,7 @@
 
 mod common;
 
+use common::watchdog::Watchdog;
 use common::{Event, RecordingHost};
 use hugepunch::{
     Attribute, Backing, ByteRange, Config, Error, Hint, Host, HostError, HugePunch, Policy, Stats,
@@ -240,6 +241,7 @@ impl Host for WatchingHost {
 /// subpages had been handed to `punch`.
 #[test]
 fn invariant_1_exactly_once_completion_under_concurrent_punches() {
+    let _watchdog = Watchdog::arm("invariant_1_exactly_once_completion_under_concurrent_punches");
     let order = 3u8;
     let per = 1u64 << order;
     let hps = 4u64;
@@ -382,6 +384,7 @@ fn invariant_2_no_deferred_invalidation_of_private_memory() {
 /// returns (checked by the punching thread right after it returns).
 #[test]
 fn invariant_2_invalidation_issued_before_punch_returns_under_concurrency() {
+    let _watchdog = Watchdog::arm("invariant_2_invalidation_issued_before_punch_returns_under_concurrency");
     let order = 3u8;
     let per = 1u64 << order;
     let size = 4 * per * SUB;
@@ -517,6 +520,7 @@ fn invariant_3_no_conversion_to_private_over_pending_punch() {
 /// and 3).
 #[test]
 fn invariant_3_punch_racing_conversion_to_private() {
+    let _watchdog = Watchdog::arm("invariant_3_punch_racing_conversion_to_private");
     let order = 2u8;
     let target = ByteRange::new(SUB, SUB);
     let (mut refused, mut converted) = (0, 0);
@@ -638,6 +642,7 @@ impl Host for SlowConversionHost {
 /// SPEC.md §5).
 #[test]
 fn invariant_3_punch_during_conversion_is_invalidated_now() {
+    let _watchdog = Watchdog::arm("invariant_3_punch_during_conversion_is_invalidated_now");
     let order = 2u8;
     let size = SUB << order;
     let inner = RecordingHost::new(size, Attribute::Shared, true);
@@ -858,6 +863,7 @@ fn invariant_4_no_free_without_invalidation_and_no_free_of_repopulated() {
 /// un-punched; the populate retries after a completion in flight).
 #[test]
 fn invariant_4_populate_racing_the_completing_punch() {
+    let _watchdog = Watchdog::arm("invariant_4_populate_racing_the_completing_punch");
     let order = 2u8;
     let size = 4 * SUB;
     for round in 0..400 {
@@ -954,6 +960,7 @@ impl Host for SlowCompletionHost {
 /// allocates a new life, so when it returns the subpage is allocated.
 #[test]
 fn invariant_4_populate_during_completion_waits_and_reallocates() {
+    let _watchdog = Watchdog::arm("invariant_4_populate_during_completion_waits_and_reallocates");
     let order = 2u8;
     let size = SUB << order;
     let inner = RecordingHost::new(size, Attribute::Shared, true);

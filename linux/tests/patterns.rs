@@ -13,6 +13,7 @@
 
 mod common;
 
+use common::watchdog::Watchdog;
 use common::*;
 use hugepunch::{ByteRange, Config, HugePunch};
 use hugepunch_linux::pattern::{pattern, replay_engine, PATTERNS};
@@ -190,6 +191,7 @@ fn guest_memfd_random_with_budget_splits_and_accounts() {
 #[test]
 #[cfg_attr(miri, ignore)]
 fn memfd_two_threads_share_huge_pages() {
+    let _watchdog = Watchdog::arm("memfd_two_threads_share_huge_pages");
     let Some(host) = host(Backend::Memfd, SIZE) else {
         return;
     };
@@ -214,4 +216,14 @@ fn memfd_two_threads_share_huge_pages() {
     );
     assert_accounting(&host, &engine, "after two threads");
     assert_eq!(host.resident_bytes().unwrap(), 0);
+}
+
+/// This crate's copy of the test watchdog is the engine's, word for word.
+#[test]
+fn watchdog_copy_matches_the_engines() {
+    assert!(
+        include_str!("common/watchdog.rs")
+            == include_str!("../../engine/tests/common/watchdog.rs"),
+        "linux/tests/common/watchdog.rs differs from engine/tests/common/watchdog.rs: keep the copies identical"
+    );
 }

@@ -4,6 +4,9 @@
 //! and that no access goes to freed memory (invariant 4), which holds only
 //! if completions and faults follow the retry protocol.
 
+mod common;
+
+use common::watchdog::Watchdog;
 use hugepunch::Attribute;
 use hugepunch_model::workload::Rng;
 use hugepunch_model::{Kernel, ModelConfig, Options, StrategyKind};
@@ -96,6 +99,7 @@ fn race(k: Arc<Kernel>, rounds: u64, seed: u64) -> u64 {
 
 #[test]
 fn vcpu_races_completing_punches_engine() {
+    let _watchdog = Watchdog::arm("vcpu_races_completing_punches_engine");
     let completions: u64 = (0..4)
         .map(|seed| race(kernel(StrategyKind::HugePunch, 3, 8, None), 300, seed))
         .sum();
@@ -104,6 +108,7 @@ fn vcpu_races_completing_punches_engine() {
 
 #[test]
 fn vcpu_races_completing_punches_with_a_budget() {
+    let _watchdog = Watchdog::arm("vcpu_races_completing_punches_with_a_budget");
     for seed in 0..4 {
         race(
             kernel(StrategyKind::HugePunch, 3, 2, Some(2 * K)),
@@ -115,6 +120,7 @@ fn vcpu_races_completing_punches_with_a_budget() {
 
 #[test]
 fn vcpu_races_punches_on_every_baseline() {
+    let _watchdog = Watchdog::arm("vcpu_races_punches_on_every_baseline");
     for kind in [
         StrategyKind::Eager,
         StrategyKind::ZeroOnly,
@@ -122,4 +128,14 @@ fn vcpu_races_punches_on_every_baseline() {
     ] {
         race(kernel(kind, 3, 8, None), 100, 1);
     }
+}
+
+/// This crate's copy of the test watchdog is the engine's, word for word.
+#[test]
+fn watchdog_copy_matches_the_engines() {
+    assert!(
+        include_str!("common/watchdog.rs")
+            == include_str!("../../engine/tests/common/watchdog.rs"),
+        "model/tests/common/watchdog.rs differs from engine/tests/common/watchdog.rs: keep the copies identical"
+    );
 }

@@ -2,6 +2,10 @@
 //! and the checks every pattern test makes.
 #![allow(dead_code)]
 
+/// [`watchdog::Watchdog`]: every multi-threaded test arms one, so that a
+/// livelock or deadlock fails the run naming the test instead of hanging.
+pub mod watchdog;
+
 use hugepunch::{ByteRange, HugePunch, SubpageState, SUBPAGE_SIZE};
 use hugepunch_linux::pattern::engine_allocated_bytes;
 use hugepunch_linux::{guest_memfd_unavailable, Backend, LinuxHost, MemfdOptions};
