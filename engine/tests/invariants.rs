@@ -384,7 +384,8 @@ fn invariant_2_no_deferred_invalidation_of_private_memory() {
 /// returns (checked by the punching thread right after it returns).
 #[test]
 fn invariant_2_invalidation_issued_before_punch_returns_under_concurrency() {
-    let _watchdog = Watchdog::arm("invariant_2_invalidation_issued_before_punch_returns_under_concurrency");
+    let _watchdog =
+        Watchdog::arm("invariant_2_invalidation_issued_before_punch_returns_under_concurrency");
     let order = 3u8;
     let per = 1u64 << order;
     let size = 4 * per * SUB;
