@@ -43,12 +43,19 @@ pub enum Policy {
 ///   or `pending_ranges` on the same file: `zero` and `free` run while the
 ///   huge page is marked, and those calls may wait for the mark to go,
 ///   which would never happen.
-/// * **Panic**: the panic propagates to the engine's caller. The engine
-///   first releases every mark the operation held and leaves the huge page
-///   as a *failed* call would (a panicking `free` counts as a failed free:
-///   the memory stays recorded as allocated and is retried later; a
-///   panicking `zero` leaves the subpages punched). It never frees twice.
-///   Statistics of the interrupted operation may be incomplete.
+/// * **Panic**: a panicking callback counts as a *failed* call, and the
+///   operation runs to its end exactly as it would have with that failure;
+///   then, once its statistics are applied, the first panic propagates to
+///   the engine's caller. What "failed" means for each callback is said on
+///   it below. So a panic never makes the engine free twice, free a subpage
+///   that is not punched, or leave its statistics apart from its bitmaps
+///   (`pending_subpages` is the number of punched subpages at every
+///   quiescent point), and teardown still accounts for every byte (what it
+///   could not free is freed by the next `teardown`). The engine calls no
+///   callback while it unwinds (it never unwinds through its own state), so
+///   a second panic cannot abort the process; and an `invalidate_begin`
+///   that returned is always followed by its `invalidate_end`, also when a
+///   `free` inside the bracket panicked.
 pub trait Host: Send + Sync {
     /// The shared-state check: is every subpage of `range` in a state where
     /// no mapping of it backed by this file can exist? (In the seed's model:
@@ -56,8 +63,8 @@ pub trait Host: Send + Sync {
     /// immediate invalidation.
     ///
     /// Called on the punch path with no engine mark held: may block; may
-    /// call the engine's read-only functions; a panic propagates after the
-    /// punch's bits were set (they stay pending, nothing is lost).
+    /// call the engine's read-only functions. A panic counts as `false`:
+    /// the punch invalidates the range now (its bits stay pending).
     fn is_shared(&self, range: ByteRange) -> bool;
 
     /// Change the attribute of `range`. Called by `convert` once the engine
@@ -66,10 +73,11 @@ pub trait Host: Send + Sync {
     ///
     /// May block. Runs while the conversion's marks are held (concurrent
     /// punches of the range then invalidate at once): must not call the
-    /// engine's mutating functions on this file. A panic releases the marks
-    /// and propagates; the engine's state is as if the conversion had not
-    /// run (except un-punched subpages under `CancelAndZero`, which stay
-    /// un-punched and zeroed).
+    /// engine's mutating functions on this file. A panic counts as an
+    /// attribute that did not change; the engine releases its marks, and
+    /// what it decided stands (the conversion counts as `conversions_ok`;
+    /// subpages a `CancelAndZero` conversion un-punched stay un-punched and
+    /// zeroed).
     fn set_attributes(&self, range: ByteRange, to: Attribute);
 
     /// Zap every mapping of `range` (a KVM MMU invalidation). `hint` names
@@ -79,11 +87,16 @@ pub trait Host: Send + Sync {
     /// May block (this is where a VMM waits for its vCPUs to leave the
     /// range). May run while a completion, a forced split or teardown owns
     /// the huge page: must not call the engine's mutating functions on this
-    /// file. A panic releases the owner mark as a failed free would.
+    /// file. A panic counts as an invalidation that did not happen: nothing
+    /// is freed under it (a completion or a teardown free stays pending or
+    /// allocated, a forced split is abandoned, a punch of a `Split` huge
+    /// page keeps its subpages present and zeroes them).
     fn invalidate_begin(&self, range: ByteRange, hint: Hint);
 
     /// End of the invalidation of `range`. Same rules as
-    /// [`invalidate_begin`](Host::invalidate_begin).
+    /// [`invalidate_begin`](Host::invalidate_begin), except that a panic
+    /// counts as an invalidation that happened (its `begin` returned): what
+    /// was freed under it stays freed, once.
     fn invalidate_end(&self, range: ByteRange);
 
     /// Allocate backing for `range`: a whole huge page (`order` = the file's
@@ -92,7 +105,8 @@ pub trait Host: Send + Sync {
     /// May block. Runs while the huge page is `BUSY`: must not call the
     /// engine's mutating functions on this file. `Err` fails the populate
     /// with [`Error::AllocationFailed`](crate::Error::AllocationFailed);
-    /// a panic counts as a failed allocation.
+    /// a panic counts as a failed allocation (the huge page or subpages stay
+    /// absent).
     fn allocate(&self, range: ByteRange, order: u8) -> Result<(), HostError>;
 
     /// Return `range` to the system: a whole huge page (`order` = the
@@ -103,14 +117,20 @@ pub trait Host: Send + Sync {
     ///
     /// May block. Runs while the huge page is owned (completion, forced
     /// split, teardown): must not call the engine's mutating functions on
-    /// this file. A panic counts as a failed free.
+    /// this file. A panic counts as a failed free (`free_errors`; the
+    /// memory stays allocated and is retried later).
     fn free(&self, range: ByteRange, order: u8) -> Result<(), HostError>;
 
     /// Zero `range` (subpages being un-punched), before anyone can read it.
     ///
     /// May block. Runs while the populate is registered on the huge page
     /// (a completion of it waits): must not call the engine's mutating
-    /// functions on this file. A panic leaves the subpages punched.
+    /// functions on this file. A panic counts as memory that was not zeroed:
+    /// an un-punch leaves those subpages punched (pending, counted), and a
+    /// `CancelAndZero` conversion over them does not go ahead (it counts as
+    /// refused). A subpage left present by a failed 4 KiB free whose `zero`
+    /// then panics keeps its old content (both calls failed: the punch
+    /// reports the panic).
     fn zero(&self, range: ByteRange);
 }
 
