@@ -58,6 +58,7 @@ use crate::sys::{self, Mapping};
 use hugepunch::{Attribute, ByteRange, Hint, Host, HostError, SUBPAGE_SIZE};
 use rustix::fd::OwnedFd;
 use serde::Serialize;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// The 2 MiB huge page the backend reasons about (order 9).
@@ -305,10 +306,11 @@ pub struct FileInfo {
 
 /// The engine's host over a real file: see the module documentation.
 pub struct LinuxHost {
-    // Field order is drop order: the VM (and its memslot, which points into
-    // the mapping) goes first, then the mapping, then the file.
+    // Field order is drop order: the VM goes first, deleting its memslot
+    // (which holds its own `Arc` of the mapping, so no drop order could
+    // unmap the memory under it), then the mapping, then the file.
     kvm: Option<sys::Kvm>,
-    map: Mapping,
+    map: Arc<Mapping>,
     fd: OwnedFd,
     info: FileInfo,
     /// One bit per subpage, set = shared.
@@ -332,6 +334,7 @@ impl LinuxHost {
             step: "mmap",
             errno,
         })?;
+        let map = Arc::new(map);
         let subpages = info.size / SUBPAGE_SIZE;
         let mut host = LinuxHost {
             kvm,
@@ -346,7 +349,7 @@ impl LinuxHost {
             counters: Counters::default(),
             info,
         };
-        if let Some(kvm) = &host.kvm {
+        if let Some(kvm) = &mut host.kvm {
             host.info.memslot = kvm.bind_memslot(&host.fd, &host.map).is_ok();
         }
         Ok(host)

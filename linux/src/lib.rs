@@ -27,9 +27,14 @@
 //!
 //! Only in [`sys`]: every syscall (fallocate, memfd_create, mmap, munmap,
 //! madvise, fstat, pread through rustix; mincore through libc, which rustix
-//! does not wrap) and the KVM ioctls, each `unsafe` block with its
+//! does not wrap), the KVM ioctls, and the accesses to guest memory through
+//! the shared mapping — volatile loads and stores only, never `ptr::copy`
+//! or a slice (STYLE.md rule 13) — each `unsafe` block with its
 //! `// SAFETY:` argument (enforced by `clippy::undocumented_unsafe_blocks`).
-//! Every file descriptor is an `OwnedFd`.
+//! Every file descriptor is an `OwnedFd`; the KVM memslot, a pointer the
+//! kernel keeps into the mapping, holds the mapping alive until it is
+//! deleted (STYLE.md rule 14). The audit of each block is in
+//! docs/RELIABILITY.md.
 //!
 //! # Stricter than the kernel
 //!

@@ -1,11 +1,38 @@
-//! Every system call of the crate, and every `unsafe` block but one
-//! (`Send`/`Sync` of the mapping, in this module too).
+//! Every system call of the crate and every `unsafe` block of it (the
+//! `Send`/`Sync` impls of the mapping included).
 //!
 //! Raw syscalls go through rustix; `mincore`, which rustix does not wrap, goes
 //! through libc. KVM ioctls go through kvm-ioctls; the constants that
 //! kvm-bindings 0.14 still lacks (Linux 6.18) are defined here.
 //!
 //! Each wrapper returns the errno on failure; `fallocate` retries `EINTR`.
+//!
+//! # Guest memory is accessed only with volatile accesses
+//!
+//! [`Mapping`] is a shared mapping of guest memory: the guest (through a
+//! KVM memslot), the kernel (a punch turns a page into a hole under our
+//! feet) and any other process mapping the file may change it at any
+//! moment, so the compiler may assume nothing about it (STYLE.md rule 13,
+//! after rust-vmm vm-memory's `VolatileSlice`). No `&`/`&mut` reference to
+//! it is ever made; every byte is read or written with
+//! `ptr::read_volatile` / `ptr::write_volatile`: 8-byte words where the
+//! address is 8-byte aligned, single bytes at the unaligned edges. Memory
+//! that no Rust allocation owns, reached only by volatile accesses, is the
+//! second case of `read_volatile`'s documentation (I/O memory): a
+//! concurrent change by another agent is not a data race of the Rust
+//! abstract machine, and no access is elided, merged or torn into
+//! something wider. (Volatile accesses are not atomic: two threads of this
+//! process writing the same bytes at once still get whichever bytes land
+//! last, which the engine's protocol rules out for the ranges it zeroes.)
+//!
+//! # The memslot holds its mapping
+//!
+//! A memslot is a pointer the kernel caches into our mapping
+//! (`userspace_addr`). [`Kvm::bind_memslot`] therefore keeps an `Arc` of
+//! the [`Mapping`] for as long as the memslot exists, and dropping the
+//! [`Kvm`] deletes the memslot before it lets the mapping go (STYLE.md
+//! rule 14): whatever the drop order of its owners, the mapping is never
+//! unmapped under a live memslot.
 
 use hugepunch::ByteRange;
 use rustix::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
@@ -14,6 +41,7 @@ use rustix::io::Errno;
 use rustix::mm::{Advice, MapFlags, ProtFlags};
 use std::ffi::c_void;
 use std::ptr::NonNull;
+use std::sync::Arc;
 
 /// `GUEST_MEMFD_FLAG_MMAP` (Linux 6.18): the guest_memfd may be mmap()ed.
 pub const GUEST_MEMFD_FLAG_MMAP: u64 = 1 << 0;
@@ -109,6 +137,8 @@ fn own(raw: RawFd) -> OwnedFd {
 }
 
 /// A VM (type 0) and the capability answers the guest_memfd backend needs.
+/// Dropping it deletes the memslot [`bind_memslot`](Self::bind_memslot)
+/// made, then releases that memslot's mapping.
 pub struct Kvm {
     /// Keeps /dev/kvm open for the VM's life.
     _kvm: kvm_ioctls::Kvm,
@@ -116,6 +146,9 @@ pub struct Kvm {
     pub vm: kvm_ioctls::VmFd,
     /// `KVM_CAP_GUEST_MEMFD_FLAGS`: the guest_memfd flags offered.
     pub guest_memfd_flags: u64,
+    /// The mapping memslot 0 points into, while it is bound: held so that it
+    /// cannot be unmapped first.
+    memslot: Option<Arc<Mapping>>,
 }
 
 /// Why a KVM step failed, with the errno.
@@ -164,6 +197,7 @@ impl Kvm {
             _kvm: kvm,
             vm,
             guest_memfd_flags: flags,
+            memslot: None,
         })
     }
 
@@ -181,10 +215,19 @@ impl Kvm {
         Ok(own(raw))
     }
 
-    /// Bind `fd` (a guest_memfd of `size` bytes, mapped at `map`) to memslot
-    /// 0 at guest physical address 0 with `KVM_SET_USER_MEMORY_REGION2`.
-    pub fn bind_memslot(&self, fd: &OwnedFd, map: &Mapping) -> Result<(), KvmError> {
+    /// Bind `fd` (a guest_memfd of `map.len()` bytes, mapped by `map`) to
+    /// memslot 0 at guest physical address 0 with
+    /// `KVM_SET_USER_MEMORY_REGION2`. The memslot keeps `map` alive until it
+    /// is deleted (when this `Kvm` is dropped). Fails with `EEXIST` if a
+    /// memslot is already bound.
+    pub fn bind_memslot(&mut self, fd: &OwnedFd, map: &Arc<Mapping>) -> Result<(), KvmError> {
         use rustix::fd::AsRawFd;
+        if self.memslot.is_some() {
+            return Err(KvmError {
+                step: "KVM_SET_USER_MEMORY_REGION2",
+                errno: libc::EEXIST,
+            });
+        }
         let region = kvm_bindings::kvm_userspace_memory_region2 {
             slot: 0,
             flags: KVM_MEM_GUEST_MEMFD,
@@ -195,31 +238,139 @@ impl Kvm {
             guest_memfd: fd.as_raw_fd() as u32,
             ..Default::default()
         };
-        // SAFETY: `userspace_addr .. + memory_size` is our own live shared
-        // mapping of the same guest_memfd (`map`), which the caller keeps
-        // alive as long as the VM (both live in one `LinuxHost`, the VM is
-        // dropped first); the kernel only reads the struct, which lives on
-        // our stack for the call.
+        // SAFETY: `userspace_addr .. + memory_size` is exactly the live
+        // shared mapping `map` of the same guest_memfd. The memslot is a
+        // pointer the kernel keeps into it, so the mapping must outlive the
+        // memslot: on success `self.memslot` holds an `Arc` of it, released
+        // only after `drop` has deleted the memslot (and never, if deleting
+        // fails). The kernel only reads `region`, which lives on our stack
+        // for the call.
         unsafe { self.vm.set_user_memory_region2(region) }.map_err(|e| KvmError {
             step: "KVM_SET_USER_MEMORY_REGION2",
             errno: e.errno(),
-        })
+        })?;
+        self.memslot = Some(map.clone());
+        Ok(())
+    }
+
+    /// Delete memslot 0 (`memory_size` 0) if it is bound, then release its
+    /// mapping. If the kernel refuses, the memslot stays bound and keeps its
+    /// mapping.
+    pub fn unbind_memslot(&mut self) -> Result<(), KvmError> {
+        if self.memslot.is_none() {
+            return Ok(());
+        }
+        let region = kvm_bindings::kvm_userspace_memory_region2 {
+            slot: 0,
+            ..Default::default()
+        };
+        // SAFETY: a region of size 0 deletes the slot: it hands the kernel
+        // no address to keep, and the kernel only reads `region`, on our
+        // stack for the call.
+        unsafe { self.vm.set_user_memory_region2(region) }.map_err(|e| KvmError {
+            step: "KVM_SET_USER_MEMORY_REGION2 (delete)",
+            errno: e.errno(),
+        })?;
+        self.memslot = None;
+        Ok(())
+    }
+
+    /// Is a memslot bound?
+    pub fn memslot_bound(&self) -> bool {
+        self.memslot.is_some()
+    }
+}
+
+impl Drop for Kvm {
+    fn drop(&mut self) {
+        if self.unbind_memslot().is_err() {
+            // The kernel still points into the mapping (through the VM,
+            // which the guest_memfd or a vCPU may keep alive after our VM
+            // fd is closed): leak the mapping rather than unmap it.
+            std::mem::forget(self.memslot.take());
+        }
     }
 }
 
 /// A `MAP_SHARED` read-write mapping of a whole file, unmapped on drop.
+/// Guest memory: every access is volatile (see the module documentation)
+/// and no reference into it is ever handed out.
 pub struct Mapping {
     ptr: NonNull<c_void>,
     len: usize,
 }
 
-// SAFETY: the mapping is plain shared memory with no thread affinity; every
-// access through it goes through the methods below, which are sound from any
-// thread (they write or read bytes of a MAP_SHARED mapping, which the
-// kernel keeps coherent, and the callers own the ranges they touch).
+// SAFETY: the mapping is memory outside every Rust allocation with no
+// thread affinity; `Mapping` owns it (unmapped once, in `drop`) and hands
+// out no reference into it, only copies made by the volatile accesses
+// below, which are sound from any thread (the kernel keeps a MAP_SHARED
+// mapping coherent between threads, processes and the guest).
 unsafe impl Send for Mapping {}
-// SAFETY: as for `Send`: shared references only allow the methods below.
+// SAFETY: as for `Send`: a shared `&Mapping` allows only the methods below,
+// none of which relies on being the only user of the memory.
 unsafe impl Sync for Mapping {}
+
+/// Write `byte` to `len` bytes at `dst` with volatile stores: one byte at a
+/// time up to 8-byte alignment, 8-byte words, then the tail a byte at a
+/// time (the access pattern of vm-memory's `VolatileSlice`).
+///
+/// # Safety
+///
+/// `dst .. dst + len` lies inside one live, writable mapping that no Rust
+/// allocation owns and no reference points into.
+unsafe fn volatile_fill(dst: *mut u8, byte: u8, len: usize) {
+    let word = u64::from_ne_bytes([byte; 8]);
+    let head = (dst as usize).wrapping_neg() % 8;
+    let head = head.min(len);
+    let words = (len - head) / 8;
+    // SAFETY: each access below is at an offset below `len`, or is an
+    // 8-byte word that ends at most at `len`, so inside the range the caller
+    // vouches for; the words start at `dst + head`, which is 8-byte aligned.
+    unsafe {
+        for i in 0..head {
+            std::ptr::write_volatile(dst.add(i), byte);
+        }
+        let aligned = dst.add(head).cast::<u64>();
+        for w in 0..words {
+            std::ptr::write_volatile(aligned.add(w), word);
+        }
+        for i in head + words * 8..len {
+            std::ptr::write_volatile(dst.add(i), byte);
+        }
+    }
+}
+
+/// Copy `buf.len()` bytes at `src` into `buf` with volatile loads, in the
+/// same pattern as [`volatile_fill`]; `buf`, ordinary Rust memory, is
+/// written with plain stores.
+///
+/// # Safety
+///
+/// `src .. src + buf.len()` lies inside one live, readable mapping that no
+/// Rust allocation owns (so it cannot overlap `buf`).
+unsafe fn volatile_read(src: *const u8, buf: &mut [u8]) {
+    let len = buf.len();
+    let head = ((src as usize).wrapping_neg() % 8).min(len);
+    let (edge, rest) = buf.split_at_mut(head);
+    // SAFETY: each access below is at an offset below `len`, or is an
+    // 8-byte word that ends at most at `len`, so inside the range the caller
+    // vouches for; the words start at `src + head`, which is 8-byte aligned.
+    unsafe {
+        for (i, b) in edge.iter_mut().enumerate() {
+            *b = std::ptr::read_volatile(src.add(i));
+        }
+        let aligned = src.add(head).cast::<u64>();
+        let mut words = rest.chunks_exact_mut(8);
+        for (w, out) in (&mut words).enumerate() {
+            out.copy_from_slice(&std::ptr::read_volatile(aligned.add(w)).to_ne_bytes());
+        }
+        let tail = words.into_remainder();
+        let at = len - tail.len();
+        for (i, b) in tail.iter_mut().enumerate() {
+            *b = std::ptr::read_volatile(src.add(at + i));
+        }
+    }
+}
 
 impl Mapping {
     /// Map `len` bytes of `fd` from offset 0, shared, read-write.
@@ -258,6 +409,7 @@ impl Mapping {
         self.ptr.as_ptr() as usize
     }
 
+    /// Panics unless `r` lies inside the mapping.
     fn check(&self, r: ByteRange) {
         assert!(
             r.offset
@@ -267,51 +419,38 @@ impl Mapping {
         );
     }
 
-    /// Zero `r` through the mapping. The pages stay what they were (a
-    /// resident huge folio stays whole); a hole would be allocated.
-    pub fn zero(&self, r: ByteRange) {
-        self.check(r);
-        // SAFETY: `r` lies inside the live mapping (checked above), which is
-        // writable; the bytes are plain memory shared with the file, not a
-        // Rust object anyone holds a reference to, so a volatile-free
-        // write of zeros is sound; the kernel keeps it coherent with other
-        // users of the file.
-        unsafe {
-            std::ptr::write_bytes(
-                self.ptr.as_ptr().cast::<u8>().add(r.offset as usize),
-                0,
-                r.len as usize,
-            )
-        }
+    /// The address of byte `offset` (inside the mapping: checked by the
+    /// caller).
+    fn at(&self, offset: u64) -> *mut u8 {
+        self.ptr.as_ptr().cast::<u8>().wrapping_add(offset as usize)
     }
 
-    /// Fill `r` with `byte` through the mapping (tests: make data visible).
+    /// Zero `r` through the mapping, with volatile stores. The pages stay
+    /// what they were (a resident huge folio stays whole); a hole would be
+    /// allocated.
+    pub fn zero(&self, r: ByteRange) {
+        self.fill(r, 0);
+    }
+
+    /// Fill `r` with `byte` through the mapping, with volatile stores
+    /// (tests: make data visible).
     pub fn fill(&self, r: ByteRange, byte: u8) {
         self.check(r);
-        // SAFETY: as in `zero`.
-        unsafe {
-            std::ptr::write_bytes(
-                self.ptr.as_ptr().cast::<u8>().add(r.offset as usize),
-                byte,
-                r.len as usize,
-            )
-        }
+        // SAFETY: `r` lies inside the live, writable mapping (checked
+        // above), memory no Rust allocation owns and no reference points
+        // into (`Mapping` hands none out).
+        unsafe { volatile_fill(self.at(r.offset), byte, r.len as usize) }
     }
 
-    /// Copy `buf.len()` bytes at `offset` out of the mapping. Touching a hole
-    /// through a shared mapping allocates it: read only resident memory.
+    /// Copy `buf.len()` bytes at `offset` out of the mapping, with volatile
+    /// loads. Touching a hole through a shared mapping allocates it: read
+    /// only resident memory.
     pub fn read(&self, offset: u64, buf: &mut [u8]) {
         self.check(ByteRange::new(offset, buf.len() as u64));
         // SAFETY: the source lies inside the live, readable mapping (checked
-        // above) and `buf` is a distinct, exclusively borrowed Rust buffer,
-        // so the two do not overlap.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                self.ptr.as_ptr().cast::<u8>().add(offset as usize),
-                buf.as_mut_ptr(),
-                buf.len(),
-            )
-        }
+        // above), memory no Rust allocation owns, so it cannot overlap
+        // `buf`, an exclusively borrowed Rust buffer.
+        unsafe { volatile_read(self.at(offset), buf) }
     }
 
     /// Read one byte of every 4 KiB page of `r` through the mapping: a read
@@ -321,10 +460,9 @@ impl Mapping {
         self.check(r);
         for off in (r.offset..r.end()).step_by(4096) {
             // SAFETY: `off` lies inside the live, readable mapping (checked
-            // above); a volatile read of one byte of shared memory has no
-            // aliasing requirement and keeps the fault from being optimised
-            // away.
-            unsafe { std::ptr::read_volatile(self.ptr.as_ptr().cast::<u8>().add(off as usize)) };
+            // above); a volatile read of one byte of it needs no aliasing
+            // guarantee and keeps the fault from being optimised away.
+            unsafe { std::ptr::read_volatile(self.at(off)) };
         }
     }
 
@@ -338,22 +476,20 @@ impl Mapping {
 
     /// How many 4 KiB pages of `r` are resident in the file's page cache
     /// (`mincore`; for a shared file mapping it reports the file's pages,
-    /// mapped or not).
+    /// mapped or not). `r.offset` must be page aligned (`EINVAL`
+    /// otherwise).
     pub fn resident_pages(&self, r: ByteRange) -> Result<u64, i32> {
         self.check(r);
         let pages = r.len.div_ceil(4096) as usize;
         let mut vec = vec![0u8; pages];
-        // SAFETY: the address range is inside our live mapping and 4 KiB
-        // aligned (offsets are multiples of 4 KiB, the mapping is
-        // page-aligned); `vec` has one byte per page of the range, as
-        // mincore writes.
-        let ret = unsafe {
-            libc::mincore(
-                self.ptr.as_ptr().cast::<u8>().add(r.offset as usize).cast(),
-                r.len as usize,
-                vec.as_mut_ptr(),
-            )
-        };
+        // SAFETY: the address range is inside our live mapping (checked
+        // above). mincore refuses an address that is not page aligned
+        // (EINVAL, writing nothing); for an aligned one it writes one byte
+        // per page of `len` rounded up to the page size, at most
+        // `len.div_ceil(4096)` bytes since pages are at least 4 KiB: `vec`
+        // holds that many.
+        let ret =
+            unsafe { libc::mincore(self.at(r.offset).cast(), r.len as usize, vec.as_mut_ptr()) };
         if ret != 0 {
             return Err(std::io::Error::last_os_error()
                 .raw_os_error()
@@ -366,8 +502,118 @@ impl Mapping {
 impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: `ptr .. ptr + len` is the mapping `new` created, unmapped
-        // exactly once, here; no reference into it outlives `self` (every
-        // method copies in or out).
+        // exactly once, here. No Rust reference into it exists (every method
+        // copies in or out), and no memslot points into it any more: a
+        // memslot holds an `Arc<Mapping>` until it is deleted (see `Kvm`).
         let _ = unsafe { rustix::mm::munmap(self.ptr.as_ptr(), self.len) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fresh memfd of `len` bytes and a mapping of it.
+    fn mapped(len: usize) -> (OwnedFd, Arc<Mapping>) {
+        let fd = memfd("sys-test", len as u64, false).expect("memfd_create");
+        let map = Mapping::new(&fd, len).expect("mmap");
+        (fd, Arc::new(map))
+    }
+
+    /// The volatile fill and read against a plain byte-by-byte oracle, at
+    /// every alignment of start and end around a word.
+    #[test]
+    fn volatile_fill_and_read_match_the_naive_oracle() {
+        const LEN: usize = 4096;
+        let (_fd, map) = mapped(LEN);
+        let mut oracle = vec![0u8; LEN];
+        let mut step = 0u8;
+        for offset in 0..24usize {
+            for len in 0..40usize {
+                step = step.wrapping_add(1).max(1);
+                let at = 1000 + offset;
+                map.fill(ByteRange::new(at as u64, len as u64), step);
+                oracle[at..at + len].fill(step);
+                let mut whole = vec![0u8; LEN];
+                map.read(0, &mut whole);
+                assert_eq!(whole, oracle, "fill of {len} bytes at {at}");
+                let mut part = vec![0u8; len + 3];
+                map.read((at - 1) as u64, &mut part);
+                assert_eq!(part[..], oracle[at - 1..at + len + 2], "read at {at}");
+            }
+        }
+        map.zero(ByteRange::new(0, LEN as u64));
+        let mut whole = vec![1u8; LEN];
+        map.read(0, &mut whole);
+        assert!(whole.iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    #[should_panic(expected = "outside the mapping")]
+    fn access_past_the_end_panics() {
+        let (_fd, map) = mapped(4096);
+        map.fill(ByteRange::new(4090, 7), 1);
+    }
+
+    /// What is written through the mapping is what the file holds (pread),
+    /// and the other way round.
+    #[test]
+    fn the_mapping_and_the_file_agree() {
+        let (fd, map) = mapped(8192);
+        map.fill(ByteRange::new(4093, 6), 0x5a);
+        let mut buf = [0u8; 8];
+        pread_exact(&fd, &mut buf, 4092).unwrap();
+        assert_eq!(buf, [0, 0x5a, 0x5a, 0x5a, 0x5a, 0x5a, 0x5a, 0]);
+        punch_hole(&fd, 4096, 4096).unwrap();
+        let mut back = [0xffu8; 8];
+        map.read(4092, &mut back);
+        assert_eq!(
+            back,
+            [0, 0x5a, 0x5a, 0x5a, 0, 0, 0, 0],
+            "a hole reads as zeros"
+        );
+    }
+
+    /// The memslot keeps its mapping alive, a second bind is refused, and
+    /// unbinding really deletes the slot (the kernel accepts the same range
+    /// again; it refuses two memslots over one guest_memfd range).
+    #[test]
+    fn a_memslot_holds_its_mapping_until_deleted() {
+        let mut kvm = match Kvm::open() {
+            Ok(kvm) => kvm,
+            Err(e) => {
+                eprintln!("skipped: {e}");
+                return;
+            }
+        };
+        let want = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
+        if kvm.guest_memfd_flags & want != want {
+            eprintln!("skipped: no mmap()able guest_memfd here");
+            return;
+        }
+        let size = 2 << 20;
+        let fd = kvm.guest_memfd(size, want).unwrap();
+        let map = Arc::new(Mapping::new(&fd, size as usize).unwrap());
+        if let Err(e) = kvm.bind_memslot(&fd, &map) {
+            eprintln!("skipped: {e}");
+            return;
+        }
+        assert!(kvm.memslot_bound());
+        assert_eq!(Arc::strong_count(&map), 2, "the memslot holds the mapping");
+        assert_eq!(kvm.bind_memslot(&fd, &map).unwrap_err().errno, libc::EEXIST);
+        kvm.unbind_memslot().unwrap();
+        assert_eq!(
+            Arc::strong_count(&map),
+            1,
+            "deleted: the mapping is released"
+        );
+        kvm.bind_memslot(&fd, &map)
+            .expect("the deleted slot's range binds again");
+        drop(kvm);
+        assert_eq!(
+            Arc::strong_count(&map),
+            1,
+            "dropping the VM deleted the slot"
+        );
     }
 }
