@@ -9,6 +9,8 @@
 //! same completions for the same pattern ([`run`] asserts it); the
 //! single-partial tracker frees less by design.
 
+#![forbid(unsafe_code)]
+
 use bitvec::prelude::*;
 use dashmap::DashMap;
 use hugepunch::{Attribute, ByteRange, Config, Hint, Host, HostError, HugePunch};

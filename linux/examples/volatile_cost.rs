@@ -44,7 +44,8 @@ fn main() {
     }
     let fd = sys::memfd("volatile-cost", bytes, false).expect("memfd_create");
     sys::allocate(&fd, 0, bytes).expect("fallocate");
-    let map = Mapping::new(&fd, bytes as usize).expect("mmap");
+    // SAFETY: our own memfd of `bytes` bytes, never truncated.
+    let map = unsafe { Mapping::new(&fd, bytes as usize) }.expect("mmap");
     map.touch(ByteRange::new(0, bytes));
     let base = map.addr() as *mut u8;
     let len = bytes as usize;

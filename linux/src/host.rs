@@ -330,9 +330,21 @@ pub struct MemfdOptions {
 
 impl LinuxHost {
     fn build(fd: OwnedFd, kvm: Option<sys::Kvm>, info: FileInfo) -> Result<Self, SetupError> {
-        let map = Mapping::new(&fd, info.size as usize).map_err(|errno| SetupError::Syscall {
-            step: "mmap",
-            errno,
+        // SAFETY: `fd` is the memfd this host made and sized to
+        // `info.size` (ftruncate), or the guest_memfd it created with that
+        // size and `MMAP | INIT_SHARED` (every page faults in, and a
+        // guest_memfd cannot be resized). The host keeps the fd private
+        // and never truncates it; punching holes keeps the size, and a
+        // hole faults in as zeros. One trap remains, on hugetlb backing
+        // only: a hole touched without the `fallocate` the engine's
+        // `allocate` makes first needs a free huge page, and raises SIGBUS
+        // (ending the process, corrupting nothing) if the reserved pool is
+        // empty — the backend's own callbacks only touch resident memory.
+        let map = unsafe { Mapping::new(&fd, info.size as usize) }.map_err(|errno| {
+            SetupError::Syscall {
+                step: "mmap",
+                errno,
+            }
         })?;
         let map = Arc::new(map);
         let subpages = info.size / SUBPAGE_SIZE;

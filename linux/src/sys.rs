@@ -374,7 +374,16 @@ unsafe fn volatile_read(src: *const u8, buf: &mut [u8]) {
 
 impl Mapping {
     /// Map `len` bytes of `fd` from offset 0, shared, read-write.
-    pub fn new(fd: &OwnedFd, len: usize) -> Result<Self, i32> {
+    ///
+    /// # Safety
+    ///
+    /// The file must hold at least `len` bytes for as long as the mapping
+    /// exists, and be one whose pages any access may fault in (a memfd, or
+    /// a guest_memfd created `MMAP | INIT_SHARED`): an access to a page past
+    /// the end of a truncated file, or to guest_memfd memory that is not
+    /// shared, raises SIGBUS, and a volatile access to memory outside every
+    /// Rust allocation must not trap (`ptr::read_volatile`).
+    pub unsafe fn new(fd: &OwnedFd, len: usize) -> Result<Self, i32> {
         // SAFETY: a fresh mapping at an address the kernel chooses (null
         // hint, no MAP_FIXED), so no existing Rust object is aliased or
         // replaced; the returned pointer is owned by `Mapping` and unmapped
@@ -516,7 +525,8 @@ mod tests {
     /// A fresh memfd of `len` bytes and a mapping of it.
     fn mapped(len: usize) -> (OwnedFd, Arc<Mapping>) {
         let fd = memfd("sys-test", len as u64, false).expect("memfd_create");
-        let map = Mapping::new(&fd, len).expect("mmap");
+        // SAFETY: our own memfd of `len` bytes, never truncated.
+        let map = unsafe { Mapping::new(&fd, len) }.expect("mmap");
         (fd, Arc::new(map))
     }
 
@@ -593,7 +603,9 @@ mod tests {
         }
         let size = 2 << 20;
         let fd = kvm.guest_memfd(size, want).unwrap();
-        let map = Arc::new(Mapping::new(&fd, size as usize).unwrap());
+        // SAFETY: our own guest_memfd of `size` bytes, created
+        // `MMAP | INIT_SHARED` (a guest_memfd cannot be truncated).
+        let map = Arc::new(unsafe { Mapping::new(&fd, size as usize) }.unwrap());
         if let Err(e) = kvm.bind_memslot(&fd, &map) {
             eprintln!("skipped: {e}");
             return;

@@ -41,6 +41,7 @@
 //! asserts the subpage is allocated and, where the model knows the punch
 //! came first, reads as zeros; then the guest maps it and writes to it).
 #![cfg(hugepunch_loom)]
+#![forbid(unsafe_code)]
 
 use hugepunch::{
     Attribute, ByteRange, Config, Hint, Host, HostError, HugePunch, SubpageState, SUBPAGE_SIZE,

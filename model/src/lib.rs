@@ -23,7 +23,7 @@
 //! assert_eq!(k.stats().pending_subpages, 511);
 //! assert!(k.violations().is_empty());
 //! ```
-#![deny(clippy::undocumented_unsafe_blocks)]
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod geometry;

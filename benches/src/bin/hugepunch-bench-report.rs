@@ -5,39 +5,61 @@
 //! `cargo run --release -p hugepunch-benches --bin hugepunch-bench-report`
 //! (add `-- --short` for the quick version CI runs).
 
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 use hugepunch_benches::*;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
 
 /// Counts live heap bytes, so tracking memory is measured, not computed.
+/// A failed allocation (null) counts nothing, and a failed `realloc` leaves
+/// the old size counted, as the old block stays allocated.
 struct Counting;
 static LIVE: AtomicIsize = AtomicIsize::new(0);
 
-// SAFETY: forwards to the system allocator; only counts sizes.
+fn count(bytes: isize) {
+    // ORDERING: Relaxed: a statistic read after the allocations it counts,
+    // on the same thread.
+    LIVE.fetch_add(bytes, Ordering::Relaxed);
+}
+
+// SAFETY: every method forwards its arguments unchanged to the system
+// allocator and returns its answer unchanged, so `System`'s implementation
+// of the `GlobalAlloc` contract is ours; the counting around it neither
+// allocates nor panics (sizes fit `isize`: a `Layout`'s size is at most
+// `isize::MAX`).
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        // ORDERING: Relaxed: a statistic read after the allocations it counts, on the same thread.
-        LIVE.fetch_add(l.size() as isize, Ordering::Relaxed);
-        // SAFETY: same contract as ours.
-        unsafe { System.alloc(l) }
+        // SAFETY: our caller upholds `alloc`'s contract, which is `System`'s.
+        let p = unsafe { System.alloc(l) };
+        if !p.is_null() {
+            count(l.size() as isize);
+        }
+        p
     }
     unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
-        // ORDERING: Relaxed, as in `alloc`.
-        LIVE.fetch_add(l.size() as isize, Ordering::Relaxed);
-        // SAFETY: same contract as ours.
-        unsafe { System.alloc_zeroed(l) }
+        // SAFETY: as in `alloc`.
+        let p = unsafe { System.alloc_zeroed(l) };
+        if !p.is_null() {
+            count(l.size() as isize);
+        }
+        p
     }
     unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        // ORDERING: Relaxed, as in `alloc`.
-        LIVE.fetch_sub(l.size() as isize, Ordering::Relaxed);
-        // SAFETY: same contract as ours.
-        unsafe { System.dealloc(p, l) }
+        // SAFETY: our caller upholds `dealloc`'s contract: `p` came from this
+        // allocator, that is from `System`, with layout `l`.
+        unsafe { System.dealloc(p, l) };
+        count(-(l.size() as isize));
     }
     unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        // ORDERING: Relaxed, as in `alloc`.
-        LIVE.fetch_add(new as isize - l.size() as isize, Ordering::Relaxed);
-        // SAFETY: same contract as ours.
-        unsafe { System.realloc(p, l, new) }
+        // SAFETY: our caller upholds `realloc`'s contract (`p` from this
+        // allocator, that is from `System`, with layout `l`; `new` a valid
+        // size for `l`'s alignment), which is `System`'s.
+        let q = unsafe { System.realloc(p, l, new) };
+        if !q.is_null() {
+            count(new as isize - l.size() as isize);
+        }
+        q
     }
 }
 
