@@ -2,7 +2,7 @@
 # Loom model checking of the engine (issue 3), with the exact flags.
 #
 #   ci/loom.sh          what CI runs: every model except the three-thread
-#                       ones, then the three planted bugs (each must be
+#                       ones, then the four planted bugs (each must be
 #                       caught by loom, or this script fails)
 #   ci/loom.sh --full   the same, plus the three-thread models (at
 #                       LOOM_FULL_PREEMPTIONS, default 1)
@@ -52,11 +52,13 @@ fi
 
 # Each planted bug (a test-only cfg of the engine) must make its model
 # fail: the `broken_*` test is #[should_panic(expected = "invariant...")].
-for variant in completion conversion unpunch; do
+# variant:test file (the model that must catch it).
+for planted in completion:completion conversion:conversion unpunch:unpunch mark:conversion; do
+  variant=${planted%%:*} model=${planted#*:}
   step "planted bug hugepunch_broken=\"$variant\": loom must catch it"
   out=$(RUSTFLAGS="--cfg hugepunch_loom --cfg hugepunch_broken=\"$variant\"" \
     cargo test -p loom-tests --release --target-dir "target-loom/broken-$variant" \
-    --test "$variant" -- "broken_${variant}_is_caught" --exact 2>&1) || {
+    --test "$model" -- "broken_${variant}_is_caught" --exact 2>&1) || {
     echo "$out"
     echo "loom did NOT catch the planted bug \"$variant\"" >&2
     exit 1

@@ -465,16 +465,20 @@ impl<'a> Page<'a> {
             .collect()
     }
 
-    /// The first set bit among `first .. first + count`, read with RMWs so
-    /// the read is ordered after the conversion's mark (see `Race: punch vs
-    /// conversion`).
+    /// The first set bit among `first .. first + count` (the conversion's
+    /// check, after its mark; see "Who wins each race").
     pub fn first_set_bit(&self, first: u32, count: u32) -> Option<u32> {
         for (w, mask) in word_masks(first, count) {
-            // ORDERING: AcqRel RMW read (fetch_or of nothing): it reads the
-            // latest value in the word's modification order, after the mark
-            // that precedes it in program order; loom models RMWs exactly
-            // where it would weaken a SeqCst load (see NOTES: Dekker).
-            let bits = self.words[w].fetch_or(0, Ordering::AcqRel) & mask;
+            // ORDERING: Acquire load. Every write to the state word is an
+            // RMW, so a mark that comes after a punch's exit in the state
+            // word's order reads from the exit's release sequence, and
+            // its Acquire half makes the punch's bits (set before its
+            // Release exit) visible to this load. A mark that comes first
+            // is seen by the exit instead, and the punch invalidates. A
+            // plain load (not an RMW) on purpose: loom may serve it stale,
+            // so the conversion model fails when the mark is weakened
+            // (planted bug `hugepunch_broken="mark"`).
+            let bits = self.words[w].load(Ordering::Acquire) & mask;
             if bits != 0 {
                 return Some(w as u32 * 64 + bits.trailing_zeros());
             }
@@ -484,12 +488,17 @@ impl<'a> Page<'a> {
 
     /// Mark a conversion (`CONVERTING + 1`), in any mode: a slow path keeps
     /// the mark when it releases the huge page. Returns the state before.
+    #[cfg(not(hugepunch_broken = "mark"))]
     pub fn mark_converting(&self) -> Snapshot {
         let mut spins = 0;
         loop {
-            // ORDERING: AcqRel: Acquire makes the bits of every punch whose
-            // exit precedes this mark visible to our bit check; Release
-            // orders the mark before that check's RMW reads.
+            // ORDERING: AcqRel. The Acquire half is the one the conversion
+            // check rests on: it makes the bits of every punch whose exit
+            // precedes this mark visible to `first_set_bit` (loom's
+            // `broken_mark_is_caught` fails without it). The Release half
+            // orders what the converting thread did before (nothing the
+            // punch reads) and keeps the state word's release sequences
+            // whole for later readers.
             let (prev, done) = self.update(Ordering::AcqRel, |s| {
                 (s.converting() < FIELD_MAX).then_some(s.0 + CONVERT_ONE)
             });
@@ -498,6 +507,16 @@ impl<'a> Page<'a> {
             }
             backoff(&mut spins);
         }
+    }
+
+    /// BROKEN on purpose, test-only (`--cfg hugepunch_broken="mark"`, see
+    /// loom-tests): the mark is a Relaxed RMW, so a conversion that marks
+    /// after a punch's exit need not see that punch's bits, and may
+    /// convert over a pending punch nobody invalidated (invariant 3).
+    #[cfg(hugepunch_broken = "mark")]
+    pub fn mark_converting(&self) -> Snapshot {
+        // ORDERING: Relaxed, the planted bug.
+        Snapshot(self.state.fetch_add(CONVERT_ONE, Ordering::Relaxed))
     }
 
     /// Remove a conversion mark.

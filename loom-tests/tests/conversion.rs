@@ -104,3 +104,17 @@ fn shared_punch_racing_convert_to_private_cancel_and_zero() {
 fn broken_conversion_is_caught() {
     punch_races_convert(Policy::Reject);
 }
+
+/// Planted bug `--cfg hugepunch_broken="mark"`: the conversion's mark is a
+/// Relaxed RMW. Loom must find the interleaving in which the mark comes
+/// after the punch's exit (so the punch does not invalidate) and the
+/// conversion's bit check, no longer ordered after the punch's bit, reads
+/// it clear: a successful conversion over a pending punch. (Before the
+/// check was a plain Acquire load, nothing caught this: loom lets an RMW
+/// read only the latest value.)
+#[cfg(hugepunch_broken = "mark")]
+#[test]
+#[should_panic(expected = "invariant 3")]
+fn broken_mark_is_caught() {
+    punch_races_convert(Policy::Reject);
+}
