@@ -19,7 +19,8 @@
 
 use super::Event;
 use crate::{
-    Attribute, Backing, ByteRange, Error, Hint, Policy, SubpageState, TeardownReport, SUBPAGE_SIZE,
+    Attribute, Backing, ByteRange, Error, Hint, Policy, Stats, SubpageState, TeardownReport,
+    SUBPAGE_SIZE,
 };
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -69,6 +70,53 @@ pub struct ModelStats {
 }
 
 impl ModelStats {
+    /// The same counters in the engine's [`Stats`] (a cheap comparison;
+    /// [`ModelStats::named`] is the one that checks the names).
+    pub fn as_engine_stats(&self) -> Stats {
+        let ModelStats {
+            punch_calls,
+            convert_calls,
+            populate_calls,
+            punched_subpages,
+            pending_subpages,
+            pending_bytes_peak,
+            huge_frees,
+            teardown_frees,
+            small_freed_subpages,
+            free_calls,
+            invalidations,
+            invalidations_immediate,
+            conversions_ok,
+            conversions_rejected,
+            repopulated_subpages,
+            forced_splits,
+            free_errors,
+            errors_invalid_range,
+            errors_torn_down,
+        } = *self;
+        Stats {
+            punch_calls,
+            convert_calls,
+            populate_calls,
+            punched_subpages,
+            pending_subpages,
+            pending_bytes_peak,
+            huge_frees,
+            teardown_frees,
+            small_freed_subpages,
+            free_calls,
+            invalidations,
+            invalidations_immediate,
+            conversions_ok,
+            conversions_rejected,
+            repopulated_subpages,
+            forced_splits,
+            free_errors,
+            errors_invalid_range,
+            errors_torn_down,
+        }
+    }
+
     /// The statistics by their SPEC.md §6 names.
     pub fn named(&self) -> BTreeMap<String, u64> {
         [
