@@ -1,0 +1,143 @@
+//! `punch` (SPEC.md §3) and the completion it may claim.
+
+use super::*;
+
+impl HugePunch {
+    /// Punch `offset .. offset + len`: defer what can be deferred, free what
+    /// must be freed, invalidate what may be private (SPEC.md §3).
+    pub fn punch(&self, offset: u64, len: u64) -> Result<(), Error> {
+        let r = self.check(offset, len)?;
+        let cb = self.callbacks.load();
+        let mut d = Delta::default();
+        d.add(C::PunchCalls, 1);
+        for part in self.geo.parts(r) {
+            self.punch_part(&cb, part, &mut d);
+        }
+        self.finish(&cb, &mut d, true);
+        Ok(())
+    }
+
+    pub(super) fn punch_part(&self, cb: &Callbacks, part: PagePart, d: &mut Delta) {
+        let h = part.huge_page;
+        let page = match self.index.existing(h) {
+            Some(page) => page,
+            None if self.index.initial().mode() == ABSENT => return,
+            None => self.index.page(h),
+        };
+        let whole = part.count == page.full();
+        let r = self.part_range(part);
+        loop {
+            match page.enter(PUNCH_ONE) {
+                Entry::Registered => {
+                    let newly = page.set_bits(part.first, part.count);
+                    let exit = page.exit(PUNCH_ONE, newly as i64);
+                    d.pending += newly as i64;
+                    if !whole {
+                        d.add(C::PunchedSubpages, newly as u64);
+                        // The shared-state check, after the exit: see the
+                        // punch-vs-conversion race in `page`.
+                        #[cfg(not(hugepunch_broken = "conversion"))]
+                        let converting = exit.after.converting() > 0;
+                        // BROKEN on purpose, test-only (`--cfg
+                        // hugepunch_broken="conversion"`, see loom-tests):
+                        // the punch ignores a conversion in flight and trusts
+                        // `is_shared` alone, so a conversion that checked the
+                        // bits before this punch set them, and changes the
+                        // attribute after `is_shared` answered, goes ahead
+                        // over a pending punch that was never invalidated.
+                        #[cfg(hugepunch_broken = "conversion")]
+                        let converting = false;
+                        if (converting || !self.is_shared(cb, r, d)) && self.invalidate(cb, r, h, d)
+                        {
+                            d.add(C::InvalidationsImmediate, 1);
+                        }
+                    }
+                    if exit.claimed_completion {
+                        self.complete(cb, h, page, d);
+                    } else if whole {
+                        // Another operation is registered and will complete
+                        // the huge page when it leaves; we may not wait for
+                        // it, so this range is invalidated now.
+                        self.invalidate(cb, r, h, d);
+                    }
+                    return;
+                }
+                Entry::Completing => {
+                    // The huge page is being freed whole; we may not wait
+                    // for that completion to invalidate, so we do it now
+                    // when the range may be private, or may be becoming
+                    // private: a conversion marked on the huge page (read
+                    // with an RMW after the shared-state check, so that a
+                    // conversion that marks later also changes the
+                    // attribute after that check answered) — either the
+                    // conversion is refused or this punch invalidates.
+                    if whole {
+                        self.invalidate(cb, r, h, d);
+                    } else if (!self.is_shared(cb, r, d) || page.load_rmw().converting() > 0)
+                        && self.invalidate(cb, r, h, d)
+                    {
+                        d.add(C::InvalidationsImmediate, 1);
+                    }
+                    return;
+                }
+                Entry::NotHuge(s) if s.is(TORN) || s.mode() == ABSENT => return,
+                Entry::NotHuge(_) => {
+                    if self.punch_split(cb, part, page, d) {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Punch part of a `SPLIT` huge page: free its present subpages now.
+    /// Returns `false` if the huge page was no longer `SPLIT`.
+    pub(super) fn punch_split(
+        &self,
+        cb: &Callbacks,
+        part: PagePart,
+        page: Page<'_>,
+        d: &mut Delta,
+    ) -> bool {
+        let h = part.huge_page;
+        let s = page.claim_busy();
+        if s.mode() != SPLIT {
+            page.release_busy(s.mode(), s.count(), 0);
+            return false;
+        }
+        let mut absent = s.count();
+        let present = present_runs(page, part.first, part.count);
+        // Nothing is freed unless the invalidation happened.
+        let invalidated = present.is_empty() || self.invalidate(cb, self.part_range(part), h, d);
+        for (first, count) in present {
+            let run = self.geo.part_range(h, first, count);
+            if invalidated && self.free(cb, run, 0, d) {
+                page.owner_set(first, count, true);
+                absent += count;
+                d.add(C::SmallFreedSubpages, count as u64);
+            } else {
+                // The subpages stay present; they were punched, so they
+                // must read as zeros (invariant 5).
+                let _ = self.zero(cb, run, d);
+            }
+        }
+        if absent == page.full() {
+            page.owner_set(0, page.full(), false);
+            page.release_busy(ABSENT, 0, 0);
+        } else {
+            page.release_busy(SPLIT, absent, 0);
+        }
+        true
+    }
+
+    /// Run a completion this thread claimed: one invalidation of the whole
+    /// huge page, one free of its order.
+    pub(super) fn complete(&self, cb: &Callbacks, h: u64, page: Page<'_>, d: &mut Delta) {
+        let freed = self.free_whole(cb, h, d);
+        page.end_completion(freed);
+        if freed {
+            d.add(C::HugeFrees, 1);
+            d.pending -= page.full() as i64;
+        }
+    }
+}
