@@ -2,8 +2,8 @@
 //! strategies, side by side: the rows of the comparison table and its
 //! one-line verdict.
 
-use crate::format::{bytes, count, table};
 use hugepunch::Stats;
+use hugepunch_cli::format::{bytes, count, table};
 use hugepunch_model::workload::run_step;
 use hugepunch_model::{Figures, Kernel, ModelConfig, Options, Step, StrategyKind, Verification};
 use indicatif::ProgressBar;

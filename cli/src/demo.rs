@@ -4,10 +4,10 @@
 //! workload, a side-by-side table of the strategies and a verdict.
 
 use crate::compare::{self, Contender, Row};
-use crate::format::{bytes, count};
 use crate::{number, progress, svg, write_stdout};
 use anyhow::{bail, Context as _};
 use hugepunch::Attribute;
+use hugepunch_cli::format::{bytes, count};
 use hugepunch_model::workload::{demo_workloads, run_step};
 use hugepunch_model::{Geometry, Kernel, ModelConfig, Options, Pattern, StrategyKind};
 use serde_json::json;

@@ -4,17 +4,17 @@
 
 mod compare;
 mod demo;
-mod format;
 mod progress;
 #[cfg(target_os = "linux")]
 mod real;
-mod replay;
+mod report;
 mod svg;
 
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand, ValueEnum};
 use hugepunch::Policy;
 use hugepunch_model::{Geometry, Pattern, StrategyKind};
+use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::PathBuf;
 
@@ -81,10 +81,11 @@ fn strategy_arg(s: &str) -> Result<StrategyArg, String> {
         .map_err(|e| format!("{e}, or all"))
 }
 
-/// A number in the trace syntax: decimal or 0x hex, optional K/M/G.
+/// A number in the trace syntax (SPEC.md §7): decimal digits, or 0x and
+/// hex digits, then an optional K, M or G; no sign, nothing else.
 fn number(s: &str) -> Result<u64, String> {
-    hugepunch::trace::parse_number(s).ok_or_else(|| {
-        format!("bad number {s:?} (decimal or 0x hex, with an optional K, M or G suffix)")
+    hugepunch::trace::number(s).map_err(|e| {
+        format!("bad number {s:?}: {e} (decimal or 0x hex digits, then an optional K, M or G)")
     })
 }
 
@@ -94,7 +95,7 @@ fn pattern_arg(s: &str) -> Result<Pattern, String> {
 
 #[derive(clap::Args)]
 struct ReplayArgs {
-    /// The trace file.
+    /// The trace file (- for standard input).
     trace: PathBuf,
     /// hugepunch, eager, zero-only, single-partial, or all (side by side).
     #[arg(long, default_value = "hugepunch", value_parser = strategy_arg)]
@@ -133,8 +134,18 @@ struct GenArgs {
     output: Option<PathBuf>,
 }
 
-/// Operations a generated trace may hold.
-const MAX_GEN_OPS: u64 = 1 << 24;
+/// Operations `gen` writes for `pattern` over a file of geometry `geo`
+/// (see hugepunch_model::workload::pattern_steps).
+fn gen_operations(pattern: Pattern, geo: Geometry) -> u64 {
+    let subs = geo.subpages();
+    let pages = geo.huge_pages();
+    match pattern {
+        Pattern::Pin => subs - pages,
+        Pattern::ConversionChurn => 2 * subs + 3 * (geo.full() as u64 / 8) * pages,
+        Pattern::Straddling => 2 * pages + 1,
+        _ => subs,
+    }
+}
 
 fn gen(a: GenArgs) -> anyhow::Result<()> {
     if !(1..=hugepunch::MAX_ORDER).contains(&a.order) {
@@ -155,11 +166,15 @@ fn gen(a: GenArgs) -> anyhow::Result<()> {
             a.order
         );
     }
-    if geo.subpages() > MAX_GEN_OPS {
+    // What `replay` reads: a trace it would refuse is not worth writing.
+    let ops = gen_operations(a.pattern, geo);
+    let max = hugepunch_cli::replay::MAX_OPERATIONS as u64;
+    if ops > max {
         bail!(
-            "--size {} would make a trace of more than {} operations; use a smaller --size",
-            a.size,
-            MAX_GEN_OPS
+            "--size {} would make a trace of {} operations, more than replay reads ({}); use a smaller --size",
+            format_size(a.size),
+            hugepunch_cli::format::count(ops),
+            hugepunch_cli::format::count(max)
         );
     }
     let text = hugepunch_model::workload::generate(a.pattern, geo, a.seed);
@@ -171,6 +186,11 @@ fn gen(a: GenArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A size as the user may have written it: `16 GiB (0x400000000)`.
+fn format_size(n: u64) -> String {
+    format!("{} ({n:#x})", hugepunch_cli::format::bytes(n))
+}
+
 /// Write to stdout; a closed pipe (`| head`) ends quietly.
 fn write_stdout(text: &str) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
@@ -178,6 +198,59 @@ fn write_stdout(text: &str) -> anyhow::Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
         r => r.context("cannot write to stdout"),
     }
+}
+
+/// Clap's whole message on one line: what is wrong (with what clap names:
+/// the missing argument, the bad value, a tip), then the usage.
+fn one_line(rendered: &str) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut usage: Vec<String> = Vec::new();
+    let mut in_usage = false;
+    let mut list = false;
+    for line in rendered.lines() {
+        let l = line.trim();
+        if l.is_empty() {
+            in_usage = false;
+            list = false;
+            continue;
+        }
+        if l.starts_with("For more information") {
+            continue;
+        }
+        if let Some(u) = l.strip_prefix("Usage:") {
+            in_usage = true;
+            usage.push(u.trim().to_string());
+            continue;
+        }
+        if in_usage {
+            usage.push(l.to_string());
+            continue;
+        }
+        let l = l.trim_start_matches("error:").trim();
+        // The lines after one that ends with ':' are its list (the
+        // missing arguments).
+        match parts.last_mut() {
+            Some(p) if list => {
+                p.push_str(if p.ends_with(':') { " " } else { ", " });
+                p.push_str(l);
+            }
+            _ => {
+                parts.push(l.to_string());
+                list = l.ends_with(':');
+            }
+        }
+    }
+    let mut msg = if parts.is_empty() {
+        "invalid arguments".to_string()
+    } else {
+        parts.join("; ")
+    };
+    if !usage.is_empty() {
+        let _ = write!(msg, " (usage: {}; see --help)", usage.join(" | "));
+    } else {
+        msg.push_str(" (see hugepunch --help)");
+    }
+    msg
 }
 
 fn main() {
@@ -189,21 +262,14 @@ fn main() {
                 let _ = e.print();
                 std::process::exit(0);
             }
-            // One line: clap's first line says what is wrong.
-            let msg = e.render().to_string();
-            let first = msg
-                .lines()
-                .next()
-                .unwrap_or("invalid arguments")
-                .trim_start_matches("error: ");
-            eprintln!("hugepunch: error: {first} (see hugepunch --help)");
+            eprintln!("hugepunch: error: {}", one_line(&e.render().to_string()));
             std::process::exit(2);
         }
     };
     let res = match cli.command {
         None => demo::run(demo::Args::default()),
         Some(Command::Demo(a)) => demo::run(a),
-        Some(Command::Replay(a)) => replay::run(a),
+        Some(Command::Replay(a)) => report::run(a),
         Some(Command::Gen(a)) => gen(a),
         #[cfg(target_os = "linux")]
         Some(Command::Real(a)) => real::run(a),

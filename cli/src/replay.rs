@@ -1,276 +1,373 @@
-//! `hugepunch replay TRACE`: a trace on the simulated kernel, with one
-//! strategy or all of them side by side.
+//! Replaying a trace (SPEC.md §7) on the simulated kernel, within bounds:
+//! the input is read one line at a time (a line may not exceed
+//! [`MAX_LINE_BYTES`], the trace [`Limits::max_trace_bytes`]), parsed with
+//! SPEC.md §7's grammar, its cost estimated ([`crate::cost`]) and refused
+//! when over the limits, and only then run. No input makes it panic, run
+//! without end or allocate without bound: [`replay_bytes`] is what a fuzz
+//! target calls.
+//!
+//! ```
+//! use hugepunch_cli::replay::{replay_bytes, ReplayOptions};
+//! let report = replay_bytes(b"size 4M\npunch 0 2M\nteardown\n", &ReplayOptions::default()).unwrap();
+//! assert_eq!(report.outcomes[0].kernel.stats().huge_frees, 1);
+//! assert!(replay_bytes(b"punch +4K 4K\n", &ReplayOptions::default()).is_err());
+//! ```
 
-use crate::compare::{self, Contender, Row};
+use crate::cost::{estimate, Estimate};
 use crate::format::{bytes, count};
-use crate::{progress, svg, write_stdout, ReplayArgs, StrategyArg};
-use anyhow::{bail, Context as _};
-use hugepunch::trace::Trace;
-use hugepunch_model::{replay, Failure, Kernel, ModelConfig, Options, StrategyKind};
-use serde_json::{json, Value};
-use std::fmt::Write as _;
-use std::time::Instant;
+use hugepunch::trace::{self, ParseError, Parser, Trace, MAX_LINE_BYTES};
+use hugepunch::Policy;
+use hugepunch_model::{Failure, Kernel, ModelConfig, Options, StrategyKind};
+use std::io::{BufRead, Read as _};
 
+/// The largest trace read, in bytes.
+pub const MAX_TRACE_BYTES: u64 = 128 << 20;
+/// The most operations a trace may hold.
+pub const MAX_OPERATIONS: usize = 1 << 21;
 /// The largest file replayed: 1 PiB.
-const MAX_SIZE: u64 = 1 << 50;
+pub const MAX_SIZE: u64 = 1 << 50;
+/// The estimated time a replay may take, in seconds (the rest of the 10
+/// seconds a user waits at most is for reading and writing).
+pub const MAX_SECONDS: f64 = 6.0;
+/// The estimated memory a replay may hold (the rest of 1 GiB is margin).
+pub const MAX_MEMORY: u64 = 768 << 20;
+/// Failed operations kept in a report (all are counted).
+pub const LISTED_FAILURES: usize = 20;
 
-/// Failures listed in the output (all are counted).
-const LISTED_FAILURES: usize = 20;
-
-/// Peak resident memory of this process, from /proc (Linux), if known.
-pub fn peak_rss() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+/// What a replay accepts at most.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    /// Bytes of trace text.
+    pub max_trace_bytes: u64,
+    /// Bytes of one line, its line ending excluded.
+    pub max_line_bytes: usize,
+    /// Operation lines.
+    pub max_operations: usize,
+    /// File size in the header.
+    pub max_size: u64,
+    /// Estimated seconds, all strategies together.
+    pub max_seconds: f64,
+    /// Estimated bytes of memory, all strategies together.
+    pub max_memory: u64,
 }
 
-struct Outcome {
-    kind: StrategyKind,
-    kernel: Kernel,
-    failures: Vec<Failure>,
-}
-
-pub fn run(a: ReplayArgs) -> anyhow::Result<()> {
-    let name = a.trace.display().to_string();
-    let text = std::fs::read(&a.trace).with_context(|| format!("cannot read trace {name}"))?;
-    let text = String::from_utf8(text)
-        .map_err(|_| anyhow::anyhow!("{name}: not a text file (invalid UTF-8)"))?;
-    let trace = Trace::parse(&text).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
-    let engine_flags = a.budget.is_some() || a.policy.is_some();
-    let kinds: Vec<StrategyKind> = match a.strategy {
-        StrategyArg::One(k) => {
-            if engine_flags && k != StrategyKind::HugePunch {
-                bail!("--budget and --policy apply only to the hugepunch strategy, not {k}");
-            }
-            vec![k]
+impl Default for Limits {
+    /// The command line's limits: any trace is read, run or refused within
+    /// about 10 seconds and 1 GiB on the development machine.
+    fn default() -> Self {
+        Limits {
+            max_trace_bytes: MAX_TRACE_BYTES,
+            max_line_bytes: MAX_LINE_BYTES,
+            max_operations: MAX_OPERATIONS,
+            max_size: MAX_SIZE,
+            max_seconds: MAX_SECONDS,
+            max_memory: MAX_MEMORY,
         }
-        StrategyArg::All => StrategyKind::ALL.to_vec(),
+    }
+}
+
+/// How to replay.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplayOptions {
+    /// The strategies, each on its own simulated kernel, in this order.
+    pub strategies: Vec<StrategyKind>,
+    /// The engine's pending-bytes budget (engine only).
+    pub budget: Option<u64>,
+    /// The engine's conversion policy (engine only; default `Reject`).
+    pub policy: Option<Policy>,
+    /// The limits.
+    pub limits: Limits,
+}
+
+impl Default for ReplayOptions {
+    /// The engine alone, no budget, policy `Reject`, default limits.
+    fn default() -> Self {
+        ReplayOptions {
+            strategies: vec![StrategyKind::HugePunch],
+            budget: None,
+            policy: None,
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl ReplayOptions {
+    /// The engine's options.
+    pub fn engine_options(&self) -> Options {
+        Options {
+            budget: self.budget,
+            policy: self.policy.unwrap_or_default(),
+        }
+    }
+}
+
+/// Why a trace was not replayed. Each message is one line; those about
+/// the trace's text start with `line N:`.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// Reading failed.
+    #[error("{0}")]
+    Read(#[from] std::io::Error),
+    /// More text than [`Limits::max_trace_bytes`].
+    #[error("line {line}: the trace is larger than {} (this tool reads at most that much)", bytes(*limit))]
+    TooLong {
+        /// The line being read when the limit was reached.
+        line: usize,
+        /// The limit.
+        limit: u64,
+    },
+    /// A malformed line.
+    #[error(transparent)]
+    Parse(#[from] ParseError),
+    /// The file is larger than [`Limits::max_size`].
+    #[error("line {line}: a {} file is larger than this tool replays ({} at most)", bytes(*size), bytes(*limit))]
+    FileTooLarge {
+        /// The `size` line.
+        line: usize,
+        /// The size.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// Options that do not go together.
+    #[error("{0}")]
+    Options(String),
+    /// The estimate is over the limits.
+    #[error("{}", refusal(.estimate, .limits))]
+    TooCostly {
+        /// The estimate.
+        estimate: Estimate,
+        /// The limits it is over.
+        limits: Limits,
+    },
+    /// The simulated kernel refused the file (not expected once the
+    /// trace is checked).
+    #[error("{0}")]
+    Kernel(hugepunch::Error),
+}
+
+fn duration(secs: f64) -> String {
+    if secs < 60.0 {
+        format!("{secs:.1} s")
+    } else if secs < 3600.0 {
+        format!("{:.0} min", secs / 60.0)
+    } else if secs < 86400.0 * 3.0 {
+        format!("{:.0} hours", secs / 3600.0)
+    } else {
+        format!("{:.0} days", secs / 86400.0)
+    }
+}
+
+fn refusal(e: &Estimate, l: &Limits) -> String {
+    let time = e.seconds > l.max_seconds;
+    let culprit = if time { &e.costliest } else { &e.largest }
+        .as_ref()
+        .or(e.costliest.as_ref());
+    let (line, what) = match culprit {
+        Some(c) if time => (
+            format!("line {}: ", c.line),
+            format!(
+                "; this line costs the most ({}, about {})",
+                c.what,
+                duration(c.amount)
+            ),
+        ),
+        Some(c) => (
+            format!("line {}: ", c.line),
+            format!(
+                "; this line adds the most ({}, about {})",
+                c.what,
+                bytes(c.amount as u64)
+            ),
+        ),
+        None => (String::new(), String::new()),
     };
-    let options = Options {
-        budget: a.budget,
-        policy: a.policy.map(Into::into).unwrap_or_default(),
-    };
+    format!(
+        "{line}replaying this trace would take about {} and {} of memory on the simulated kernel, more than this tool allows (about {} and {}){what}",
+        duration(e.seconds),
+        bytes(e.bytes),
+        duration(l.max_seconds),
+        bytes(l.max_memory),
+    )
+}
+
+/// A trace read and checked, with where its `size` was given.
+#[derive(Debug, Clone)]
+pub struct CheckedTrace {
+    /// The trace.
+    pub trace: Trace,
+    /// The line of its `size` header (1 if none: the default size).
+    pub size_line: usize,
+}
+
+/// Read a trace, one line at a time: never more than
+/// [`Limits::max_line_bytes`] of a line is held, and reading stops at
+/// [`Limits::max_trace_bytes`] (so `/dev/zero` is refused at once).
+pub fn read_trace(mut input: impl BufRead, limits: &Limits) -> Result<CheckedTrace, ReplayError> {
+    let mut parser = Parser::new(trace::Limits {
+        max_line_bytes: limits.max_line_bytes,
+        max_operations: limits.max_operations,
+    });
+    let mut line = Vec::new();
+    let mut total: u64 = 0;
+    // A line, its CR and its LF; anything longer is refused by the parser.
+    let chunk = limits.max_line_bytes as u64 + 2;
+    loop {
+        line.clear();
+        let n = (&mut input).take(chunk).read_until(b'\n', &mut line)?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        if total > limits.max_trace_bytes {
+            return Err(ReplayError::TooLong {
+                line: parser.lines() + 1,
+                limit: limits.max_trace_bytes,
+            });
+        }
+        if line.last() == Some(&b'\n') {
+            line.pop();
+        }
+        parser.line(&line)?;
+    }
+    let size_line = parser.size_line().unwrap_or(1);
+    let trace = parser.finish()?;
+    Ok(CheckedTrace { trace, size_line })
+}
+
+/// Check a trace against the options and the limits: the size, the
+/// options, the estimated cost. Returns the estimate.
+pub fn check(t: &CheckedTrace, opts: &ReplayOptions) -> Result<Estimate, ReplayError> {
+    let trace = &t.trace;
+    if opts.strategies.is_empty() {
+        return Err(ReplayError::Options("no strategy to replay with".into()));
+    }
+    let engine_flags = opts.budget.is_some() || opts.policy.is_some();
+    if engine_flags && !opts.strategies.contains(&StrategyKind::HugePunch) {
+        return Err(ReplayError::Options(format!(
+            "--budget and --policy apply only to the hugepunch strategy, not {}",
+            opts.strategies[0]
+        )));
+    }
+    let huge_page = 4096u64 << trace.order;
+    if trace.size == 0 || trace.size % huge_page != 0 || trace.order > hugepunch::MAX_ORDER {
+        // Trace::parse refuses these; a trace built by hand may not.
+        return Err(ReplayError::Parse(ParseError {
+            line: t.size_line,
+            message: format!(
+                "size {:#x} is not a positive multiple of the huge page size at order {}",
+                trace.size, trace.order
+            ),
+        }));
+    }
+    if trace.size > opts.limits.max_size {
+        return Err(ReplayError::FileTooLarge {
+            line: t.size_line,
+            size: trace.size,
+            limit: opts.limits.max_size,
+        });
+    }
+    if trace.ops.len() > opts.limits.max_operations {
+        return Err(ReplayError::Options(format!(
+            "more than {} operations",
+            count(opts.limits.max_operations as u64)
+        )));
+    }
+    let e = estimate(trace, &opts.strategies, opts.budget.is_some());
+    if e.seconds > opts.limits.max_seconds || e.bytes > opts.limits.max_memory {
+        return Err(ReplayError::TooCostly {
+            estimate: e,
+            limits: opts.limits,
+        });
+    }
+    Ok(e)
+}
+
+/// What one strategy did.
+pub struct Outcome {
+    /// The strategy.
+    pub kind: StrategyKind,
+    /// Its simulated kernel after the trace.
+    pub kernel: Kernel,
+    /// The first [`LISTED_FAILURES`] operations that returned an error.
+    pub failures: Vec<Failure>,
+    /// How many did.
+    pub failed_operations: u64,
+}
+
+/// What a replay did.
+pub struct ReplayReport {
+    /// The trace.
+    pub trace: Trace,
+    /// The engine's options.
+    pub options: Options,
+    /// One per strategy, in the order asked.
+    pub outcomes: Vec<Outcome>,
+    /// What it was estimated to cost.
+    pub estimate: Estimate,
+}
+
+/// Replay a checked trace (see [`check`]); `progress` is told the number
+/// of operations done so far, all strategies together, now and then.
+pub fn run(
+    t: CheckedTrace,
+    opts: &ReplayOptions,
+    estimate: Estimate,
+    mut progress: impl FnMut(u64),
+) -> Result<ReplayReport, ReplayError> {
+    let trace = t.trace;
     let cfg = ModelConfig::from_trace(&trace);
-    if trace.size > MAX_SIZE {
-        bail!(
-            "{name}: a {} file is larger than this tool replays ({} at most: the engine keeps one pointer per chunk of huge pages of the whole file)",
-            bytes(trace.size),
-            bytes(MAX_SIZE)
-        );
-    }
-    let huge_pages = trace.size >> (12 + trace.order as u32);
-    if a.svg.is_some() && huge_pages > svg::MAX_PAGES {
-        bail!(
-            "--svg draws files of at most {} huge pages; this one has {}",
-            count(svg::MAX_PAGES),
-            count(huge_pages)
-        );
-    }
-    let pb = progress::bar((trace.ops.len() * kinds.len()) as u64, !a.json, "replaying");
-    let start = Instant::now();
+    let n = trace.ops.len() as u64;
     let mut outcomes = Vec::new();
-    for (i, &kind) in kinds.iter().enumerate() {
-        let opts = if kind == StrategyKind::HugePunch {
-            options
+    for (i, &kind) in opts.strategies.iter().enumerate() {
+        let options = if kind == StrategyKind::HugePunch {
+            opts.engine_options()
         } else {
             Options::default()
         };
-        let kernel =
-            Kernel::new(cfg.options(opts), kind).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
-        let base = (i * trace.ops.len()) as u64;
-        let failures = replay(&kernel, &trace, |n| pb.set_position(base + n as u64));
+        let kernel = Kernel::new(cfg.options(options), kind).map_err(ReplayError::Kernel)?;
+        let mut failures = Vec::new();
+        let mut failed = 0;
+        for (j, &(line, op)) in trace.ops.iter().enumerate() {
+            if let Err(error) = kernel.apply(&op) {
+                failed += 1;
+                if failures.len() < LISTED_FAILURES {
+                    failures.push(Failure { line, op, error });
+                }
+            }
+            if j % 1024 == 1023 {
+                progress(i as u64 * n + j as u64 + 1);
+            }
+        }
+        progress((i as u64 + 1) * n);
         outcomes.push(Outcome {
             kind,
             kernel,
             failures,
+            failed_operations: failed,
         });
     }
-    pb.finish_and_clear();
-    let elapsed = start.elapsed();
-    if let Some(path) = &a.svg {
-        let panels: Vec<svg::Panel> = outcomes
-            .iter()
-            .map(|o| svg::panel(&o.kernel, format!("{} after {}", o.kind, file_name(&name))))
-            .collect();
-        let caption = format!(
-            "{}: {} file, {} huge pages",
-            file_name(&name),
-            bytes(trace.size),
-            bytes(4096u64 << trace.order)
-        );
-        std::fs::write(path, svg::render(&panels, &caption))
-            .with_context(|| format!("cannot write {}", path.display()))?;
-    }
-    let out = if a.json {
-        let mut v = json_of(&name, &trace, &outcomes, options, elapsed.as_secs_f64());
-        if let Some(path) = &a.svg {
-            v["svg"] = json!(path.display().to_string());
-        }
-        serde_json::to_string_pretty(&v)? + "\n"
-    } else {
-        human(&name, &trace, &outcomes, options, elapsed.as_secs_f64())
-    };
-    write_stdout(&out)
+    Ok(ReplayReport {
+        trace,
+        options: opts.engine_options(),
+        outcomes,
+        estimate,
+    })
 }
 
-fn file_name(path: &str) -> String {
-    std::path::Path::new(path)
-        .file_name()
-        .map_or(path.to_string(), |f| f.to_string_lossy().to_string())
+/// Read, check and replay a trace from `input`.
+pub fn replay_reader(
+    input: impl BufRead,
+    opts: &ReplayOptions,
+) -> Result<ReplayReport, ReplayError> {
+    let t = read_trace(input, &opts.limits)?;
+    let e = check(&t, opts)?;
+    run(t, opts, e, |_| {})
 }
 
-fn failures_json(f: &[Failure]) -> Value {
-    json!(f.iter().take(LISTED_FAILURES).map(|f| json!({"line": f.line, "op": f.op, "error": f.error.to_string(), "errno": f.error.errno()})).collect::<Vec<_>>())
-}
-
-fn json_of(name: &str, trace: &Trace, outcomes: &[Outcome], options: Options, secs: f64) -> Value {
-    let per: Vec<Value> = outcomes
-        .iter()
-        .map(|o| {
-            json!({
-                "strategy": o.kind.name(),
-                "stats": o.kernel.stats(),
-                "model": o.kernel.figures(),
-                "failed_operations": o.failures.len(),
-                "failures": failures_json(&o.failures),
-            })
-        })
-        .collect();
-    let first = &outcomes[0];
-    let policy = match options.policy {
-        hugepunch::Policy::Reject => "reject",
-        hugepunch::Policy::CancelAndZero => "cancel-and-zero",
-    };
-    let mut v = json!({
-        "trace": name,
-        "size": trace.size,
-        "order": trace.order,
-        "operations": trace.ops.len(),
-        "strategy": if outcomes.len() == 1 { first.kind.name() } else { "all" },
-        "budget": options.budget,
-        "policy": policy,
-        "stats": first.kernel.stats(),
-        "model": first.kernel.figures(),
-        "failed_operations": first.failures.len(),
-        "failures": failures_json(&first.failures),
-        "elapsed_seconds": secs,
-        "peak_rss_bytes": peak_rss(),
-    });
-    if outcomes.len() > 1 {
-        v["strategies"] = json!(per);
-    }
-    v
-}
-
-fn human(name: &str, trace: &Trace, outcomes: &[Outcome], options: Options, secs: f64) -> String {
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "{}: {} operations on a {} file with {} huge pages ({} strateg{}, {:.2} s)",
-        name,
-        count(trace.ops.len() as u64),
-        bytes(trace.size),
-        bytes(4096u64 << trace.order),
-        outcomes.len(),
-        if outcomes.len() == 1 { "y" } else { "ies" },
-        secs
-    );
-    if outcomes.len() > 1 {
-        let rows: Vec<Row> = outcomes.iter().map(|o| row_of(o, options)).collect();
-        s.push('\n');
-        s.push_str(&compare::render_table(&rows));
-        let _ = writeln!(s, "verdict: {}", compare::verdict(&rows));
-        for o in outcomes {
-            let _ = writeln!(s, "{}: {} operations failed", o.kind, o.failures.len());
-        }
-        return s;
-    }
-    let o = &outcomes[0];
-    let stats = serde_json::to_value(o.kernel.stats()).unwrap_or_default();
-    let _ = writeln!(s, "\nstatistics of {} (SPEC.md section 6):", o.kind);
-    if let Value::Object(m) = stats {
-        for (k, v) in m {
-            let _ = writeln!(s, "  {k:<24} {v}");
-        }
-    }
-    let f = o.kernel.figures();
-    let m = &f.memory;
-    let _ = writeln!(s, "\nmodel:");
-    let _ = writeln!(s, "  {:<24} {}", "bytes freed", bytes(f.bytes_freed));
-    let _ = writeln!(
-        s,
-        "  {:<24} {}",
-        "bytes allocated now",
-        bytes(m.resident_bytes)
-    );
-    let _ = writeln!(
-        s,
-        "  {:<24} {} / {} (huge {}, split {}, absent {})",
-        "huge pages intact",
-        count(m.huge_pages_intact),
-        count(m.huge_pages),
-        count(m.huge_pages_huge),
-        count(m.huge_pages_split),
-        count(m.huge_pages_absent)
-    );
-    let _ = writeln!(
-        s,
-        "  {:<24} {} / {}",
-        "direct map intact",
-        count(m.direct_map_intact),
-        count(m.direct_map_entries)
-    );
-    let _ = writeln!(
-        s,
-        "  {:<24} {}",
-        "violations",
-        if f.violations == 0 {
-            "none".to_string()
-        } else {
-            format!("{:?}", f.violations_by_kind)
-        }
-    );
-    let _ = writeln!(
-        s,
-        "\n{} operations failed (counted; the replay went on)",
-        o.failures.len()
-    );
-    for f in o.failures.iter().take(LISTED_FAILURES) {
-        let _ = writeln!(
-            s,
-            "  line {}: {}: {}",
-            f.line,
-            hugepunch_model::workload::format_op(&f.op),
-            f.error
-        );
-    }
-    if o.failures.len() > LISTED_FAILURES {
-        let _ = writeln!(s, "  ... and {} more", o.failures.len() - LISTED_FAILURES);
-    }
-    s
-}
-
-fn row_of(o: &Outcome, options: Options) -> Row {
-    let model = o.kernel.figures();
-    let options = if o.kind == StrategyKind::HugePunch {
-        options
-    } else {
-        Options::default()
-    };
-    Row {
-        label: Contender {
-            kind: o.kind,
-            options,
-        }
-        .label(),
-        strategy: o.kind,
-        budget: options.budget,
-        stats: o.kernel.stats(),
-        verification: Default::default(),
-        failed_operations: o.failures.len() as u64,
-        violations: model.violations,
-        leaked_after_teardown: model.violations_by_kind.contains_key("leak"),
-        model,
-    }
+/// Replay arbitrary bytes as a trace: an error for anything that is not a
+/// trace within `opts.limits`, never a panic, and no more time or memory
+/// than the limits allow (about; see [`crate::cost`]).
+pub fn replay_bytes(input: &[u8], opts: &ReplayOptions) -> Result<ReplayReport, ReplayError> {
+    replay_reader(input, opts)
 }

@@ -2,7 +2,7 @@
 //! huge page (or per group of huge pages when there are too many to draw
 //! one each), coloured by state, with a legend.
 
-use crate::format::{bytes, count};
+use hugepunch_cli::format::{bytes, count};
 use hugepunch_model::{Kernel, PageView};
 use std::fmt::Write as _;
 

@@ -115,6 +115,41 @@ impl<V: Copy + Eq> RangeMap<V> {
             .sum()
     }
 
+    /// How many points of `[start, end)` have the value `v`, looking at
+    /// no more than `max_runs` stored runs: `None` if the interval holds
+    /// more (for callers that must bound their own cost, and can fall
+    /// back to an upper bound).
+    pub fn count_bounded(&self, start: u64, end: u64, v: V, max_runs: usize) -> Option<u64> {
+        if start >= end {
+            return Some(0);
+        }
+        let first = self
+            .runs
+            .range(..start)
+            .next_back()
+            .filter(|(_, &(e, _))| e > start);
+        let (mut covered, mut with_v) = (0, 0);
+        for (i, (&s, &(e, x))) in first
+            .into_iter()
+            .chain(self.runs.range(start..end))
+            .enumerate()
+        {
+            if i >= max_runs {
+                return None;
+            }
+            let len = e.min(end) - s.max(start);
+            covered += len;
+            if x == v {
+                with_v += len;
+            }
+        }
+        Some(if v == self.default {
+            with_v + (end - start - covered)
+        } else {
+            with_v
+        })
+    }
+
     /// Number of stored runs (a measure of the map's size).
     pub fn runs(&self) -> usize {
         self.runs.len()
@@ -160,7 +195,14 @@ mod tests {
             prop_assert_eq!(segs.first().map(|s| s.0), Some(5));
             prop_assert_eq!(segs.last().map(|s| s.1), Some(50));
             for v in 0..3u8 {
-                prop_assert_eq!(m.count(5, 50, v), a[5..50].iter().filter(|&&x| x == v).count() as u64);
+                let want = a[5..50].iter().filter(|&&x| x == v).count() as u64;
+                prop_assert_eq!(m.count(5, 50, v), want);
+                prop_assert_eq!(m.count_bounded(5, 50, v, usize::MAX), Some(want));
+                let runs = m.segments(5, 50).iter().filter(|s| s.2 != m.default_value()).count();
+                prop_assert_eq!(m.count_bounded(5, 50, v, runs), Some(want));
+                if runs > 0 {
+                    prop_assert_eq!(m.count_bounded(5, 50, v, runs - 1), None);
+                }
             }
         }
     }

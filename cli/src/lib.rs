@@ -1,0 +1,14 @@
+//! The `hugepunch` tool as a library: trace replay on the simulated
+//! kernel within bounded time and memory ([`replay::replay_bytes`], what
+//! the fuzz target calls), the cost estimate behind those bounds
+//! ([`cost`]), and the tool's human formatting ([`format`]). The binary
+//! (`src/main.rs`) adds the command line, the demo, `gen`, `real` and the
+//! reports.
+#![deny(missing_docs)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+pub mod cost;
+pub mod format;
+pub mod replay;
+
+pub use replay::{replay_bytes, Limits, ReplayError, ReplayOptions, ReplayReport};
