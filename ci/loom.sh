@@ -39,6 +39,12 @@ esac
 step() { printf '\n--- loom: %s\n' "$*"; }
 start=$SECONDS
 
+# The sync door: under the loom cfg every atomic, lock and fence of the
+# engine must come through engine/src/sync.rs (ci/sync-door/clippy.toml).
+step "sync door (clippy, loom cfg)"
+CLIPPY_CONF_DIR="$PWD/ci/sync-door" RUSTFLAGS="--cfg hugepunch_loom" \
+  cargo clippy -p hugepunch --lib --target-dir target-loom -- -D warnings
+
 step "models (LOOM_MAX_PREEMPTIONS=$LOOM_MAX_PREEMPTIONS)"
 RUSTFLAGS="--cfg hugepunch_loom" \
   cargo test -p loom-tests --release --tests --target-dir target-loom

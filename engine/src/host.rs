@@ -31,10 +31,15 @@ pub enum Policy {
 /// # What a callback may do
 ///
 /// * **Block**: yes, every callback may block (take locks, sleep, do I/O).
-///   The engine never calls the host while it holds a lock of its own; the
-///   only engine state a callback can be "inside" is a per-huge-page mark
-///   (a completion, an un-punch or a forced split in flight), which makes a
-///   concurrent `populate` of that huge page wait, nothing else.
+///   The engine calls the host under no lock of its own, with one
+///   exception: `flush` and teardown (the slow paths) serialise on the
+///   file's slow-path mutex and call the host under it, as SPEC.md §5
+///   allows; a blocked callback there delays another `flush` or
+///   teardown, never a punch (no punch takes that mutex: the shrinker a
+///   punch runs takes no lock). Otherwise the only engine state a callback
+///   can be "inside" is a per-huge-page mark (a completion, an un-punch or
+///   a forced split in flight), which makes a concurrent `populate` of that
+///   huge page wait, nothing else.
 /// * **Re-enter the engine**: only through the read-only calls
 ///   ([`HugePunch::stats`](crate::HugePunch::stats),
 ///   [`HugePunch::max_mapping_order`](crate::HugePunch::max_mapping_order),
@@ -137,6 +142,7 @@ pub trait Host: Send + Sync {
 /// One whole set of callbacks: what an operation uses from start to end.
 #[derive(Clone)]
 pub(crate) struct Callbacks {
+    #[allow(clippy::disallowed_types)] // the public API's `Arc`: std's, also under loom
     pub host: std::sync::Arc<dyn Host>,
     pub policy: Policy,
 }
@@ -151,8 +157,8 @@ pub(crate) use slot::CallbackSlot;
 #[cfg(not(hugepunch_loom))]
 mod slot {
     use super::Callbacks;
+    use crate::sync::Arc;
     use arc_swap::ArcSwap;
-    use std::sync::Arc;
 
     pub(crate) struct CallbackSlot(ArcSwap<Callbacks>);
 

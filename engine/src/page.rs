@@ -30,8 +30,8 @@
 //! 1. Bits of a `HUGE` huge page are changed only by an operation registered
 //!    in `PUNCHING` (sets) or `UNPUNCHING` (clears), or by the owner of
 //!    `COMPLETING`/`BUSY`, which is never held while anything is registered.
-//! 2. A registration is taken only on a `HUGE` huge page with neither
-//!    `COMPLETING` nor `BUSY` (an entry RMW), so a life of a huge page cannot
+//! 2. A registration is taken only on a `HUGE` huge page with none of
+//!    `COMPLETING`, `BUSY` and `TORN` (an entry RMW), so a life of a huge page cannot
 //!    end while an operation of that life is still touching its bits: the
 //!    registration counts are this engine's generation. No late punch can
 //!    set a bit in the next life.
@@ -44,7 +44,7 @@
 //!
 //! # Transitions (each a single RMW on the state word)
 //!
-//! * **punch entry**: `HUGE`, no `COMPLETING`/`BUSY` → `PUNCHING + 1`.
+//! * **punch entry**: `HUGE`, no `COMPLETING`/`BUSY`/`TORN` → `PUNCHING + 1`.
 //! * **punch exit**: `PUNCHING − 1`, `COUNT + n` (n = bits this punch newly
 //!   set); if the result is *complete* (`HUGE`, `COUNT == full`, nothing
 //!   registered, no `COMPLETING`/`BUSY`), the same RMW sets `COMPLETING`
@@ -454,11 +454,12 @@ impl<'a> Page<'a> {
     pub fn read_bits(&self, first: u32, count: u32) -> Words {
         word_masks(first, count)
             .filter_map(|(w, mask)| {
-                // ORDERING: Acquire: a reader that found no registration in
-                // flight must see the bits as the last exit left them; the
-                // Acquire pairs with the Relaxed RMWs through the exit's
-                // Release sequence only via the state word, so callers load
-                // the state word (Acquire) around this read.
+                // ORDERING: Acquire, paired with the Release bitmap writes
+                // (`set_bits`, `clear_bits`, `owner_set`, the completion's
+                // reset): a reader that sees a bit value also sees the
+                // registration or claim of whoever wrote it, so callers that
+                // read without registering re-load the state word after
+                // this read and retry if something was in flight.
                 let bits = self.words[w].load(Ordering::Acquire) & mask;
                 (bits != 0).then_some((w, bits))
             })

@@ -154,9 +154,8 @@ fn new_shard() -> Shard {
 #[cfg(not(hugepunch_loom))]
 mod shards {
     use super::{new_shard, Delta, Shard, N};
+    use crate::sync::{fence, Arc, AtomicU64, Mutex, MutexGuard, Ordering};
     use std::cell::{Cell, RefCell};
-    use std::sync::atomic::{fence, AtomicU64, Ordering};
-    use std::sync::{Arc, Mutex};
 
     static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
@@ -203,7 +202,7 @@ mod shards {
             }
         }
 
-        fn lock(&self) -> std::sync::MutexGuard<'_, (Vec<Arc<Shard>>, [u64; N])> {
+        fn lock(&self) -> MutexGuard<'_, (Vec<Arc<Shard>>, [u64; N])> {
             self.all.lock().unwrap_or_else(|p| p.into_inner())
         }
 

@@ -4,8 +4,10 @@
 //! conversion check, the un-punch of `populate`) follow the protocol of
 //! [`crate::page`] and take no lock. The slow paths (forced splits by the
 //! shrinker and `flush`, teardown, and operations on `SPLIT` huge pages) own
-//! one huge page at a time through its `BUSY` bit; the shrinker, `flush`
-//! and teardown also serialise among themselves on one mutex.
+//! one huge page at a time through its `BUSY` bit; `flush` and teardown
+//! also serialise on one mutex and call the host under it (SPEC.md §5
+//! allows it). No punch ever takes that mutex: the shrinker a punch runs is
+//! served by one owner at a time without a lock (see `shrink`).
 //!
 //! One module per operation family: [`punch`] (and the completion),
 //! [`populate`] (and the un-punch), [`convert`], [`queries`], [`slow`]
@@ -28,7 +30,7 @@ use crate::page::{
 };
 use crate::range::{ByteRange, Geometry, Hint, PagePart, SUBPAGE_SIZE};
 use crate::stats::{Counters, Delta, Stats, C};
-use crate::sync::{backoff, lock, AtomicBool, Mutex, Ordering};
+use crate::sync::{backoff, lock, AtomicBool, AtomicU64, Mutex, Ordering};
 use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
 
@@ -128,8 +130,11 @@ pub struct HugePunch {
     callbacks: CallbackSlot,
     counters: Counters,
     budget: Option<u64>,
-    /// Serialises the shrinker, `flush` and teardown.
+    /// Serialises `flush` and teardown (never taken by a punch).
     slow: Mutex<()>,
+    /// Shrinker requests not yet served (see `shrink`): 0 when no
+    /// shrinker runs.
+    shrink_requests: AtomicU64,
     torn: AtomicBool,
 }
 
@@ -137,6 +142,7 @@ impl HugePunch {
     /// Build a file. Fails with [`Error::InvalidConfig`] when the order is
     /// outside 1..=18 or the size is not a positive multiple of the huge
     /// page size.
+    #[allow(clippy::disallowed_types)] // the public API's `Arc`: std's, also under loom
     pub fn new(config: Config, host: std::sync::Arc<dyn Host>) -> Result<Self, Error> {
         if !(1..=MAX_ORDER).contains(&config.order) {
             return Err(Error::InvalidConfig("order must be between 1 and 18"));
@@ -163,6 +169,7 @@ impl HugePunch {
             counters: Counters::new(),
             budget: config.budget,
             slow: Mutex::new(()),
+            shrink_requests: AtomicU64::new(0),
             torn: AtomicBool::new(false),
         })
     }
@@ -189,6 +196,7 @@ impl HugePunch {
 
     /// Replace the host. Operations that already started finish with the
     /// callbacks they loaded; later ones use the new host.
+    #[allow(clippy::disallowed_types)] // the public API's `Arc`: std's, also under loom
     pub fn set_host(&self, host: std::sync::Arc<dyn Host>) {
         self.callbacks.update(|cur| Callbacks {
             host: host.clone(),
@@ -222,23 +230,35 @@ impl HugePunch {
         self.counters.flush_counts(&mut d);
     }
 
+    /// Is the file torn down? (Validation of every call but teardown.)
     pub(super) fn live(&self) -> Result<(), Error> {
         // ORDERING: Acquire pairs with teardown's Release store: an
         // operation that sees the file live may still run concurrently with
         // teardown, which waits for it page by page; one that sees it torn
         // refuses.
         if self.torn.load(Ordering::Acquire) {
-            self.count_error(C::ErrorsTornDown);
             return Err(Error::TornDown);
         }
         Ok(())
     }
 
-    pub(super) fn check(&self, offset: u64, len: u64) -> Result<ByteRange, Error> {
+    /// Validate a range (`TornDown` first, then `InvalidRange`), counting
+    /// nothing: the read-only queries, which a VMM may poll freely.
+    pub(super) fn validate(&self, offset: u64, len: u64) -> Result<ByteRange, Error> {
         self.live()?;
-        self.geo.validate(offset, len).ok_or_else(|| {
-            self.count_error(C::ErrorsInvalidRange);
-            Error::InvalidRange { offset, len }
+        self.geo
+            .validate(offset, len)
+            .ok_or(Error::InvalidRange { offset, len })
+    }
+
+    /// Validate a range for an operation that changes something, counting
+    /// a failure in its error counter (SPEC.md §6).
+    pub(super) fn check(&self, offset: u64, len: u64) -> Result<ByteRange, Error> {
+        self.validate(offset, len).inspect_err(|e| {
+            self.count_error(match e {
+                Error::TornDown => C::ErrorsTornDown,
+                _ => C::ErrorsInvalidRange,
+            })
         })
     }
 

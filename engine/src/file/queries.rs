@@ -39,7 +39,7 @@ impl HugePunch {
 
     /// The state of the subpage at `offset` (4 KiB aligned).
     pub fn subpage_state(&self, offset: u64) -> Result<SubpageState, Error> {
-        let r = self.check(offset, SUBPAGE_SIZE)?;
+        let r = self.validate(offset, SUBPAGE_SIZE)?;
         let part = self.geo.parts(r).next().expect("a valid range has a part");
         Ok(self.subpage(part.huge_page, part.first))
     }
@@ -52,7 +52,7 @@ impl HugePunch {
 
     /// The punched (pending) runs inside `offset .. offset + len`.
     pub fn pending_ranges(&self, offset: u64, len: u64) -> Result<Vec<ByteRange>, Error> {
-        let r = self.check(offset, len)?;
+        let r = self.validate(offset, len)?;
         let mut out: Vec<ByteRange> = Vec::new();
         for part in self.geo.parts(r) {
             let punched = (part.first..part.first + part.count)
@@ -79,7 +79,6 @@ impl HugePunch {
     pub(super) fn huge_page_state(&self, h: u64) -> Result<Snapshot, Error> {
         self.live()?;
         if h >= self.geo.huge_pages() {
-            self.count_error(C::ErrorsInvalidRange);
             let size = self.geo.huge_page_size();
             return Err(Error::InvalidRange {
                 offset: h.saturating_mul(size),

@@ -18,7 +18,7 @@ impl HugePunch {
     ) -> bool {
         let s = page.claim_busy();
         let count = s.count();
-        if s.mode() != HUGE || count == 0 || count > page.full() {
+        if s.mode() != HUGE || s.is(TORN) || count == 0 || count > page.full() {
             page.release_busy(s.mode(), count, 0);
             return false;
         }
@@ -58,10 +58,46 @@ impl HugePunch {
         true
     }
 
-    /// Split the huge pages with the most punched subpages (lowest address
-    /// between equals) until pending bytes are within the budget.
+    /// The shrinker, at the end of a punch that left pending bytes over the
+    /// budget. It takes no lock and never waits for another shrinker: one
+    /// thread at a time runs it (the *owner*); a punch that finds it running
+    /// leaves a request and returns, and the owner runs another round for
+    /// every request that arrived during its last one, so no request is
+    /// lost and pending bytes are within the budget at every quiescent
+    /// point (invariant 7). It does not serialise with `flush` or teardown:
+    /// all three own one huge page at a time through its `BUSY` bit, and a
+    /// torn-down huge page is never split.
     pub(super) fn shrink(&self, cb: &Callbacks, d: &mut Delta) {
-        let _slow = lock(&self.slow);
+        // ORDERING: AcqRel. Release: our pending change (applied before
+        // this) happens-before the owner's next round, which reads this
+        // request (its CAS below acquires it, failing or not). Acquire: a
+        // new owner sees the previous owner's work.
+        if self.shrink_requests.fetch_add(1, Ordering::AcqRel) != 0 {
+            return;
+        }
+        loop {
+            // ORDERING: Acquire, as above: the requests counted in `seen`
+            // published their pending changes.
+            let seen = self.shrink_requests.load(Ordering::Acquire);
+            self.shrink_round(cb, d);
+            // ORDERING: AcqRel on success (the next owner's fetch_add reads
+            // our reset after our round); Acquire on failure (a request
+            // that arrived during the round: its pending change is seen by
+            // the next round).
+            if self
+                .shrink_requests
+                .compare_exchange(seen, 0, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                return;
+            }
+        }
+    }
+
+    /// One round of the shrinker: split the huge pages with the most
+    /// punched subpages (lowest address between equals) until pending bytes
+    /// are within the budget (or nothing more can be freed).
+    fn shrink_round(&self, cb: &Callbacks, d: &mut Delta) {
         let mut failed: Vec<u64> = Vec::new();
         while self.over_budget(self.counters.pending()) {
             let victim = self
@@ -72,7 +108,7 @@ impl HugePunch {
                     let s = self.index.existing(h)?.load();
                     let c = s.count();
                     (s.mode() == HUGE
-                        && !s.is(COMPLETING)
+                        && !s.is(COMPLETING | TORN)
                         && c > 0
                         && c <= self.index.page(h).full())
                     .then_some((c, h))

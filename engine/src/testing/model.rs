@@ -654,7 +654,7 @@ impl Model {
 
     /// `subpage_state(offset)`: validated like a one-subpage range.
     pub fn subpage_state(&mut self, offset: u64) -> Result<SubpageState, Error> {
-        let r = self.validate(offset, SUB)?;
+        let r = self.validate_query(offset, SUB)?;
         Ok(self.state_of(r.offset / SUB))
     }
 
@@ -665,7 +665,7 @@ impl Model {
 
     /// `pending_ranges(offset, len)`.
     pub fn pending_ranges(&mut self, offset: u64, len: u64) -> Result<Vec<ByteRange>, Error> {
-        let r = self.validate(offset, len)?;
+        let r = self.validate_query(offset, len)?;
         Ok(self.pending_runs(r))
     }
 
@@ -688,13 +688,20 @@ impl Model {
         out
     }
 
+    /// Validation of the read-only queries: the same errors, no counter
+    /// (SPEC.md §6: queries count nothing, even when they fail).
+    fn validate_query(&mut self, offset: u64, len: u64) -> Result<ByteRange, Error> {
+        let before = (self.stats.errors_torn_down, self.stats.errors_invalid_range);
+        let res = self.validate(offset, len);
+        (self.stats.errors_torn_down, self.stats.errors_invalid_range) = before;
+        res
+    }
+
     fn check_huge_page(&mut self, h: u64) -> Result<(), Error> {
         if self.torn {
-            self.stats.errors_torn_down += 1;
             return Err(Error::TornDown);
         }
         if h >= self.pages.len() as u64 {
-            self.stats.errors_invalid_range += 1;
             // The spec does not say which range; the harness compares the
             // variant only.
             return Err(Error::InvalidRange { offset: 0, len: 0 });
