@@ -43,6 +43,22 @@ pub enum Error {
         /// The host's errno.
         errno: i32,
     },
+    /// The size and order cannot describe a file (EINVAL): the order is
+    /// outside 1..=18, or the size is not a positive multiple of the huge
+    /// page size of at most 4 PiB.
+    #[error(
+        "invalid geometry: size {size} bytes ({}), huge page order {order} ({} huge pages): {why}",
+        human(*size),
+        human(4096u64.checked_shl(*order as u32).unwrap_or(0))
+    )]
+    InvalidGeometry {
+        /// The size asked for, in bytes.
+        size: u64,
+        /// The huge page order asked for.
+        order: u8,
+        /// What is wrong with them.
+        why: &'static str,
+    },
     /// The configuration cannot describe a file (EINVAL).
     #[error("invalid configuration: {0}")]
     InvalidConfig(&'static str),
@@ -59,7 +75,9 @@ impl Error {
     /// The errno a kernel would return for this error.
     pub fn errno(&self) -> i32 {
         match self {
-            Error::InvalidRange { .. } | Error::InvalidConfig(_) => EINVAL,
+            Error::InvalidRange { .. }
+            | Error::InvalidGeometry { .. }
+            | Error::InvalidConfig(_) => EINVAL,
             Error::PendingPunch { .. } => EAGAIN,
             Error::TornDown => EIO,
             Error::AllocationFailed { errno, .. } => *errno,
@@ -73,4 +91,17 @@ impl Error {
 pub struct HostError {
     /// The errno the host saw (for the Linux backend, fallocate's).
     pub errno: i32,
+}
+
+/// Bytes in the largest binary unit that divides them exactly (`2 MiB`,
+/// `4 KiB`, `12345 B`), for error messages.
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut n = bytes;
+    let mut unit = 0;
+    while unit + 1 < UNITS.len() && n >= 1024 && n % 1024 == 0 {
+        n /= 1024;
+        unit += 1;
+    }
+    format!("{n} {}", UNITS[unit])
 }

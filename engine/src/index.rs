@@ -65,9 +65,6 @@ fn is_real<T>(p: *mut T, sentinel: *mut T) -> bool {
 }
 
 impl Index {
-    /// The largest file the index accepts.
-    pub const MAX_SIZE: u64 = 1 << 52;
-
     pub fn new(geo: Geometry, populated: bool) -> Self {
         let full = geo.subpages_per_huge_page();
         let stride = 1 + (full as usize).div_ceil(64);

@@ -16,7 +16,9 @@ pub mod trace;
 mod unwind;
 
 pub use error::{Error, HostError, EAGAIN, EINVAL, EIO};
-pub use file::{Backing, Config, HugePunch, SubpageState, TeardownReport, MAX_ORDER};
+pub use file::{Backing, Config, HugePunch, SubpageState, TeardownReport};
 pub use host::{Attribute, Host, Policy};
-pub use range::{ByteRange, Hint, SUBPAGE_SHIFT, SUBPAGE_SIZE};
+pub use range::{
+    ByteRange, Geometry, Hint, PagePart, MAX_ORDER, MAX_SIZE, SUBPAGE_SHIFT, SUBPAGE_SIZE,
+};
 pub use stats::Stats;

@@ -1,6 +1,7 @@
 //! Byte ranges, their validation, and the split of a range into the parts
 //! that lie inside each huge page.
 
+use crate::error::Error;
 use serde::{Deserialize, Serialize};
 
 /// The smallest unit of guest memory the engine tracks: 4 KiB.
@@ -49,16 +50,35 @@ pub struct Hint {
     pub order: u8,
 }
 
-/// Geometry of one file: its size and huge page order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Geometry {
-    pub size: u64,
-    pub order: u8,
+/// The largest huge page order accepted (1 GiB huge pages).
+pub const MAX_ORDER: u8 = 18;
+
+/// The largest file size accepted: 4 PiB (the index's limit).
+pub const MAX_SIZE: u64 = 1 << 52;
+
+/// Geometry of one file: its size and huge page order, validated once.
+/// It splits ranges into their parts per huge page, and validates them,
+/// for the engine and for every crate that simulates or drives one (the
+/// kernel model, the tool), so that none of them re-implements the rules.
+///
+/// ```
+/// use hugepunch::{ByteRange, Geometry};
+/// let geo = Geometry::new(8 << 20, 9)?;
+/// assert_eq!((geo.huge_pages(), geo.huge_page_size()), (4, 2 << 20));
+/// let r = geo.validate(0x1000, 0x401000).unwrap();
+/// let parts: Vec<ByteRange> = geo.parts(r).map(|p| geo.range_of(p)).collect();
+/// assert_eq!(parts[1], ByteRange::new(0x200000, 0x200000));
+/// # Ok::<(), hugepunch::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Geometry {
+    size: u64,
+    order: u8,
 }
 
 /// The part of a range that lies inside one huge page.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct PagePart {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PagePart {
     /// Huge page index.
     pub huge_page: u64,
     /// First subpage of the part, relative to the huge page.
@@ -68,16 +88,64 @@ pub(crate) struct PagePart {
 }
 
 impl Geometry {
+    /// A file of `size` bytes with huge pages of order `order` (4 KiB <<
+    /// order). Fails with [`Error::InvalidGeometry`], naming the size, the
+    /// order and the huge page size, unless the order is 1 to 18 and the
+    /// size a positive multiple of the huge page size of at most 4 PiB.
+    pub fn new(size: u64, order: u8) -> Result<Self, Error> {
+        let invalid = |why| Error::InvalidGeometry { size, order, why };
+        if !(1..=MAX_ORDER).contains(&order) {
+            return Err(invalid("the order must be between 1 and 18"));
+        }
+        if size > MAX_SIZE {
+            return Err(invalid("the size must be at most 4 PiB"));
+        }
+        if size == 0 || size % (SUBPAGE_SIZE << order) != 0 {
+            return Err(invalid(
+                "the size must be a positive multiple of the huge page size",
+            ));
+        }
+        Ok(Geometry { size, order })
+    }
+
+    /// File size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Huge page order (4 KiB units: 9 = 2 MiB).
+    pub fn order(&self) -> u8 {
+        self.order
+    }
+
+    /// Subpages per huge page.
     pub fn subpages_per_huge_page(&self) -> u32 {
         1u32 << self.order
     }
 
+    /// Huge page size in bytes.
     pub fn huge_page_size(&self) -> u64 {
         SUBPAGE_SIZE << self.order
     }
 
+    /// Number of huge pages.
     pub fn huge_pages(&self) -> u64 {
         self.size >> (SUBPAGE_SHIFT + self.order as u32)
+    }
+
+    /// Number of subpages in the file.
+    pub fn subpages(&self) -> u64 {
+        self.size >> SUBPAGE_SHIFT
+    }
+
+    /// The huge page holding byte `offset`.
+    pub fn huge_page_of(&self, offset: u64) -> u64 {
+        offset >> (SUBPAGE_SHIFT + self.order as u32)
+    }
+
+    /// The byte range of one part.
+    pub fn range_of(&self, p: PagePart) -> ByteRange {
+        self.part_range(p.huge_page, p.first, p.count)
     }
 
     /// The byte range of huge page `h`.
@@ -131,10 +199,7 @@ mod tests {
 
     #[test]
     fn seed_example_splits_into_three_parts() {
-        let g = Geometry {
-            size: 8 << 20,
-            order: 9,
-        };
+        let g = Geometry::new(8 << 20, 9).unwrap();
         let r = g.validate(0x1000, 0x401000).unwrap();
         let parts: Vec<_> = g
             .parts(r)
@@ -152,10 +217,7 @@ mod tests {
 
     #[test]
     fn validation_rejects_bad_ranges() {
-        let g = Geometry {
-            size: 4 << 20,
-            order: 9,
-        };
+        let g = Geometry::new(4 << 20, 9).unwrap();
         assert!(g.validate(0, 4096).is_some());
         assert!(g.validate(0, 0).is_none());
         assert!(g.validate(1, 4096).is_none());
@@ -163,5 +225,21 @@ mod tests {
         assert!(g.validate(4 << 20, 4096).is_none());
         assert!(g.validate(u64::MAX - 4095, 8192).is_none());
         assert!(g.validate(0, 4 << 20).is_some());
+    }
+
+    #[test]
+    fn size_errors_name_the_size_the_order_and_the_huge_page_size() {
+        let e = Geometry::new(3 << 20, 9).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid geometry: size 3145728 bytes (3 MiB), huge page order 9 (2 MiB huge pages): \
+             the size must be a positive multiple of the huge page size"
+        );
+        assert_eq!(e.errno(), crate::EINVAL);
+        assert!(Geometry::new(0, 9).is_err());
+        assert!(Geometry::new(4 << 20, 0).is_err());
+        assert!(Geometry::new(4 << 20, 19).is_err());
+        assert!(Geometry::new(MAX_SIZE * 2, 9).is_err());
+        assert!(Geometry::new(MAX_SIZE, 18).is_ok());
     }
 }

@@ -99,9 +99,21 @@ fn a_failed_free_of_an_untouched_huge_page_is_retried_by_the_next_teardown() {
 #[test]
 fn absurd_sizes_are_refused() {
     let host = Arc::new(Frees::default());
+    let Err(e) = HugePunch::new(Config::new(1 << 62), host.clone()) else {
+        panic!("a 4 EiB file was accepted");
+    };
     assert!(matches!(
-        HugePunch::new(Config::new(1 << 62), host.clone()),
-        Err(Error::InvalidConfig(_))
+        e,
+        Error::InvalidGeometry {
+            size: 0x4000_0000_0000_0000,
+            order: 9,
+            ..
+        }
     ));
+    assert_eq!(
+        e.to_string(),
+        "invalid geometry: size 4611686018427387904 bytes (4096 PiB), huge page order 9 \
+         (2 MiB huge pages): the size must be at most 4 PiB"
+    );
     assert!(HugePunch::new(Config::new(1 << 52), host).is_ok());
 }

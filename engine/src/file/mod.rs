@@ -34,9 +34,6 @@ use crate::sync::{backoff, lock, AtomicBool, AtomicU64, Mutex, Ordering};
 use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
 
-/// The largest huge page order accepted (1 GiB huge pages).
-pub const MAX_ORDER: u8 = 18;
-
 /// How to build a file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Config {
@@ -139,26 +136,13 @@ pub struct HugePunch {
 }
 
 impl HugePunch {
-    /// Build a file. Fails with [`Error::InvalidConfig`] when the order is
-    /// outside 1..=18 or the size is not a positive multiple of the huge
-    /// page size.
+    /// Build a file. Fails with [`Error::InvalidGeometry`] (naming the
+    /// size, the order and the huge page size) when the order is outside
+    /// 1..=18 or the size is not a positive multiple of the huge page size
+    /// of at most 4 PiB.
     #[allow(clippy::disallowed_types)] // the public API's `Arc`: std's, also under loom
     pub fn new(config: Config, host: std::sync::Arc<dyn Host>) -> Result<Self, Error> {
-        if !(1..=MAX_ORDER).contains(&config.order) {
-            return Err(Error::InvalidConfig("order must be between 1 and 18"));
-        }
-        let geo = Geometry {
-            size: config.size,
-            order: config.order,
-        };
-        if config.size > Index::MAX_SIZE {
-            return Err(Error::InvalidConfig("size must be at most 4 PiB"));
-        }
-        if config.size == 0 || config.size % geo.huge_page_size() != 0 {
-            return Err(Error::InvalidConfig(
-                "size must be a positive multiple of the huge page size",
-            ));
-        }
+        let geo = Geometry::new(config.size, config.order)?;
         Ok(HugePunch {
             geo,
             index: Index::new(geo, config.populated),
@@ -174,14 +158,20 @@ impl HugePunch {
         })
     }
 
+    /// The file's geometry: its size, huge page order, and the split of a
+    /// range into parts per huge page.
+    pub fn geometry(&self) -> Geometry {
+        self.geo
+    }
+
     /// File size in bytes.
     pub fn size(&self) -> u64 {
-        self.geo.size
+        self.geo.size()
     }
 
     /// Huge page order.
     pub fn order(&self) -> u8 {
-        self.geo.order
+        self.geo.order()
     }
 
     /// Huge page size in bytes.
@@ -265,7 +255,7 @@ impl HugePunch {
     pub(super) fn hint(&self, h: u64) -> Hint {
         Hint {
             huge_page: h,
-            order: self.geo.order,
+            order: self.geo.order(),
         }
     }
 
@@ -337,7 +327,7 @@ impl HugePunch {
         {
             return false;
         }
-        let freed = self.free(cb, whole, self.geo.order, d);
+        let freed = self.free(cb, whole, self.geo.order(), d);
         let _ = d.caught.call(|| cb.host.invalidate_end(whole));
         d.add(C::Invalidations, 1);
         freed

@@ -77,7 +77,7 @@ impl HugePunch {
                         continue;
                     }
                     let whole = self.geo.huge_page_range(h);
-                    let order = self.geo.order;
+                    let order = self.geo.order();
                     let res = allocate(cb, whole, order, d);
                     return match res {
                         Ok(()) => {

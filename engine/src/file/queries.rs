@@ -97,7 +97,7 @@ impl HugePunch {
     pub fn max_mapping_order(&self, h: u64) -> Result<u8, Error> {
         let s = self.huge_page_state(h)?;
         Ok(if s.mode() == HUGE && s.idle() && s.count() == 0 {
-            self.geo.order
+            self.geo.order()
         } else {
             0
         })
