@@ -1,0 +1,80 @@
+//! Unit tests of the per-huge-page protocol (`page.rs`): word masks,
+//! runs, the completion claim, un-punch registration, `COUNT` wrapping.
+
+use super::*;
+
+#[test]
+fn word_masks_cover_exactly_the_range() {
+    let m: Vec<_> = word_masks(60, 10).collect();
+    assert_eq!(m, vec![(0, 0xf << 60), (1, 0x3f)]);
+    let m: Vec<_> = word_masks(0, 128).collect();
+    assert_eq!(m, vec![(0, u64::MAX), (1, u64::MAX)]);
+    let m: Vec<_> = word_masks(3, 1).collect();
+    assert_eq!(m, vec![(0, 1 << 3)]);
+}
+
+#[test]
+fn runs_merge_across_words() {
+    assert_eq!(runs([(0, 0b1011u64)]).to_vec(), vec![(0, 2), (3, 1)]);
+    assert_eq!(runs([(0, 1u64 << 63), (1, 1)]).to_vec(), vec![(63, 2)]);
+    assert_eq!(
+        runs([(0, u64::MAX), (1, u64::MAX)]).to_vec(),
+        vec![(0, 128)]
+    );
+    assert_eq!(runs([(1, 1u64 << 63)]).to_vec(), vec![(127, 1)]);
+}
+
+#[test]
+fn completion_is_claimed_once_by_the_filling_exit() {
+    let state = AtomicU64::new(HUGE);
+    let words = [AtomicU64::new(0)];
+    let page = Page::new(&state, &words, 4);
+    assert!(matches!(page.enter(PUNCH_ONE), Entry::Registered));
+    assert!(matches!(page.enter(PUNCH_ONE), Entry::Registered));
+    let a = page.set_bits(0, 3);
+    let b = page.set_bits(2, 2);
+    assert_eq!((a, b), (3, 1));
+    // The first exit leaves a registration behind: no claim yet.
+    assert!(!page.exit(PUNCH_ONE, a as i64).claimed_completion);
+    let last = page.exit(PUNCH_ONE, b as i64);
+    assert!(last.claimed_completion);
+    assert_eq!(page.enter(PUNCH_ONE), Entry::Completing);
+    page.end_completion(true);
+    assert_eq!(page.load().mode(), ABSENT);
+    assert!(page.read_bits(0, 4).is_empty());
+}
+
+#[test]
+fn unpunch_in_flight_blocks_the_claim() {
+    let state = AtomicU64::new(HUGE);
+    let words = [AtomicU64::new(0)];
+    let page = Page::new(&state, &words, 4);
+    assert!(matches!(page.enter(PUNCH_ONE), Entry::Registered));
+    let n = page.set_bits(0, 3);
+    assert!(!page.exit(PUNCH_ONE, n as i64).claimed_completion);
+    assert!(matches!(page.enter(UNPUNCH_ONE), Entry::Registered));
+    assert!(matches!(page.enter(PUNCH_ONE), Entry::Registered));
+    let n = page.set_bits(3, 1);
+    let e = page.exit(PUNCH_ONE, n as i64);
+    assert!(!e.claimed_completion, "an un-punch is registered");
+    let cleared = page.clear_bits(0, 1);
+    assert_eq!(cleared.to_vec(), vec![(0, 1)]);
+    assert!(!page.exit(UNPUNCH_ONE, -1).claimed_completion);
+    assert_eq!(page.load().count(), 3);
+}
+
+#[test]
+fn count_wraps_transiently_negative_and_recovers() {
+    let state = AtomicU64::new(HUGE);
+    let words = [AtomicU64::new(0)];
+    let page = Page::new(&state, &words, 4);
+    assert!(matches!(page.enter(PUNCH_ONE), Entry::Registered));
+    assert!(matches!(page.enter(UNPUNCH_ONE), Entry::Registered));
+    assert_eq!(page.set_bits(1, 1), 1);
+    assert_eq!(page.clear_bits(1, 1).len(), 1);
+    let e = page.exit(UNPUNCH_ONE, -1);
+    assert!(e.after.count() >= 1 << 19, "transiently negative: {e:?}");
+    let e = page.exit(PUNCH_ONE, 1);
+    assert_eq!(e.after.count(), 0);
+    assert_eq!(e.after.mode(), HUGE);
+}
