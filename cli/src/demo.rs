@@ -55,6 +55,50 @@ impl Default for Args {
     }
 }
 
+/// The largest guest the demo simulates (its cost grows with the guest:
+/// each run tears the whole guest down).
+const MAX_SIZE: u64 = 1 << 40;
+/// Wall seconds per subpage of the window, every pattern and strategy
+/// together, on the 2 cores of the development machine (the demo runs two
+/// strategies at a time), rounded up from measurements.
+const SECONDS_PER_WINDOW_SUBPAGE: f64 = 30e-6;
+/// Wall seconds per huge page of the guest (every run tears it down).
+const SECONDS_PER_HUGE_PAGE: f64 = 20e-6;
+/// Bytes per subpage of the window (every workload's steps are made
+/// first).
+const BYTES_PER_WINDOW_SUBPAGE: u64 = 400;
+/// The demo runs, or is refused, within about 10 seconds and 1 GiB.
+const MAX_SECONDS: f64 = 8.0;
+const MAX_MEMORY: u64 = 768 << 20;
+
+/// The window the workloads really punch (as `demo_workloads` clips it).
+fn effective_window(geo: Geometry, window: u64) -> u64 {
+    let hps = geo.huge_page_size();
+    window.min(geo.size.saturating_sub(2 * hps)).max(hps) / hps * hps
+}
+
+/// What a demo costs: wall seconds and bytes (an upper estimate).
+fn estimate(
+    geo: Geometry,
+    window: u64,
+    contenders: usize,
+    patterns: usize,
+    svg: bool,
+) -> (f64, u64) {
+    let subpages = (effective_window(geo, window) / 4096) as f64;
+    let share = (contenders as f64 / 5.0) * (patterns as f64 / 8.0);
+    let mut secs = (subpages * SECONDS_PER_WINDOW_SUBPAGE
+        + geo.huge_pages() as f64 * SECONDS_PER_HUGE_PAGE)
+        * share;
+    if svg {
+        // One more run of one workload per strategy, and a picture each.
+        secs += subpages * SECONDS_PER_WINDOW_SUBPAGE / 8.0
+            + geo.huge_pages() as f64 * contenders as f64 * 1e-6;
+    }
+    let mem = (16 << 20) + (subpages as u64 * BYTES_PER_WINDOW_SUBPAGE) * patterns as u64 / 8;
+    (secs, mem)
+}
+
 pub fn run(a: Args) -> anyhow::Result<()> {
     let geo = Geometry {
         size: a.size,
@@ -62,6 +106,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     };
     if a.size < 4 * geo.huge_page_size() || !a.size.is_multiple_of(geo.huge_page_size()) {
         bail!("--size must be a multiple of 2 MiB and at least 8 MiB");
+    }
+    if a.size > MAX_SIZE {
+        bail!(
+            "--size {} is larger than the demo runs ({} at most)",
+            bytes(a.size),
+            bytes(MAX_SIZE)
+        );
     }
     let cfg = ModelConfig {
         size: a.size,
@@ -94,6 +145,23 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             options: Options::default(),
         }),
     );
+    let patterns = if a.only.is_empty() {
+        Pattern::ALL.len()
+    } else {
+        Pattern::ALL.iter().filter(|p| a.only.contains(p)).count()
+    };
+    let (secs, mem) = estimate(geo, a.window, contenders.len(), patterns, a.svg.is_some());
+    if secs > MAX_SECONDS || mem > MAX_MEMORY {
+        bail!(
+            "a demo of a {} window of a {} guest would take about {:.0} s and {} of memory, more than this tool allows (about {:.0} s and {}); use a smaller --window or --size, or --only some patterns",
+            bytes(effective_window(geo, a.window)),
+            bytes(a.size),
+            secs,
+            bytes(mem),
+            MAX_SECONDS,
+            bytes(MAX_MEMORY)
+        );
+    }
     let mut workloads = demo_workloads(geo, a.window, a.seed);
     if !a.only.is_empty() {
         workloads.retain(|w| a.only.contains(&w.pattern));

@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 
 /// Pictures are of files of at most this many huge pages (every huge page
 /// is looked at once).
-pub const MAX_PAGES: u64 = 1 << 24;
+pub const MAX_PAGES: u64 = 1 << 22;
 
 /// At most this many cells per panel.
 pub const MAX_CELLS: u64 = 4096;

@@ -235,33 +235,56 @@ impl Parser {
             )));
         }
         let text = std::str::from_utf8(raw).map_err(|_| err("not UTF-8 text".into()))?;
-        let content = text.split('#').next().unwrap_or("");
-        if let Some(c) = content
-            .chars()
-            .find(|&c| !(c == ' ' || c == '\t' || c.is_ascii_graphic()))
+        let content = match raw.iter().position(|&b| b == b'#') {
+            Some(i) => &text[..i],
+            None => text,
+        };
+        let bytes = content.as_bytes();
+        let space = |b: u8| b == b' ' || b == b'\t';
+        if let Some(i) = bytes
+            .iter()
+            .position(|&b| !(space(b) || b.is_ascii_graphic()))
         {
+            let c = content[i..].chars().next().unwrap_or('?');
             return Err(err(format!(
                 "unexpected character {:?} (U+{:04X}): fields are separated by spaces or tabs",
                 c, c as u32
             )));
         }
-        let words: Vec<&str> = content
-            .split([' ', '\t'])
-            .filter(|w| !w.is_empty())
-            .collect();
-        let Some(&first) = words.first() else {
+        // At most five words are kept (no line takes more than four
+        // arguments); `n` counts them all. Plain byte loops: the content
+        // is ASCII by now, and this is the hot loop of a long trace.
+        let mut words = [""; 5];
+        let mut n = 0;
+        let mut i = 0;
+        while i < bytes.len() {
+            if space(bytes[i]) {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            while i < bytes.len() && !space(bytes[i]) {
+                i += 1;
+            }
+            if n < words.len() {
+                words[n] = &content[start..i];
+            }
+            n += 1;
+        }
+        if n == 0 {
             return Ok(());
-        };
+        }
+        let first = words[0];
         let num = |w: &str| number(w).map_err(|e| err(format!("bad number {w:?}: {e}")));
-        let arity = |n: usize| {
-            if words.len() == n {
+        let arity = |want: usize| {
+            if n == want {
                 Ok(())
             } else {
                 Err(err(format!(
                     "`{}` takes {} argument(s), got {}",
                     first,
-                    n - 1,
-                    words.len() - 1
+                    want - 1,
+                    n - 1
                 )))
             }
         };
