@@ -6,9 +6,9 @@
 mod common;
 
 use common::{Event, RecordingHost};
+use hugepunch::testing::{Action, HookedHost};
 use hugepunch::{
-    Attribute, Backing, ByteRange, Config, Error, Hint, Host, HostError, HugePunch, Policy,
-    SubpageState,
+    Attribute, Backing, ByteRange, Config, Error, Hint, HostError, HugePunch, Policy, SubpageState,
 };
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -55,37 +55,16 @@ fn replaced_policy_applies_to_later_conversions() {
     assert_eq!(file.stats().repopulated_subpages, 1);
 }
 
-/// A host whose allocations fail.
-struct NoMemory(Arc<RecordingHost>);
-
-impl Host for NoMemory {
-    fn is_shared(&self, r: ByteRange) -> bool {
-        self.0.is_shared(r)
-    }
-    fn set_attributes(&self, r: ByteRange, to: Attribute) {
-        self.0.set_attributes(r, to)
-    }
-    fn invalidate_begin(&self, r: ByteRange, h: Hint) {
-        self.0.invalidate_begin(r, h)
-    }
-    fn invalidate_end(&self, r: ByteRange) {
-        self.0.invalidate_end(r)
-    }
-    fn allocate(&self, _: ByteRange, _: u8) -> Result<(), HostError> {
-        Err(HostError { errno: 12 })
-    }
-    fn free(&self, r: ByteRange, o: u8) -> Result<(), HostError> {
-        self.0.free(r, o)
-    }
-    fn zero(&self, r: ByteRange) {
-        self.0.zero(r)
-    }
-}
-
 #[test]
 fn failed_allocation_fails_populate_and_changes_nothing() {
     let rec = RecordingHost::new(4 << 20, Attribute::Shared, false);
-    let file = HugePunch::new(Config::new(4 << 20).empty(), Arc::new(NoMemory(rec))).unwrap();
+    // A host whose allocations fail.
+    let host = HookedHost::new(rec);
+    host.set(|e| match e {
+        Event::Allocate(..) => Action::Fail(HostError { errno: 12 }),
+        _ => Action::Forward,
+    });
+    let file = HugePunch::new(Config::new(4 << 20).empty(), host).unwrap();
     let err = file.populate(0, 4096).unwrap_err();
     assert_eq!(
         err,
@@ -102,52 +81,31 @@ fn failed_allocation_fails_populate_and_changes_nothing() {
     assert!(file.teardown().still_allocated.is_empty());
 }
 
-/// A host whose `free` (or `zero`) panics once when armed.
+/// Flags that make the next `free` (or `zero`) panic once.
+#[derive(Default)]
 struct Panicky {
-    inner: Arc<RecordingHost>,
     panic_free: AtomicBool,
     panic_zero: AtomicBool,
 }
 
-impl Host for Panicky {
-    fn is_shared(&self, r: ByteRange) -> bool {
-        self.inner.is_shared(r)
-    }
-    fn set_attributes(&self, r: ByteRange, to: Attribute) {
-        self.inner.set_attributes(r, to)
-    }
-    fn invalidate_begin(&self, r: ByteRange, h: Hint) {
-        self.inner.invalidate_begin(r, h)
-    }
-    fn invalidate_end(&self, r: ByteRange) {
-        self.inner.invalidate_end(r)
-    }
-    fn allocate(&self, r: ByteRange, o: u8) -> Result<(), HostError> {
-        self.inner.allocate(r, o)
-    }
-    fn free(&self, r: ByteRange, o: u8) -> Result<(), HostError> {
-        if self.panic_free.swap(false, Ordering::SeqCst) {
-            panic!("free panics");
-        }
-        self.inner.free(r, o)
-    }
-    fn zero(&self, r: ByteRange) {
-        if self.panic_zero.swap(false, Ordering::SeqCst) {
-            panic!("zero panics");
-        }
-        self.inner.zero(r)
-    }
-}
-
 fn panicky(size: u64) -> (HugePunch, Arc<Panicky>, Arc<RecordingHost>) {
     let inner = RecordingHost::new(size, Attribute::Shared, true);
-    let host = Arc::new(Panicky {
-        inner: inner.clone(),
-        panic_free: AtomicBool::new(false),
-        panic_zero: AtomicBool::new(false),
-    });
-    let file = HugePunch::new(Config::new(size).order(2), host.clone()).unwrap();
-    (file, host, inner)
+    let flags = Arc::new(Panicky::default());
+    let host = HookedHost::new(inner.clone());
+    {
+        let flags = flags.clone();
+        host.set(move |e| {
+            if matches!(e, Event::Free(..)) && flags.panic_free.swap(false, Ordering::SeqCst) {
+                panic!("free panics");
+            }
+            if matches!(e, Event::Zero(..)) && flags.panic_zero.swap(false, Ordering::SeqCst) {
+                panic!("zero panics");
+            }
+            Action::Forward
+        });
+    }
+    let file = HugePunch::new(Config::new(size).order(2), host).unwrap();
+    (file, flags, inner)
 }
 
 #[test]

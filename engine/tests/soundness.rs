@@ -20,96 +20,33 @@
 mod common;
 
 use common::watchdog::Watchdog;
-use common::RecordingHost;
+use hugepunch::testing::{Action, Event, HookedHost, RecordingHost};
 use hugepunch::{
-    Attribute, Backing, ByteRange, Config, Hint, Host, HostError, HugePunch, Policy, SubpageState,
-    SUBPAGE_SIZE,
+    Attribute, Backing, ByteRange, Config, Host, HugePunch, Policy, SubpageState, SUBPAGE_SIZE,
 };
 use std::cell::RefCell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
 const SUB: u64 = SUBPAGE_SIZE;
 /// Four subpages per huge page (order 2), as the loom models use.
 const TINY: u64 = 4 * SUB;
 
-/// A host callback, as the hook sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Call {
-    IsShared(ByteRange),
-    SetAttributes(ByteRange),
-    InvalidateBegin(ByteRange),
-    InvalidateEnd(ByteRange),
-    Allocate(ByteRange),
-    Free(ByteRange),
-    Zero(ByteRange),
+/// A recording host (residency, attributes, double-free detection) behind
+/// a hook that runs first in every callback: it may block or panic.
+fn hooked(size: u64, attr: Attribute) -> Arc<HookedHost> {
+    HookedHost::new(RecordingHost::new(size, attr, true))
 }
 
-type Hook = Arc<dyn Fn(Call) + Send + Sync>;
-
-/// A recording host (residency, attributes, double-free detection) with a
-/// hook that runs first in every callback: it may block or panic.
-struct Hooked {
-    inner: Arc<RecordingHost>,
-    hook: Mutex<Option<Hook>>,
-}
-
-impl Hooked {
-    fn new(size: u64, attr: Attribute) -> Arc<Self> {
-        Arc::new(Hooked {
-            inner: RecordingHost::new(size, attr, true),
-            hook: Mutex::new(None),
-        })
-    }
-
-    fn set(&self, f: impl Fn(Call) + Send + Sync + 'static) {
-        *self.hook.lock().unwrap() = Some(Arc::new(f));
-    }
-
-    fn clear(&self) {
-        *self.hook.lock().unwrap() = None;
-    }
-
-    fn call(&self, c: Call) {
-        let hook = self.hook.lock().unwrap().clone();
-        if let Some(hook) = hook {
-            hook(c);
-        }
-    }
-}
-
-impl Host for Hooked {
-    fn is_shared(&self, range: ByteRange) -> bool {
-        self.call(Call::IsShared(range));
-        self.inner.is_shared(range)
-    }
-    fn set_attributes(&self, range: ByteRange, to: Attribute) {
-        self.call(Call::SetAttributes(range));
-        self.inner.set_attributes(range, to)
-    }
-    fn invalidate_begin(&self, range: ByteRange, hint: Hint) {
-        self.call(Call::InvalidateBegin(range));
-        self.inner.invalidate_begin(range, hint)
-    }
-    fn invalidate_end(&self, range: ByteRange) {
-        self.call(Call::InvalidateEnd(range));
-        self.inner.invalidate_end(range)
-    }
-    fn allocate(&self, range: ByteRange, order: u8) -> Result<(), HostError> {
-        self.call(Call::Allocate(range));
-        self.inner.allocate(range, order)
-    }
-    fn free(&self, range: ByteRange, order: u8) -> Result<(), HostError> {
-        self.call(Call::Free(range));
-        self.inner.free(range, order)
-    }
-    fn zero(&self, range: ByteRange) {
-        self.call(Call::Zero(range));
-        self.inner.zero(range)
-    }
+/// Install a hook that only watches (blocks, panics), then forwards.
+fn on(host: &HookedHost, f: impl Fn(&Event) + Send + Sync + 'static) {
+    host.set(move |e| {
+        f(e);
+        Action::Forward
+    })
 }
 
 /// The panic message the hooks raise.
@@ -135,22 +72,22 @@ fn expect_boom<T>(what: &str, f: impl FnOnce() -> T) {
     }
 }
 
-fn file(size: u64, order: u8, host: &Arc<Hooked>) -> Arc<HugePunch> {
+fn file(size: u64, order: u8, host: &Arc<HookedHost>) -> Arc<HugePunch> {
     Arc::new(HugePunch::new(Config::new(size).order(order), host.clone()).unwrap())
 }
 
-fn file_with(config: Config, host: &Arc<Hooked>) -> Arc<HugePunch> {
+fn file_with(config: Config, host: &Arc<HookedHost>) -> Arc<HugePunch> {
     Arc::new(HugePunch::new(config, host.clone()).unwrap())
 }
 
 /// At a quiescent point: every `Present` or `Punched` subpage is resident,
 /// every `Absent` one is not, and `pending_subpages` counts the punched.
-fn assert_consistent(file: &HugePunch, host: &Hooked) {
+fn assert_consistent(file: &HugePunch, host: &HookedHost) {
     let mut punched = 0;
     for sub in 0..file.size() / SUB {
         let at = sub * SUB;
         let state = file.subpage_state(at).unwrap();
-        let resident = host.inner.is_resident(at);
+        let resident = host.inner().is_resident(at);
         match state {
             SubpageState::Punched => {
                 punched += 1;
@@ -170,11 +107,11 @@ fn assert_consistent(file: &HugePunch, host: &Hooked) {
 }
 
 /// A final teardown with a well-behaved host frees everything, once.
-fn assert_teardown_frees_all(file: &HugePunch, host: &Hooked) {
+fn assert_teardown_frees_all(file: &HugePunch, host: &HookedHost) {
     host.clear();
     let report = file.teardown();
     assert!(report.still_allocated.is_empty(), "{report:?}");
-    assert_eq!(host.inner.resident_subpages(), 0, "teardown leaked");
+    assert_eq!(host.inner().resident_subpages(), 0, "teardown leaked");
     let s = file.stats();
     assert_eq!(s.pending_subpages, 0);
 }
@@ -219,7 +156,7 @@ fn statistics_of_punches_from_a_thread_local_destructor_are_exact() {
         static USER: RefCell<Option<PunchOnDrop>> = const { RefCell::new(None) };
     }
 
-    let host = Hooked::new(64 << 20, Attribute::Shared);
+    let host = hooked(64 << 20, Attribute::Shared);
     let file = file(64 << 20, 9, &host);
     let (dropping_tx, dropping) = mpsc::channel();
     let (go, go_rx) = mpsc::channel();
@@ -273,14 +210,14 @@ fn statistics_of_punches_from_a_thread_local_destructor_are_exact() {
 fn panicking_zero_under_a_racing_punch_never_frees_an_unpunched_subpage() {
     let _watchdog =
         Watchdog::arm("panicking_zero_under_a_racing_punch_never_frees_an_unpunched_subpage");
-    let host = Hooked::new(TINY, Attribute::Shared);
+    let host = hooked(TINY, Attribute::Shared);
     let file = file(TINY, 2, &host);
     file.punch(0, 3 * SUB).unwrap();
     let g = gate();
     {
         let g = g.clone();
-        host.set(move |c| {
-            if c == Call::Zero(ByteRange::new(0, SUB)) {
+        on(&host, move |c| {
+            if *c == Event::Zero(ByteRange::new(0, SUB)) {
                 g.wait();
                 g.wait();
                 boom();
@@ -319,15 +256,15 @@ fn panicking_zero_under_a_racing_punch_never_frees_an_unpunched_subpage() {
 #[test]
 fn a_populate_waiting_for_a_panicking_unpunch_looks_again() {
     let _watchdog = Watchdog::arm("a_populate_waiting_for_a_panicking_unpunch_looks_again");
-    let host = Hooked::new(TINY, Attribute::Shared);
+    let host = hooked(TINY, Attribute::Shared);
     let file = file(TINY, 2, &host);
     file.punch(0, SUB).unwrap();
     let g = gate();
     let zeroes = Arc::new(AtomicU32::new(0));
     {
         let (g, zeroes) = (g.clone(), zeroes.clone());
-        host.set(move |c| {
-            if matches!(c, Call::Zero(_)) && zeroes.fetch_add(1, Ordering::SeqCst) == 0 {
+        on(&host, move |c| {
+            if matches!(c, Event::Zero(..)) && zeroes.fetch_add(1, Ordering::SeqCst) == 0 {
                 g.wait();
                 g.wait();
                 boom();
@@ -366,11 +303,11 @@ fn a_populate_waiting_for_a_panicking_unpunch_looks_again() {
 /// page was freed, and must never be freed again.
 #[test]
 fn invalidate_end_panicking_after_a_completion_free_frees_once() {
-    let host = Hooked::new(2 * TINY, Attribute::Private);
+    let host = hooked(2 * TINY, Attribute::Private);
     let file = file(2 * TINY, 2, &host);
     file.punch(0, 3 * SUB).unwrap();
-    host.set(|c| {
-        if c == Call::InvalidateEnd(ByteRange::new(0, TINY)) {
+    on(&host, |c| {
+        if *c == Event::InvalidateEnd(ByteRange::new(0, TINY)) {
             boom()
         }
     });
@@ -393,15 +330,15 @@ fn invalidate_end_panicking_after_a_completion_free_frees_once() {
 /// whose completion's free had failed).
 #[test]
 fn invalidate_end_panicking_after_a_flush_free_frees_once() {
-    let host = Hooked::new(TINY, Attribute::Shared);
+    let host = hooked(TINY, Attribute::Shared);
     let file = file(TINY, 2, &host);
-    host.inner.fail_next_frees.store(1, Ordering::Relaxed);
+    host.inner().fail_next_frees.store(1, Ordering::Relaxed);
     file.punch(0, TINY - SUB).unwrap();
     file.punch(TINY - SUB, SUB).unwrap();
     assert_eq!(file.stats().free_errors, 1);
     assert_eq!(file.stats().pending_subpages, 4);
-    host.set(|c| {
-        if matches!(c, Call::InvalidateEnd(_)) {
+    on(&host, |c| {
+        if matches!(c, Event::InvalidateEnd(..)) {
             boom()
         }
     });
@@ -418,19 +355,19 @@ fn invalidate_end_panicking_after_a_flush_free_frees_once() {
 #[test]
 fn invalidate_end_panicking_in_teardown_frees_once() {
     for touched in [true, false] {
-        let host = Hooked::new(2 * TINY, Attribute::Shared);
+        let host = hooked(2 * TINY, Attribute::Shared);
         let file = file(2 * TINY, 2, &host);
         if touched {
             file.punch(0, SUB).unwrap();
         }
-        host.set(|c| {
-            if c == Call::InvalidateEnd(ByteRange::new(0, TINY)) {
+        on(&host, |c| {
+            if *c == Event::InvalidateEnd(ByteRange::new(0, TINY)) {
                 boom()
             }
         });
         expect_boom("teardown", || file.teardown());
         host.clear();
-        assert_eq!(host.inner.resident_subpages(), 0, "touched {touched}");
+        assert_eq!(host.inner().resident_subpages(), 0, "touched {touched}");
         let report = file.teardown();
         assert!(
             report.still_allocated.is_empty(),
@@ -452,19 +389,19 @@ fn invalidate_end_panicking_in_teardown_frees_once() {
 #[test]
 fn a_panicking_free_in_teardown_of_untouched_huge_pages_is_retried_once() {
     let size = 64 * TINY;
-    let host = Hooked::new(size, Attribute::Shared);
+    let host = hooked(size, Attribute::Shared);
     let file = file(size, 2, &host);
-    host.set(|c| {
-        if c == Call::Free(ByteRange::new(5 * TINY, TINY)) {
+    on(&host, |c| {
+        if *c == Event::Free(ByteRange::new(5 * TINY, TINY), 2) {
             boom()
         }
     });
     expect_boom("teardown", || file.teardown());
     host.clear();
-    assert_eq!(host.inner.resident_subpages(), 4, "only huge page 5 left");
+    assert_eq!(host.inner().resident_subpages(), 4, "only huge page 5 left");
     let report = file.teardown();
     assert!(report.still_allocated.is_empty(), "{report:?}");
-    assert_eq!(host.inner.resident_subpages(), 0);
+    assert_eq!(host.inner().resident_subpages(), 0);
     let before = file.stats();
     assert!(file.teardown().still_allocated.is_empty());
     assert_eq!(file.stats(), before, "a third teardown does nothing");
@@ -477,12 +414,12 @@ fn a_panicking_free_in_teardown_of_untouched_huge_pages_is_retried_once() {
 /// punched bit set, and punching the rest freed run 0 again.
 #[test]
 fn a_forced_split_whose_run_free_panics_never_frees_twice() {
-    let host = Hooked::new(TINY, Attribute::Shared);
+    let host = hooked(TINY, Attribute::Shared);
     let file = file(TINY, 2, &host);
     file.punch(0, SUB).unwrap();
     file.punch(2 * SUB, SUB).unwrap();
-    host.set(|c| {
-        if c == Call::Free(ByteRange::new(2 * SUB, SUB)) {
+    on(&host, |c| {
+        if *c == Event::Free(ByteRange::new(2 * SUB, SUB), 0) {
             boom()
         }
     });
@@ -492,9 +429,9 @@ fn a_forced_split_whose_run_free_panics_never_frees_twice() {
     assert_eq!(file.subpage_state(0).unwrap(), SubpageState::Absent);
     assert_eq!(file.subpage_state(2 * SUB).unwrap(), SubpageState::Present);
     assert!(
-        host.inner
+        host.inner()
             .events()
-            .contains(&common::Event::Zero(ByteRange::new(2 * SUB, SUB))),
+            .contains(&Event::Zero(ByteRange::new(2 * SUB, SUB))),
         "the subpage that stays present was punched: it is zeroed"
     );
     let s = file.stats();
@@ -513,14 +450,14 @@ fn a_forced_split_whose_run_free_panics_never_frees_twice() {
 /// un-punch happened and is counted, so `pending_subpages` is 0.
 #[test]
 fn a_cancel_and_zero_conversion_whose_set_attributes_panics_keeps_exact_counts() {
-    let host = Hooked::new(TINY, Attribute::Shared);
+    let host = hooked(TINY, Attribute::Shared);
     let file = file_with(
         Config::new(TINY).order(2).policy(Policy::CancelAndZero),
         &host,
     );
     file.punch(0, 2 * SUB).unwrap();
-    host.set(|c| {
-        if matches!(c, Call::SetAttributes(_)) {
+    on(&host, |c| {
+        if matches!(c, Event::SetAttributes(..)) {
             boom()
         }
     });
@@ -538,21 +475,21 @@ fn a_cancel_and_zero_conversion_whose_set_attributes_panics_keeps_exact_counts()
 /// punched, so it must not convert them to private (invariant 3).
 #[test]
 fn a_cancel_and_zero_conversion_whose_zero_panics_does_not_convert() {
-    let host = Hooked::new(TINY, Attribute::Shared);
+    let host = hooked(TINY, Attribute::Shared);
     let file = file_with(
         Config::new(TINY).order(2).policy(Policy::CancelAndZero),
         &host,
     );
     file.punch(0, 2 * SUB).unwrap();
-    host.set(|c| {
-        if matches!(c, Call::Zero(_)) {
+    on(&host, |c| {
+        if matches!(c, Event::Zero(..)) {
             boom()
         }
     });
     expect_boom("convert", || file.convert(0, TINY, Attribute::Private));
     host.clear();
     assert!(
-        host.inner.is_shared(ByteRange::new(0, TINY)),
+        host.inner().is_shared(ByteRange::new(0, TINY)),
         "not converted"
     );
     let s = file.stats();
@@ -566,22 +503,22 @@ fn a_cancel_and_zero_conversion_whose_zero_panics_does_not_convert() {
 /// that stay present were punched, so they are zeroed, as on `Err`.
 #[test]
 fn a_panicking_free_of_a_split_punch_zeroes_what_stays_present() {
-    let host = Hooked::new(TINY, Attribute::Shared);
+    let host = hooked(TINY, Attribute::Shared);
     let file = file(TINY, 2, &host);
     file.punch(0, SUB).unwrap();
     file.flush(0, TINY).unwrap();
     assert_eq!(file.backing(0).unwrap(), Backing::Split);
-    host.set(|c| {
-        if matches!(c, Call::Free(_)) {
+    on(&host, |c| {
+        if matches!(c, Event::Free(..)) {
             boom()
         }
     });
     expect_boom("punch", || file.punch(SUB, SUB));
     host.clear();
     assert!(host
-        .inner
+        .inner()
         .events()
-        .contains(&common::Event::Zero(ByteRange::new(SUB, SUB))));
+        .contains(&Event::Zero(ByteRange::new(SUB, SUB))));
     assert_eq!(file.subpage_state(SUB).unwrap(), SubpageState::Present);
     assert_consistent(&file, &host);
     assert_teardown_frees_all(&file, &host);
@@ -592,16 +529,16 @@ fn a_panicking_free_of_a_split_punch_zeroes_what_stays_present() {
 /// and a later `flush` frees it once.
 #[test]
 fn a_panicking_invalidate_begin_frees_nothing() {
-    let host = Hooked::new(TINY, Attribute::Shared);
+    let host = hooked(TINY, Attribute::Shared);
     let file = file(TINY, 2, &host);
     file.punch(0, 3 * SUB).unwrap();
-    host.set(|c| {
-        if matches!(c, Call::InvalidateBegin(_)) {
+    on(&host, |c| {
+        if matches!(c, Event::InvalidateBegin(..)) {
             boom()
         }
     });
     expect_boom("completing punch", || file.punch(3 * SUB, SUB));
-    assert_eq!(host.inner.resident_subpages(), 4, "nothing freed");
+    assert_eq!(host.inner().resident_subpages(), 4, "nothing freed");
     host.clear();
     assert_eq!(file.stats().pending_subpages, 4);
     assert_consistent(&file, &host);
@@ -615,10 +552,10 @@ fn a_panicking_invalidate_begin_frees_nothing() {
 /// invalidates it now (invariant 2), its bits are pending and counted.
 #[test]
 fn a_panicking_shared_state_check_counts_as_private() {
-    let host = Hooked::new(TINY, Attribute::Shared);
+    let host = hooked(TINY, Attribute::Shared);
     let file = file(TINY, 2, &host);
-    host.set(|c| {
-        if matches!(c, Call::IsShared(_)) {
+    on(&host, |c| {
+        if matches!(c, Event::IsShared(..)) {
             boom()
         }
     });
@@ -627,9 +564,11 @@ fn a_panicking_shared_state_check_counts_as_private() {
     let s = file.stats();
     assert_eq!((s.punch_calls, s.pending_subpages), (1, 1));
     assert_eq!((s.invalidations, s.invalidations_immediate), (1, 1));
-    assert!(host.inner.events().iter().any(
-        |e| matches!(e, common::Event::InvalidateBegin(r, _) if *r == ByteRange::new(SUB, SUB))
-    ));
+    assert!(host
+        .inner()
+        .events()
+        .iter()
+        .any(|e| matches!(e, Event::InvalidateBegin(r, _) if *r == ByteRange::new(SUB, SUB))));
     assert_consistent(&file, &host);
     assert_teardown_frees_all(&file, &host);
 }
@@ -638,13 +577,10 @@ fn a_panicking_shared_state_check_counts_as_private() {
 /// allocated, and a later populate allocates it.
 #[test]
 fn a_panicking_allocation_leaves_the_huge_page_absent() {
-    let host = Arc::new(Hooked {
-        inner: RecordingHost::new(TINY, Attribute::Shared, false),
-        hook: Mutex::new(None),
-    });
+    let host = HookedHost::new(RecordingHost::new(TINY, Attribute::Shared, false));
     let file = file_with(Config::new(TINY).order(2).empty(), &host);
-    host.set(|c| {
-        if matches!(c, Call::Allocate(_)) {
+    on(&host, |c| {
+        if matches!(c, Event::Allocate(..)) {
             boom()
         }
     });
@@ -675,22 +611,22 @@ fn a_shared_punch_meeting_a_completion_invalidates_when_a_conversion_is_marked()
     let _watchdog = Watchdog::arm(
         "a_shared_punch_meeting_a_completion_invalidates_when_a_conversion_is_marked",
     );
-    let host = Hooked::new(TINY, Attribute::Shared);
+    let host = hooked(TINY, Attribute::Shared);
     let file = file(TINY, 2, &host);
     file.punch(0, 3 * SUB).unwrap();
     let (free_gate, shared_gate, attr_gate) = (gate(), gate(), gate());
     {
         let (f, s, a) = (free_gate.clone(), shared_gate.clone(), attr_gate.clone());
-        host.set(move |c| match c {
-            Call::Free(r) if r == ByteRange::new(0, TINY) => {
+        on(&host, move |c| match *c {
+            Event::Free(r, _) if r == ByteRange::new(0, TINY) => {
                 f.wait();
                 f.wait();
             }
-            Call::IsShared(r) if r == ByteRange::new(0, SUB) => {
+            Event::IsShared(r) if r == ByteRange::new(0, SUB) => {
                 s.wait();
                 s.wait();
             }
-            Call::SetAttributes(_) => {
+            Event::SetAttributes(..) => {
                 a.wait();
                 a.wait();
             }
@@ -714,13 +650,14 @@ fn a_shared_punch_meeting_a_completion_invalidates_when_a_conversion_is_marked()
         std::thread::spawn(move || file.convert(0, SUB, Attribute::Private))
     };
     attr_gate.wait(); // the conversion is marked, inside `set_attributes`
-    host.inner.take_events();
+    host.inner().take_events();
     shared_gate.wait(); // `is_shared` answers "shared"
     punch.join().unwrap();
-    let invalidated =
-        host.inner.events().iter().any(
-            |e| matches!(e, common::Event::InvalidateBegin(r, _) if *r == ByteRange::new(0, SUB)),
-        );
+    let invalidated = host
+        .inner()
+        .events()
+        .iter()
+        .any(|e| matches!(e, Event::InvalidateBegin(r, _) if *r == ByteRange::new(0, SUB)));
     attr_gate.wait();
     let converted = convert.join().unwrap();
     host.clear();

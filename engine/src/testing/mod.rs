@@ -1,5 +1,6 @@
 //! Test support, compiled only with the `test-util` feature: a recording
-//! host, the sequential reference model of SPEC.md §3 and §6, and the
+//! host, a forwarding host with hooks (to block, panic or fail inside a
+//! callback), the sequential reference model of SPEC.md §3 and §6, and the
 //! differential harness that runs one case on both and compares them after
 //! every step. The engine's property tests and its `differential` fuzz
 //! target share them, so both judge the engine by the same oracle.
@@ -11,6 +12,7 @@
 //! they must stay real under `--cfg hugepunch_loom`, outside any model.
 
 mod differential;
+mod hooked;
 mod host;
 mod model;
 
@@ -18,5 +20,6 @@ pub use differential::{
     check_state, engine_stats, merge_zeros, normalise, run_case, run_engine, run_model, Mismatch,
     Op, Outcome,
 };
+pub use hooked::{Action, Hook, HookedHost};
 pub use host::{Event, RecordingHost};
 pub use model::{MBacking, MPage, Model, ModelStats, Setup};

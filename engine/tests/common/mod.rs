@@ -7,6 +7,7 @@ pub mod watchdog;
 
 /// The recording host moved to `hugepunch::testing` (the `test-util`
 /// feature), where the fuzz targets use it too.
+#[allow(unused_imports)] // each test binary uses its own part of it
 pub use hugepunch::testing::{Event, RecordingHost};
 
 use hugepunch::trace::{Op, Trace};

@@ -84,48 +84,6 @@ fn invariant_1_no_completion_while_a_subpage_is_unpunched() {
     );
 }
 
-/// A host that checks, at every whole free, that the test had started a
-/// punch of every subpage of the huge page (marked before calling punch).
-struct WatchingHost {
-    inner: Arc<RecordingHost>,
-    order: u8,
-    started: Vec<AtomicBool>,
-    early: AtomicU64,
-}
-
-impl Host for WatchingHost {
-    fn is_shared(&self, r: ByteRange) -> bool {
-        self.inner.is_shared(r)
-    }
-    fn set_attributes(&self, r: ByteRange, to: Attribute) {
-        self.inner.set_attributes(r, to)
-    }
-    fn invalidate_begin(&self, r: ByteRange, h: Hint) {
-        self.inner.invalidate_begin(r, h)
-    }
-    fn invalidate_end(&self, r: ByteRange) {
-        self.inner.invalidate_end(r)
-    }
-    fn allocate(&self, r: ByteRange, order: u8) -> Result<(), HostError> {
-        self.inner.allocate(r, order)
-    }
-    fn free(&self, r: ByteRange, order: u8) -> Result<(), HostError> {
-        if order == self.order {
-            let subs = r.offset / SUB..r.end() / SUB;
-            if !subs
-                .clone()
-                .all(|s| self.started[s as usize].load(Ordering::SeqCst))
-            {
-                self.early.fetch_add(1, Ordering::SeqCst);
-            }
-        }
-        self.inner.free(r, order)
-    }
-    fn zero(&self, r: ByteRange) {
-        self.inner.zero(r)
-    }
-}
-
 /// Concurrent: four threads punch the subpages of the same huge pages in
 /// different orders; every huge page is freed exactly once (the recording
 /// host panics on a double free), whole, and never before every one of its
@@ -139,17 +97,30 @@ fn invariant_1_exactly_once_completion_under_concurrent_punches() {
     let size = hps * per * SUB;
     for round in 0..150u64 {
         let inner = RecordingHost::new(size, Attribute::Shared, true);
-        let host = Arc::new(WatchingHost {
-            inner: inner.clone(),
-            order,
-            started: (0..hps * per).map(|_| AtomicBool::new(false)).collect(),
-            early: AtomicU64::new(0),
-        });
-        let e = Arc::new(HugePunch::new(Config::new(size).order(order), host.clone()).unwrap());
+        // At every whole free: had the test started a punch of every
+        // subpage of the huge page (marked before calling punch)?
+        let started: Arc<Vec<AtomicBool>> =
+            Arc::new((0..hps * per).map(|_| AtomicBool::new(false)).collect());
+        let early = Arc::new(AtomicU64::new(0));
+        let host = HookedHost::new(inner.clone());
+        {
+            let (started, early) = (started.clone(), early.clone());
+            host.set(move |e| {
+                if let Event::Free(r, o) = *e {
+                    let all = (r.offset / SUB..r.end() / SUB)
+                        .all(|s| started[s as usize].load(Ordering::SeqCst));
+                    if o == order && !all {
+                        early.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                Action::Forward
+            });
+        }
+        let e = Arc::new(HugePunch::new(Config::new(size).order(order), host).unwrap());
         let start = Arc::new(Barrier::new(4));
         let threads: Vec<_> = (0..4u64)
             .map(|t| {
-                let (e, host, start) = (e.clone(), host.clone(), start.clone());
+                let (e, started, start) = (e.clone(), started.clone(), start.clone());
                 std::thread::spawn(move || {
                     start.wait();
                     let mut subs: Vec<u64> = (0..hps * per).filter(|s| s % 4 == t).collect();
@@ -157,7 +128,7 @@ fn invariant_1_exactly_once_completion_under_concurrent_punches() {
                         subs.reverse();
                     }
                     for s in subs {
-                        host.started[s as usize].store(true, Ordering::SeqCst);
+                        started[s as usize].store(true, Ordering::SeqCst);
                         e.punch(s * SUB, SUB).unwrap();
                     }
                 })
@@ -180,7 +151,7 @@ fn invariant_1_exactly_once_completion_under_concurrent_punches() {
             "round {round}: invariant 1: each huge page freed exactly once"
         );
         assert_eq!(
-            host.early.load(Ordering::SeqCst),
+            early.load(Ordering::SeqCst),
             0,
             "round {round}: invariant 1: completed before every subpage was punched"
         );

@@ -147,42 +147,6 @@ fn invariant_3_punch_racing_conversion_to_private() {
     assert_eq!(refused + converted, 400);
 }
 
-/// A host whose `set_attributes` (to private) holds the conversion open
-/// until the test has punched.
-struct SlowConversionHost {
-    inner: Arc<RecordingHost>,
-    converting: Signal,
-    punched: Signal,
-}
-
-impl Host for SlowConversionHost {
-    fn is_shared(&self, r: ByteRange) -> bool {
-        self.inner.is_shared(r)
-    }
-    fn set_attributes(&self, r: ByteRange, to: Attribute) {
-        if to == Attribute::Private {
-            self.converting.raise();
-            self.punched.wait(5);
-        }
-        self.inner.set_attributes(r, to)
-    }
-    fn invalidate_begin(&self, r: ByteRange, h: Hint) {
-        self.inner.invalidate_begin(r, h)
-    }
-    fn invalidate_end(&self, r: ByteRange) {
-        self.inner.invalidate_end(r)
-    }
-    fn allocate(&self, r: ByteRange, order: u8) -> Result<(), HostError> {
-        self.inner.allocate(r, order)
-    }
-    fn free(&self, r: ByteRange, order: u8) -> Result<(), HostError> {
-        self.inner.free(r, order)
-    }
-    fn zero(&self, r: ByteRange) {
-        self.inner.zero(r)
-    }
-}
-
 /// Deterministic form of the race above: a conversion to private has
 /// checked the range (nothing pending) and is inside `set_attributes`, the
 /// attribute still shared, when a punch of a subpage of that range runs.
@@ -195,18 +159,27 @@ fn invariant_3_punch_during_conversion_is_invalidated_now() {
     let order = 2u8;
     let size = SUB << order;
     let inner = RecordingHost::new(size, Attribute::Shared, true);
-    let host = Arc::new(SlowConversionHost {
-        inner: inner.clone(),
-        converting: Signal::default(),
-        punched: Signal::default(),
-    });
+    // `set_attributes` (to private) holds the conversion open until the
+    // test has punched.
+    let (converting, go_on) = (Arc::new(Signal::default()), Arc::new(Signal::default()));
+    let host = HookedHost::new(inner.clone());
+    {
+        let (converting, go_on) = (converting.clone(), go_on.clone());
+        host.set(move |e| {
+            if matches!(e, Event::SetAttributes(_, Attribute::Private)) {
+                converting.raise();
+                go_on.wait(5);
+            }
+            Action::Forward
+        });
+    }
     let e = Arc::new(HugePunch::new(Config::new(size).order(order), host.clone()).unwrap());
     let converter = {
         let e = e.clone();
         std::thread::spawn(move || e.convert(0, 2 * SUB, Attribute::Private))
     };
     assert!(
-        host.converting.wait(5),
+        converting.wait(5),
         "the conversion never reached set_attributes"
     );
     let (tx, rx) = std::sync::mpsc::channel();
@@ -215,7 +188,7 @@ fn invariant_3_punch_during_conversion_is_invalidated_now() {
         std::thread::spawn(move || tx.send(e.punch(SUB, SUB)).unwrap());
     }
     let punched = rx.recv_timeout(std::time::Duration::from_secs(3));
-    host.punched.raise();
+    go_on.raise();
     assert_eq!(
         punched,
         Ok(Ok(())),

@@ -170,42 +170,6 @@ fn invariant_4_populate_racing_the_completing_punch() {
     }
 }
 
-/// A host whose whole free (a completion) holds until the test lets it go.
-struct SlowCompletionHost {
-    inner: Arc<RecordingHost>,
-    order: u8,
-    freeing: Signal,
-    go: Signal,
-}
-
-impl Host for SlowCompletionHost {
-    fn is_shared(&self, r: ByteRange) -> bool {
-        self.inner.is_shared(r)
-    }
-    fn set_attributes(&self, r: ByteRange, to: Attribute) {
-        self.inner.set_attributes(r, to)
-    }
-    fn invalidate_begin(&self, r: ByteRange, h: Hint) {
-        self.inner.invalidate_begin(r, h)
-    }
-    fn invalidate_end(&self, r: ByteRange) {
-        self.inner.invalidate_end(r)
-    }
-    fn allocate(&self, r: ByteRange, order: u8) -> Result<(), HostError> {
-        self.inner.allocate(r, order)
-    }
-    fn free(&self, r: ByteRange, order: u8) -> Result<(), HostError> {
-        if order == self.order {
-            self.freeing.raise();
-            self.go.wait(5);
-        }
-        self.inner.free(r, order)
-    }
-    fn zero(&self, r: ByteRange) {
-        self.inner.zero(r)
-    }
-}
-
 /// Deterministic form of the race: a populate of a punched subpage arrives
 /// while the completion of its huge page is freeing it. The populate must
 /// not un-punch what is being freed; it waits for the completion and
@@ -216,19 +180,26 @@ fn invariant_4_populate_during_completion_waits_and_reallocates() {
     let order = 2u8;
     let size = SUB << order;
     let inner = RecordingHost::new(size, Attribute::Shared, true);
-    let host = Arc::new(SlowCompletionHost {
-        inner: inner.clone(),
-        order,
-        freeing: Signal::default(),
-        go: Signal::default(),
-    });
+    // The whole free (a completion) holds until the test lets it go.
+    let (freeing, go) = (Arc::new(Signal::default()), Arc::new(Signal::default()));
+    let host = HookedHost::new(inner.clone());
+    {
+        let (freeing, go) = (freeing.clone(), go.clone());
+        host.set(move |e| {
+            if matches!(*e, Event::Free(_, o) if o == order) {
+                freeing.raise();
+                go.wait(5);
+            }
+            Action::Forward
+        });
+    }
     let e = Arc::new(HugePunch::new(Config::new(size).order(order), host.clone()).unwrap());
     e.punch(0, 3 * SUB).unwrap();
     let completer = {
         let e = e.clone();
         std::thread::spawn(move || e.punch(3 * SUB, SUB))
     };
-    assert!(host.freeing.wait(5), "the completion never reached free");
+    assert!(freeing.wait(5), "the completion never reached free");
     let (tx, rx) = std::sync::mpsc::channel();
     {
         let (e, inner) = (e.clone(), inner.clone());
@@ -239,7 +210,7 @@ fn invariant_4_populate_during_completion_waits_and_reallocates() {
     }
     // Give a broken populate time to un-punch under the completion.
     let early = rx.recv_timeout(std::time::Duration::from_millis(100));
-    host.go.raise();
+    go.raise();
     assert_eq!(completer.join().unwrap(), Ok(()));
     let (res, resident) = match early {
         Ok(v) => v,

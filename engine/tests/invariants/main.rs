@@ -22,6 +22,7 @@ mod common;
 
 use common::watchdog::Watchdog;
 use common::{Event, RecordingHost};
+use hugepunch::testing::{Action, HookedHost};
 use hugepunch::{
     Attribute, Backing, ByteRange, Config, Error, Hint, Host, HostError, HugePunch, Policy, Stats,
     SubpageState, EAGAIN, EINVAL, EIO, SUBPAGE_SIZE,
