@@ -316,10 +316,10 @@ impl Walk {
         let partial = s.min(2 * self.full);
         if matches!(op, Op::Punch { .. }) {
             let mut split = 0;
-            if s0 % self.full != 0 || s1 - s0 < self.full {
+            if !s0.is_multiple_of(self.full) || s1 - s0 < self.full {
                 split += self.dirty.add(h0, h0 + 1);
             }
-            if s1 % self.full != 0 {
+            if !s1.is_multiple_of(self.full) {
                 split += self.dirty.add(h1 - 1, h1);
             }
             ns += split as f64 * NS_PER_SPLIT;
