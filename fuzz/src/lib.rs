@@ -1,0 +1,319 @@
+//! What the fuzz targets share: the byte encoding of a differential case
+//! (a [`Setup`] and its [`Op`]s) and the trace writer of the round trip.
+//!
+//! # The differential encoding
+//!
+//! Every byte string decodes to a case, so no input is wasted:
+//!
+//! - byte 0, the file: order `1 + (b & 3) % 3` (huge pages of 2, 4 or 8
+//!   subpages), policy `Reject` or `CancelAndZero` (bit 2), populated
+//!   (bit 3), starting attribute shared (bit 4);
+//! - byte 1: `1 + (b % 6)` huge pages, and the budget
+//!   [`BUDGETS`]`[(b / 6) % 6]` (none, 0, 1, 3 or 8 subpages);
+//! - then one step per 3 bytes `k a b` (a short tail is ignored), at most
+//!   [`MAX_OPS`] steps, kind `k % 16` (see [`decode_op`]): a range is
+//!   subpages `a % n ..` for `1 + b % (n - start)` subpages of a file of
+//!   `n`, or, when `a == 255`, [`INVALID_RANGES`]`[b % len]`; an offset is
+//!   `a % n` subpages or, when `a == 255`, [`INVALID_OFFSETS`]`[b % len]`.
+//!
+//! [`encode_case`] writes the canonical bytes of a case whose ranges are
+//! valid subpage ranges of its file (the seeds).
+
+use hugepunch::testing::{Op, Setup};
+use hugepunch::trace::{Op as TraceOp, Trace};
+use hugepunch::{Attribute, Policy, SUBPAGE_SIZE};
+
+const SUB: u64 = SUBPAGE_SIZE;
+
+/// At most this many steps per case (the property test's tiny cases have
+/// up to 60 and a tail of 5).
+pub const MAX_OPS: usize = 96;
+
+/// The budgets a case may have, in bytes (0 included: a real budget).
+pub const BUDGETS: [Option<u64>; 6] =
+    [None, None, Some(0), Some(SUB), Some(3 * SUB), Some(8 * SUB)];
+
+/// Ranges that fail validation, besides those past the end of the file
+/// (`(size, 4096)` and the like, decoded from a file-relative entry).
+pub const INVALID_RANGES: [(u64, u64); 15] = [
+    (0, 1),
+    (0, 4095),
+    (0, 4097),
+    (1, 1),
+    (1, 4096),
+    (4096, 4095),
+    (4096, 4097),
+    (0, 0),
+    (4096, 0),
+    (u64::MAX - 4095, 8192),
+    (8192, u64::MAX - 4095),
+    (u64::MAX - 4095, 4096),
+    // Relative to the file's size: (size, 4096), (size - 4096, 8192),
+    // (0, size + 4096), filled in by `invalid_range`.
+    (u64::MAX, 0),
+    (u64::MAX, 1),
+    (u64::MAX, 2),
+];
+
+/// Offsets that fail validation (the last two relative to the size).
+pub const INVALID_OFFSETS: [u64; 6] = [1, 4095, 4097, u64::MAX, u64::MAX - 4095, u64::MAX - 1];
+
+fn invalid_range(size: u64, i: u8) -> (u64, u64) {
+    match INVALID_RANGES[i as usize % INVALID_RANGES.len()] {
+        (u64::MAX, 0) => (size, 4096),
+        (u64::MAX, 1) => (size - 4096, 8192),
+        (u64::MAX, 2) => (0, size + 4096),
+        r => r,
+    }
+}
+
+fn invalid_offset(size: u64, i: u8) -> u64 {
+    match INVALID_OFFSETS[i as usize % INVALID_OFFSETS.len()] {
+        o if o == u64::MAX - 1 => size,
+        o => o,
+    }
+}
+
+/// The file of a case from its two header bytes.
+pub fn decode_setup(b0: u8, b1: u8) -> Setup {
+    Setup {
+        order: 1 + (b0 & 3) % 3,
+        huge_pages: 1 + u64::from(b1 % 6),
+        budget: BUDGETS[(b1 / 6) as usize % BUDGETS.len()],
+        policy: if b0 & 4 == 0 {
+            Policy::Reject
+        } else {
+            Policy::CancelAndZero
+        },
+        populated: b0 & 8 != 0,
+        start: if b0 & 16 == 0 {
+            Attribute::Private
+        } else {
+            Attribute::Shared
+        },
+    }
+}
+
+/// One step from its three bytes, for the file of `setup`.
+pub fn decode_op(setup: &Setup, k: u8, a: u8, b: u8) -> Op {
+    let n = setup.subpages();
+    let size = setup.size();
+    let range = || {
+        if a == 255 {
+            invalid_range(size, b)
+        } else {
+            let start = u64::from(a) % n;
+            let len = 1 + u64::from(b) % (n - start);
+            (start * SUB, len * SUB)
+        }
+    };
+    let offset = || {
+        if a == 255 {
+            invalid_offset(size, b)
+        } else {
+            (u64::from(a) % n) * SUB
+        }
+    };
+    let huge_page = || {
+        if a == 255 {
+            u64::MAX
+        } else {
+            u64::from(a) % (setup.huge_pages + 2)
+        }
+    };
+    match k % 16 {
+        0..=3 => {
+            let (o, l) = range();
+            Op::Punch(o, l)
+        }
+        4 | 5 => {
+            let (o, l) = range();
+            Op::Convert(o, l, Attribute::Private)
+        }
+        6 => {
+            let (o, l) = range();
+            Op::Convert(o, l, Attribute::Shared)
+        }
+        7 | 8 => {
+            let (o, l) = range();
+            Op::Populate(o, l)
+        }
+        9 => {
+            let (o, l) = range();
+            Op::Flush(o, l)
+        }
+        10 => Op::FailFrees(1 + u64::from(b % 3)),
+        11 => Op::SetPolicy(if b & 1 == 0 {
+            Policy::Reject
+        } else {
+            Policy::CancelAndZero
+        }),
+        12 => match b % 3 {
+            0 => Op::SubpageState(offset()),
+            1 => Op::IsPunched(offset()),
+            _ => {
+                let (o, l) = range();
+                Op::PendingRanges(o, l)
+            }
+        },
+        13 => Op::Backing(huge_page()),
+        14 => Op::MaxMappingOrder(huge_page()),
+        _ => Op::Teardown,
+    }
+}
+
+/// Any bytes as a case: a file and at most [`MAX_OPS`] steps.
+pub fn decode_case(data: &[u8]) -> (Setup, Vec<Op>) {
+    let setup = decode_setup(
+        data.first().copied().unwrap_or(0),
+        data.get(1).copied().unwrap_or(0),
+    );
+    let ops = data
+        .get(2..)
+        .unwrap_or(&[])
+        .chunks_exact(3)
+        .take(MAX_OPS)
+        .map(|c| decode_op(&setup, c[0], c[1], c[2]))
+        .collect();
+    (setup, ops)
+}
+
+/// The canonical bytes of a case whose ranges are valid subpage ranges of
+/// its file of at most 255 subpages, or `None`. Queries, knobs and invalid
+/// ranges are not encoded (the seeds have none: the fuzzer adds them).
+pub fn encode_case(setup: &Setup, ops: &[Op]) -> Option<Vec<u8>> {
+    let n = setup.subpages();
+    if !(1..=3).contains(&setup.order) || !(1..=6).contains(&setup.huge_pages) || n > 254 {
+        return None;
+    }
+    let budget = BUDGETS.iter().position(|b| *b == setup.budget)? as u8;
+    let mut out = vec![
+        (setup.order - 1)
+            | if setup.policy == Policy::CancelAndZero {
+                4
+            } else {
+                0
+            }
+            | if setup.populated { 8 } else { 0 }
+            | if setup.start == Attribute::Shared {
+                16
+            } else {
+                0
+            },
+        (setup.huge_pages - 1) as u8 + 6 * budget,
+    ];
+    let range = |o: u64, l: u64| -> Option<(u8, u8)> {
+        let (start, len) = (o / SUB, l / SUB);
+        let valid = o.is_multiple_of(SUB) && l.is_multiple_of(SUB) && len > 0 && start + len <= n;
+        valid.then(|| (start as u8, (len - 1) as u8))
+    };
+    for op in ops.iter().take(MAX_OPS) {
+        let (k, (a, b)) = match *op {
+            Op::Punch(o, l) => (0, range(o, l)?),
+            Op::Convert(o, l, Attribute::Private) => (4, range(o, l)?),
+            Op::Convert(o, l, Attribute::Shared) => (6, range(o, l)?),
+            Op::Populate(o, l) => (7, range(o, l)?),
+            Op::Flush(o, l) => (9, range(o, l)?),
+            Op::Teardown => (15, (0, 0)),
+            _ => return None,
+        };
+        out.extend([k, a, b]);
+    }
+    Some(out)
+}
+
+/// A parsed trace as a differential case (the trace's own file), if it
+/// fits the encoding.
+pub fn case_of_trace(trace: &Trace, budget: Option<u64>, policy: Policy) -> Option<Vec<u8>> {
+    let setup = Setup {
+        order: trace.order,
+        huge_pages: trace.size >> (12 + u32::from(trace.order)),
+        budget,
+        policy,
+        populated: trace.populated,
+        start: trace.start,
+    };
+    if setup.size() != trace.size {
+        return None;
+    }
+    let ops: Vec<Op> = trace
+        .ops
+        .iter()
+        .map(|(_, op)| match *op {
+            TraceOp::Punch { offset, len } => Op::Punch(offset, len),
+            TraceOp::Convert { offset, len, to } => Op::Convert(offset, len, to),
+            TraceOp::Populate { offset, len } => Op::Populate(offset, len),
+            TraceOp::Flush { offset, len } => Op::Flush(offset, len),
+            TraceOp::Teardown => Op::Teardown,
+        })
+        .collect();
+    encode_case(&setup, &ops)
+}
+
+/// Write a trace in the format of SPEC.md §7: its header, then one line
+/// per operation in the words of `hugepunch gen`
+/// ([`hugepunch_model::workload::format_op`]).
+pub fn write_trace(t: &Trace) -> String {
+    let mut s = format!(
+        "size {:#x}\norder {}\nstart {}\nstart {}\n",
+        t.size,
+        t.order,
+        if t.populated { "populated" } else { "empty" },
+        if t.start == Attribute::Private {
+            "private"
+        } else {
+            "shared"
+        },
+    );
+    for (_, op) in &t.ops {
+        s.push_str(&hugepunch_model::workload::format_op(op));
+        s.push('\n');
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encoding_round_trips() {
+        let setup = decode_setup(2 | 8, 3 + 6 * 2);
+        assert_eq!(setup.order, 3);
+        assert_eq!(setup.huge_pages, 4);
+        assert_eq!(setup.budget, Some(0));
+        let ops = vec![
+            Op::Punch(SUB, 30 * SUB),
+            Op::Convert(0, SUB, Attribute::Shared),
+            Op::Populate(0, 32 * SUB),
+            Op::Teardown,
+        ];
+        let bytes = encode_case(&setup, &ops).unwrap();
+        let (s2, ops2) = decode_case(&bytes);
+        assert_eq!(format!("{setup:?}"), format!("{s2:?}"));
+        assert!(ops == ops2);
+    }
+
+    #[test]
+    fn any_bytes_decode_to_valid_files() {
+        for b0 in 0..=255u8 {
+            for b1 in 0..=255u8 {
+                let (s, ops) = decode_case(&[b0, b1, 255, 255, 255, 3, 255, 2, 12, 255, 7]);
+                assert!((1..=3).contains(&s.order) && (1..=6).contains(&s.huge_pages));
+                assert_eq!(ops.len(), 3);
+            }
+        }
+    }
+
+    #[test]
+    fn written_traces_parse_back() {
+        let t = Trace::parse(
+            "size 64K\norder 3\nstart empty\npunch 0x1000 0x2000\nconvert 0 4K shared\nteardown\n",
+        )
+        .unwrap();
+        let again = Trace::parse(&write_trace(&t)).unwrap();
+        assert_eq!(t.size, again.size);
+        let ops = |t: &Trace| t.ops.iter().map(|(_, o)| *o).collect::<Vec<_>>();
+        assert_eq!(ops(&t), ops(&again));
+    }
+}
