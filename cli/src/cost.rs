@@ -119,6 +119,9 @@ pub struct Estimate {
     pub costliest: Option<Cost>,
     /// The operation that adds the most memory (in bytes, all strategies).
     pub largest: Option<Cost>,
+    /// The line at which the replay passes the limits given to
+    /// [`estimate_within`] (time so far, or memory held), if it does.
+    pub over_limits_at: Option<usize>,
 }
 
 /// What one line costs.
@@ -454,6 +457,8 @@ impl What {
             format!("{} (refused)", self.kind)
         } else if self.kind == "teardown" {
             format!("teardown of {} huge pages", count(self.huge_pages))
+        } else if self.huge_pages == 1 && self.subpages == 1 {
+            format!("{} of 1 subpage", self.kind)
         } else if self.huge_pages == 1 {
             format!("{} of {} subpages", self.kind, count(self.subpages))
         } else {
@@ -490,6 +495,18 @@ fn ns_per_punched_in_part(kind: StrategyKind) -> f64 {
 /// The estimate of replaying `trace` with `strategies` (the engine with a
 /// budget when `budget`).
 pub fn estimate(trace: &Trace, strategies: &[StrategyKind], budget: bool) -> Estimate {
+    estimate_within(trace, strategies, budget, f64::INFINITY, u64::MAX)
+}
+
+/// [`estimate`], noting the line at which the replay passes
+/// `max_seconds` or `max_bytes` (see [`Estimate::over_limits_at`]).
+pub fn estimate_within(
+    trace: &Trace,
+    strategies: &[StrategyKind],
+    budget: bool,
+    max_seconds: f64,
+    max_bytes: u64,
+) -> Estimate {
     let geo = Geometry {
         size: trace.size,
         order: trace.order,
@@ -502,6 +519,8 @@ pub fn estimate(trace: &Trace, strategies: &[StrategyKind], budget: bool) -> Est
     let mut costliest: Option<(usize, f64, What)> = None;
     let mut largest: Option<(usize, f64, What)> = None;
     let per_punched: f64 = strategies.iter().map(|&k| ns_per_punched_in_part(k)).sum();
+    let fixed = BYTES_BASE + trace.ops.len() as u64 * BYTES_PER_OP;
+    let mut over_limits_at = None;
     for &(line, ref op) in &trace.ops {
         let before = w.bytes();
         let (c, what) = w.op(op, engine_budget);
@@ -517,6 +536,10 @@ pub fn estimate(trace: &Trace, strategies: &[StrategyKind], budget: bool) -> Est
         if grew > 0.0 && largest.is_none_or(|c| grew > c.1) {
             largest = Some((line, grew, what));
         }
+        let held = fixed + ((after + c.in_flight) as f64 * kernels) as u64 + w.own_bytes();
+        if over_limits_at.is_none() && (total_ns / 1e9 > max_seconds || held > max_bytes) {
+            over_limits_at = Some(line);
+        }
     }
     let cost = |c: (usize, f64, What)| Cost {
         line: c.0,
@@ -524,14 +547,12 @@ pub fn estimate(trace: &Trace, strategies: &[StrategyKind], budget: bool) -> Est
         what: c.2.words(),
     };
     let (costliest, largest) = (costliest.map(cost), largest.map(cost));
-    let bytes = BYTES_BASE
-        + (peak as f64 * kernels) as u64
-        + w.own_bytes()
-        + trace.ops.len() as u64 * BYTES_PER_OP;
+    let bytes = fixed + (peak as f64 * kernels) as u64 + w.own_bytes();
     Estimate {
         seconds: total_ns / 1e9,
         bytes,
         costliest,
         largest,
+        over_limits_at,
     }
 }

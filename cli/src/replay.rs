@@ -13,7 +13,7 @@
 //! assert!(replay_bytes(b"punch +4K 4K\n", &ReplayOptions::default()).is_err());
 //! ```
 
-use crate::cost::{estimate, Estimate};
+use crate::cost::{estimate_within, Estimate};
 use crate::format::{bytes, count};
 use hugepunch::trace::{self, ParseError, Parser, Trace, MAX_LINE_BYTES};
 use hugepunch::Policy;
@@ -162,7 +162,11 @@ pub enum ReplayError {
 }
 
 fn duration(secs: f64) -> String {
-    if secs < 60.0 {
+    if secs < 1e-3 {
+        format!("{:.0} µs", secs * 1e6)
+    } else if secs < 1.0 {
+        format!("{:.0} ms", secs * 1e3)
+    } else if secs < 60.0 {
         format!("{secs:.1} s")
     } else if secs < 3600.0 {
         format!("{:.0} min", secs / 60.0)
@@ -174,31 +178,35 @@ fn duration(secs: f64) -> String {
 }
 
 fn refusal(e: &Estimate, l: &Limits) -> String {
-    let time = e.seconds > l.max_seconds;
-    let culprit = if time { &e.costliest } else { &e.largest }
-        .as_ref()
-        .or(e.costliest.as_ref());
-    let (line, what) = match culprit {
-        Some(c) if time => (
-            format!("line {}: ", c.line),
-            format!(
-                "; this line costs the most ({}, about {})",
-                c.what,
-                duration(c.amount)
-            ),
+    // Memory first: it is what a host runs out of.
+    let time = e.bytes <= l.max_memory;
+    let culprit = if time { &e.costliest } else { &e.largest };
+    let amount = |c: &crate::cost::Cost| {
+        if time {
+            duration(c.amount)
+        } else {
+            bytes(c.amount as u64)
+        }
+    };
+    let at = e.over_limits_at.or(culprit.as_ref().map(|c| c.line));
+    let why = match culprit {
+        // One line is the trouble.
+        Some(c) if Some(c.line) == at => {
+            format!("; this line alone: {}, about {}", c.what, amount(c))
+        }
+        // Many are: say where the trace passes the limit, and which line
+        // costs the most.
+        Some(c) => format!(
+            "; the trace passes that here (the costliest line, {}, is {}, about {})",
+            c.line,
+            c.what,
+            amount(c)
         ),
-        Some(c) => (
-            format!("line {}: ", c.line),
-            format!(
-                "; this line adds the most ({}, about {})",
-                c.what,
-                bytes(c.amount as u64)
-            ),
-        ),
-        None => (String::new(), String::new()),
+        None => String::new(),
     };
     format!(
-        "{line}replaying this trace would take about {} and {} of memory on the simulated kernel, more than this tool allows (about {} and {}){what}",
+        "{}replaying this trace would take about {} and {} of memory on the simulated kernel, more than this tool allows (about {} and {}){why}",
+        at.map(|l| format!("line {l}: ")).unwrap_or_default(),
         duration(e.seconds),
         bytes(e.bytes),
         duration(l.max_seconds),
@@ -295,7 +303,13 @@ pub fn check(t: &CheckedTrace, opts: &ReplayOptions) -> Result<Estimate, ReplayE
             count(opts.limits.max_operations as u64)
         )));
     }
-    let e = estimate(trace, &opts.strategies, opts.budget.is_some());
+    let e = estimate_within(
+        trace,
+        &opts.strategies,
+        opts.budget.is_some(),
+        opts.limits.max_seconds,
+        opts.limits.max_memory,
+    );
     if e.seconds > opts.limits.max_seconds || e.bytes > opts.limits.max_memory {
         return Err(ReplayError::TooCostly {
             estimate: Box::new(e),

@@ -151,8 +151,8 @@ fn a_petabyte_populated_punched_or_torn_down_whole_is_refused_with_an_estimate()
 }
 
 /// Touching a new chunk of the engine's index with every line grows its
-/// memory by a chunk a line: refused for memory, naming the line that adds
-/// the most.
+/// memory by a chunk a line: refused for memory, naming the line where the
+/// trace passes the limit.
 #[test]
 fn a_trace_that_touches_a_new_chunk_every_line_is_refused_for_memory() {
     let mut t = format!("size {PIB}\nstart empty\n");
@@ -161,7 +161,7 @@ fn a_trace_that_touches_a_new_chunk_every_line_is_refused_for_memory() {
     }
     let err = replay_text(&t);
     assert!(
-        err.contains("of memory") && err.contains("adds the most"),
+        err.contains("of memory") && err.contains("the trace passes that here"),
         "{err}"
     );
 }
