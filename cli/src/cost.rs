@@ -22,8 +22,9 @@
 //!   ends: a whole huge page punched completes), so there are at most
 //!   `min(file, 2 x punches so far)` of them;
 //! * with a budget, the engine's shrinker scans the index (every chunk slot
-//!   and the huge pages of the allocated chunks) at most twice per punch
-//!   (the two largest pending counts cover what one punch adds);
+//!   and the huge pages of the allocated chunks) once per forced split: at
+//!   most twice per punch (the two largest pending counts cover what one
+//!   punch adds), and at most once per life of a huge page punched in part;
 //! * teardown: every allocated huge page (all of a populated file), every
 //!   subpage of the dirty ones, and every chunk slot of the index.
 //!
@@ -66,7 +67,7 @@ pub const NS_PER_SPLIT: f64 = 2_000.0;
 /// first touch of its memory).
 pub const NS_PER_INSTALLED_BYTE: f64 = 2.0;
 /// Time per chunk slot or huge page a scan of the engine's index visits.
-pub const NS_PER_SCANNED: f64 = 10.0;
+pub const NS_PER_SCANNED: f64 = 25.0;
 /// Time per chunk slot teardown closes.
 pub const NS_PER_CHUNK_SLOT: f64 = 40.0;
 
@@ -203,6 +204,9 @@ struct Walk {
     loose: u64,
     /// Subpages that may have been allocated again one by one.
     reallocated: u64,
+    /// Forced splits that may still happen (with a budget): huge pages
+    /// punched in part, or allocated again, not yet counted as forced out.
+    forced_splits_possible: u64,
     /// The attributes, as the model keeps them (true: shared).
     attrs: RangeMap<bool>,
     populated: bool,
@@ -228,6 +232,7 @@ impl Walk {
             dirs: Set::new(),
             loose: 0,
             reallocated: 0,
+            forced_splits_possible: 0,
             attrs: RangeMap::new(start == hugepunch::Attribute::Shared),
             populated,
             torn: false,
@@ -326,6 +331,7 @@ impl Walk {
                 split += self.dirty.add(h1 - 1, h1);
             }
             ns += split as f64 * NS_PER_SPLIT;
+            self.forced_splits_possible += split;
             self.loose = (self.loose + partial).min(self.dirty.len * self.full);
         }
         let dirty_in_range = self.dirty.within(h0, h1);
@@ -354,6 +360,9 @@ impl Walk {
                     absent += h - self.populated_pages.within(h0, h1);
                 }
                 ns += absent.min(h) as f64 * NS_PER_ALLOCATED_HUGE_PAGE;
+                // A huge page allocated again may be punched in part, and
+                // forced out, again.
+                self.forced_splits_possible += absent.min(h);
                 self.reallocated = (self.reallocated + handled).min(self.loose);
                 self.populated_pages.add(h0, h1);
             }
@@ -375,11 +384,20 @@ impl Walk {
             ns += self.install(h0, h1);
         }
         let engine_extra = if budget && matches!(op, Op::Punch { .. }) {
-            // Two scans of the index; two forced splits; what this punch
-            // adds, freed later by forced splits one 4 KiB run at a time.
+            // The shrinker runs when a punch leaves pending bytes above the
+            // budget; each round scans the index for the huge page with the
+            // most pending and forces it out (two rounds cover what one
+            // punch adds). A huge page is forced out once per life: there
+            // are no more rounds than huge pages ever punched in part, plus
+            // huge pages allocated again. And what this punch defers is
+            // freed later, one 4 KiB run at a time at worst.
+            let rounds = self.forced_splits_possible.min(2);
+            self.forced_splits_possible -= rounds;
             let scanned = self.n_chunks + self.chunks.len * self.chunk_pages;
-            2.0 * scanned as f64 * NS_PER_SCANNED
-                + 2.0 * (NS_PER_HUGE_PAGE + self.stride as f64 * NS_PER_WORD)
+            rounds as f64
+                * (scanned as f64 * NS_PER_SCANNED
+                    + NS_PER_HUGE_PAGE
+                    + self.stride as f64 * NS_PER_WORD)
                 + partial as f64 * (NS_PER_OP + NS_PER_HUGE_PAGE)
         } else {
             0.0
