@@ -23,11 +23,14 @@
 //! narrower still: the shrinker splits the huge page with the most punched
 //! subpages — the one closest to completing — and a split huge page is
 //! `Huge` again only after every subpage, the owner's included, was freed
-//! and it was populated anew. Measured on unmodified code with a fixed
-//! 200,000 operations per thread, no start barrier: release builds saw
-//! 0 completions in about 1 run in 100 of `stress_with_budget_and_shrinker`
-//! and 1 in 40 of `stress_2mib_huge_pages` (the issue saw 1 in 15 of the
-//! first on a busier machine); a typical release run completes 1 to 10.
+//! and it was populated anew. Measured on unmodified code (a fixed count
+//! of operations per thread, no start barrier), release builds: 0
+//! completions in about 1 run in 100 of `stress_with_budget_and_shrinker`
+//! and 1 in 40 of `stress_2mib_huge_pages` on a lightly loaded machine (a
+//! typical run completes 1 to 10 huge pages, a debug run 20 to 55), and 25
+//! failing runs of this file in 200 at a load average of 12 to 16; with the
+//! drive below, 0 in 200 at the same load, each driven at most 3 times its
+//! operations in 100 instrumented runs.
 //!
 //! So every thread starts at one barrier, runs its `iters` operations, and
 //! then keeps going, looking at the engine's statistics every [`CHUNK`]
