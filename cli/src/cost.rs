@@ -468,7 +468,7 @@ impl Walk {
         let what = What {
             kind: "teardown",
             huge_pages: allocated,
-            subpages: 0,
+            subpages: self.n_chunks,
             refused: false,
         };
         (cost, what)
@@ -491,7 +491,12 @@ impl What {
         if self.refused {
             format!("{} (refused)", self.kind)
         } else if self.kind == "teardown" {
-            format!("teardown of {} huge pages", count(self.huge_pages))
+            // `subpages` holds the index's chunk slots here.
+            format!(
+                "teardown of {} huge pages and {} chunk slots of the engine's index",
+                count(self.huge_pages),
+                count(self.subpages)
+            )
         } else if self.huge_pages == 1 && self.subpages == 1 {
             format!("{} of 1 subpage", self.kind)
         } else if self.huge_pages == 1 {
