@@ -78,3 +78,58 @@ fn count_wraps_transiently_negative_and_recovers() {
     assert_eq!(e.after.count(), 0);
     assert_eq!(e.after.mode(), HUGE);
 }
+
+/// A saturated registration field (1023 operations registered on one huge
+/// page) makes the next entry wait, never carry into the next field: the
+/// entry registers once another operation leaves.
+#[test]
+fn a_saturated_field_makes_entry_wait_instead_of_overflowing() {
+    use std::sync::{mpsc, Arc};
+    use std::time::Duration;
+    for (one, field) in [
+        (PUNCH_ONE, PUNCHING_SHIFT),
+        (UNPUNCH_ONE, UNPUNCHING_SHIFT),
+        (CONVERT_ONE, CONVERTING_SHIFT),
+    ] {
+        let state = Arc::new(AtomicU64::new(HUGE | (FIELD_MAX << field)));
+        let (done, entered) = mpsc::channel();
+        let enterer = {
+            let state = state.clone();
+            std::thread::spawn(move || {
+                let words = [AtomicU64::new(0)];
+                let page = Page::new(&state, &words, 4);
+                // A conversion registers through `mark_converting`, the
+                // others through `enter`; both must wait for room.
+                if one == CONVERT_ONE {
+                    let _ = page.mark_converting();
+                } else {
+                    assert!(matches!(page.enter(one), Entry::Registered));
+                }
+                done.send(()).unwrap();
+            })
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(
+            entered.try_recv().is_err(),
+            "entered a saturated field without waiting"
+        );
+        // ORDERING: SeqCst: a test, simplest is best. Another operation
+        // leaves the field.
+        state.fetch_sub(one, Ordering::SeqCst);
+        entered
+            .recv_timeout(Duration::from_secs(60))
+            .expect("watchdog: the waiting entry never registered");
+        enterer.join().unwrap();
+        let s = Snapshot(state.load(Ordering::SeqCst));
+        assert_eq!(
+            (s.punching(), s.unpunching(), s.converting()),
+            match field {
+                PUNCHING_SHIFT => (FIELD_MAX, 0, 0),
+                UNPUNCHING_SHIFT => (0, FIELD_MAX, 0),
+                _ => (0, 0, FIELD_MAX),
+            },
+            "{s:?}"
+        );
+        assert_eq!((s.mode(), s.count()), (HUGE, 0));
+    }
+}
