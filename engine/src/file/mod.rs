@@ -1,11 +1,11 @@
-//! The engine: one guest_memfd-like file and the operations of SPEC.md §3.
+//! The engine: one guest_memfd-like file and the operations of CONTRACT.md §3.
 //!
 //! The fast paths (`punch` of a `HUGE` huge page, the completion claim, the
 //! conversion check, the un-punch of `populate`) follow the protocol of
 //! [`crate::page`] and take no lock. The slow paths (forced splits by the
 //! shrinker and `flush`, teardown, and operations on `SPLIT` huge pages) own
 //! one huge page at a time through its `BUSY` bit; `flush` and teardown
-//! also serialise on one mutex and call the host under it (SPEC.md §5
+//! also serialise on one mutex and call the host under it (CONTRACT.md §5
 //! allows it). No punch ever takes that mutex: the shrinker a punch runs is
 //! served by one owner at a time without a lock (see `shrink`).
 //!
@@ -242,7 +242,7 @@ impl HugePunch {
     }
 
     /// Validate a range for an operation that changes something, counting
-    /// a failure in its error counter (SPEC.md §6).
+    /// a failure in its error counter (CONTRACT.md §6).
     pub(super) fn check(&self, offset: u64, len: u64) -> Result<ByteRange, Error> {
         self.validate(offset, len).inspect_err(|e| {
             self.count_error(match e {

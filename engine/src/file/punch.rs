@@ -1,10 +1,10 @@
-//! `punch` (SPEC.md §3) and the completion it may claim.
+//! `punch` (CONTRACT.md §3) and the completion it may claim.
 
 use super::*;
 
 impl HugePunch {
     /// Punch `offset .. offset + len`: defer what can be deferred, free what
-    /// must be freed, invalidate what may be private (SPEC.md §3).
+    /// must be freed, invalidate what may be private (CONTRACT.md §3).
     pub fn punch(&self, offset: u64, len: u64) -> Result<(), Error> {
         let r = self.check(offset, len)?;
         let cb = self.callbacks.load();
