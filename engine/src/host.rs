@@ -1,5 +1,5 @@
-//! The host interface (SPEC.md §2) and the slot that lets the host and the
-//! policy be replaced while other threads punch.
+//! The host interface (CONTRACT.md §2.2) and the slot that lets the host
+//! and the policy be replaced while other threads punch.
 
 use crate::error::HostError;
 use crate::range::{ByteRange, Hint};
@@ -33,13 +33,15 @@ pub enum Policy {
 /// * **Block**: yes, every callback may block (take locks, sleep, do I/O).
 ///   The engine calls the host under no lock of its own, with one
 ///   exception: `flush` and teardown (the slow paths) serialise on the
-///   file's slow-path mutex and call the host under it, as SPEC.md §5
-///   allows; a blocked callback there delays another `flush` or
-///   teardown, never a punch (no punch takes that mutex: the shrinker a
-///   punch runs takes no lock). Otherwise the only engine state a callback
-///   can be "inside" is a per-huge-page mark (a completion, an un-punch or
-///   a forced split in flight), which makes a concurrent `populate` of that
-///   huge page wait, nothing else.
+///   file's slow-path mutex and call the host under it, as
+///   `docs/CONTRACT.md` §5.4 allows; a blocked callback there delays
+///   another `flush` or teardown, never a punch (no punch takes that
+///   mutex: the shrinker a punch runs takes no lock). Otherwise the only
+///   engine state a callback can be "inside" is a per-huge-page mark (a
+///   completion, an un-punch, a forced split or another slow path in
+///   flight), which delays only the operations on that huge page that
+///   wait for such a mark (`docs/CONTRACT.md` §5.2): a `populate` meeting
+///   a completion or an un-punch, any operation meeting a slow path.
 /// * **Re-enter the engine**: only through the read-only calls
 ///   ([`HugePunch::stats`](crate::HugePunch::stats),
 ///   [`HugePunch::max_mapping_order`](crate::HugePunch::max_mapping_order),
@@ -73,16 +75,17 @@ pub trait Host: Send + Sync {
     fn is_shared(&self, range: ByteRange) -> bool;
 
     /// Change the attribute of `range`. Called by `convert` once the engine
-    /// has decided the conversion may go ahead, while it still marks the
-    /// range as converting.
+    /// has decided the conversion may go ahead; for a conversion to
+    /// private, while it still marks the range as converting (a conversion
+    /// to shared takes no mark).
     ///
-    /// May block. Runs while the conversion's marks are held (concurrent
-    /// punches of the range then invalidate at once): must not call the
-    /// engine's mutating functions on this file. A panic counts as an
-    /// attribute that did not change; the engine releases its marks, and
-    /// what it decided stands (the conversion counts as `conversions_ok`;
-    /// subpages a `CancelAndZero` conversion un-punched stay un-punched and
-    /// zeroed).
+    /// May block. A conversion to private runs it while its marks are
+    /// held (concurrent punches of the range then invalidate at once): must
+    /// not call the engine's mutating functions on this file. A panic
+    /// counts as an attribute that did not change; the engine releases its
+    /// marks, and what it decided stands (the conversion counts as
+    /// `conversions_ok`; subpages a `CancelAndZero` conversion un-punched
+    /// stay un-punched and zeroed).
     fn set_attributes(&self, range: ByteRange, to: Attribute);
 
     /// Zap every mapping of `range` (a KVM MMU invalidation). `hint` names

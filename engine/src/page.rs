@@ -55,7 +55,8 @@
 //!   `COUNT − k`. An un-punch exit whose result is complete claims the
 //!   completion too (possible only when concurrent punches filled the huge
 //!   page while it found nothing to un-punch).
-//! * **conversion mark/unmark**: `CONVERTING ± 1`, on any mode but `BUSY`.
+//! * **conversion mark/unmark**: `CONVERTING ± 1`, in any mode, `BUSY` or not
+//!   (a slow path's release keeps the marks).
 //! * **completion end**: freed: bits reset, then `ABSENT`, `COUNT = 0`,
 //!   `COMPLETING` cleared in one RMW; free failed: `COMPLETING` cleared
 //!   only (the huge page stays `HUGE`, every subpage pending).

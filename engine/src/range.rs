@@ -161,7 +161,8 @@ impl Geometry {
         )
     }
 
-    /// Is `offset .. offset + len` a valid range of this file (SPEC.md §3)?
+    /// Is `offset .. offset + len` a valid range of this file
+    /// (`docs/CONTRACT.md` §3.1)?
     pub fn validate(&self, offset: u64, len: u64) -> Option<ByteRange> {
         let aligned = offset % SUBPAGE_SIZE == 0 && len % SUBPAGE_SIZE == 0;
         let end = offset.checked_add(len)?;

@@ -1,4 +1,4 @@
-//! Statistics (SPEC.md §6): sharded counters and their serde snapshot.
+//! Statistics (CONTRACT.md §6): sharded counters and their serde snapshot.
 //!
 //! Monotone counters live in per-thread shards (`CachePadded`, one writer
 //! each), so threads punching different huge pages never share a counter's
@@ -11,7 +11,8 @@ use crate::unwind::Caught;
 use crossbeam_utils::CachePadded;
 use serde::{Deserialize, Serialize};
 
-/// A snapshot of the statistics, with exactly the names of SPEC.md §6.
+/// A snapshot of the statistics, with exactly the names of
+/// `docs/CONTRACT.md` §6.
 ///
 /// Exact at quiescent points (no operation in flight); a snapshot taken
 /// while operations run may be momentarily inconsistent.

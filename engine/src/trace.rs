@@ -1,5 +1,6 @@
-//! The trace format of SPEC.md §7: parsing only (no I/O), so the command
-//! line tool, the tests and the benches read traces the same way.
+//! The trace format (`docs/CONTRACT.md` §7 in the repository): parsing
+//! only (no I/O), so the command line tool, the tests and the benches read
+//! traces the same way.
 //!
 //! ```text
 //! size 1G                 # header lines first; defaults: size 1G, order 9,
@@ -114,7 +115,7 @@ impl Default for Limits {
     }
 }
 
-/// Why a word is not a number of SPEC.md §7's grammar.
+/// Why a word is not a number of the trace grammar (`docs/CONTRACT.md` §7.2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum NumberError {
     /// No digits (an empty word, a lone suffix, a lone `0x`).
@@ -129,9 +130,10 @@ pub enum NumberError {
     TooLarge,
 }
 
-/// Parse a number of SPEC.md §7: decimal digits, or `0x` (or `0X`) and hex
-/// digits, then optionally one suffix `K`, `M` or `G` (either case; powers
-/// of 1024). No sign, no other characters.
+/// Parse a number of the trace grammar (`docs/CONTRACT.md` §7.2): decimal
+/// digits, or `0x` (or `0X`) and hex digits, then optionally one suffix
+/// `K`, `M` or `G` (either case; powers of 1024). No sign, no other
+/// characters.
 pub fn number(s: &str) -> Result<u64, NumberError> {
     let (body, shift) = match s.as_bytes().last() {
         Some(b'K' | b'k') => (&s[..s.len() - 1], 10),
@@ -461,7 +463,7 @@ mod tests {
         assert_eq!(parse_number("0x000000000000000000000000001000"), Some(4096));
     }
 
-    /// SPEC.md §7: digits, or 0x and hex digits, then one optional suffix;
+    /// CONTRACT.md §7.2: digits, or 0x and hex digits, then one optional suffix;
     /// no sign, no other characters.
     #[test]
     fn the_number_grammar_refuses_everything_else() {

@@ -168,7 +168,7 @@ pub enum Outcome {
     Order(Result<u8, Error>),
 }
 
-/// For per-huge-page queries the spec names the error, not its range.
+/// For per-huge-page queries the harness compares the error, not its range.
 fn vague<T>(r: Result<T, Error>) -> Result<T, Error> {
     r.map_err(|e| match e {
         Error::InvalidRange { .. } => Error::InvalidRange { offset: 0, len: 0 },

@@ -1,9 +1,10 @@
 //! Test support, compiled only with the `test-util` feature: a recording
 //! host, a forwarding host with hooks (to block, panic or fail inside a
-//! callback), the sequential reference model of SPEC.md §3 and §6, and the
-//! differential harness that runs one case on both and compares them after
-//! every step. The engine's property tests and its `differential` fuzz
-//! target share them, so both judge the engine by the same oracle.
+//! callback), the sequential reference model of `docs/CONTRACT.md` §3 and
+//! §6, and the differential harness that runs one case on both and
+//! compares them after every step. The engine's property tests and its
+//! `differential` fuzz target share them, so both judge the engine by the
+//! same oracle.
 //!
 //! Not for production: the host and the model keep one entry per subpage
 //! (small files only), and the host panics on a double free or a double

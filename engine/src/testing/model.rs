@@ -1,5 +1,6 @@
-//! The reference model: a plain sequential reading of SPEC.md §3 and §6,
-//! written from the text of the contract, independent of the engine's code.
+//! The reference model: a plain sequential reading of `docs/CONTRACT.md`
+//! §3 and §6, written from the text of the contract, independent of the
+//! engine's code.
 //!
 //! The model keeps, per huge page, its backing (`Absent`, `Huge`, `Split`)
 //! and one bit per subpage (punched for a `Huge` huge page, present for a
@@ -7,10 +8,11 @@
 //! under their names, a "fail the next N frees" knob, and the host events
 //! it would cause (`IsShared` and `InvalidateEnd` left out).
 //!
-//! Where SPEC.md is terse the model reads it so (each a choice to revisit
-//! if the contract says otherwise):
-//! - "If all subpages of h are now punched: completion" holds also when
-//!   they already were: a punch of a huge page whose completion's free
+//! Where the contract (`docs/CONTRACT.md`) is terse the model reads it so
+//! (each a choice to revisit if the contract says otherwise; §8 there
+//! lists them):
+//! - "If every subpage of h is now punched, h is completed" (§3.3) holds
+//!   also when they already were: a punch of a huge page whose completion's free
 //!   failed retries that completion.
 //! - A failed 4 KiB free (a punch of a `Split` huge page, a forced split)
 //!   leaves the subpages present and zeroes them: they were punched.
@@ -26,46 +28,46 @@ use std::collections::{BTreeMap, BTreeSet};
 
 const SUB: u64 = SUBPAGE_SIZE;
 
-/// The 19 statistics of SPEC.md §6, under their names.
+/// The 19 statistics of CONTRACT.md §6, under their names.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ModelStats {
-    /// `punch_calls` (SPEC.md §6).
+    /// `punch_calls` (CONTRACT.md §6).
     pub punch_calls: u64,
-    /// `convert_calls` (SPEC.md §6).
+    /// `convert_calls` (CONTRACT.md §6).
     pub convert_calls: u64,
-    /// `populate_calls` (SPEC.md §6).
+    /// `populate_calls` (CONTRACT.md §6).
     pub populate_calls: u64,
-    /// `punched_subpages` (SPEC.md §6).
+    /// `punched_subpages` (CONTRACT.md §6).
     pub punched_subpages: u64,
-    /// `pending_subpages` (SPEC.md §6).
+    /// `pending_subpages` (CONTRACT.md §6).
     pub pending_subpages: u64,
-    /// `pending_bytes_peak` (SPEC.md §6).
+    /// `pending_bytes_peak` (CONTRACT.md §6).
     pub pending_bytes_peak: u64,
-    /// `huge_frees` (SPEC.md §6).
+    /// `huge_frees` (CONTRACT.md §6).
     pub huge_frees: u64,
-    /// `teardown_frees` (SPEC.md §6).
+    /// `teardown_frees` (CONTRACT.md §6).
     pub teardown_frees: u64,
-    /// `small_freed_subpages` (SPEC.md §6).
+    /// `small_freed_subpages` (CONTRACT.md §6).
     pub small_freed_subpages: u64,
-    /// `free_calls` (SPEC.md §6).
+    /// `free_calls` (CONTRACT.md §6).
     pub free_calls: u64,
-    /// `invalidations` (SPEC.md §6).
+    /// `invalidations` (CONTRACT.md §6).
     pub invalidations: u64,
-    /// `invalidations_immediate` (SPEC.md §6).
+    /// `invalidations_immediate` (CONTRACT.md §6).
     pub invalidations_immediate: u64,
-    /// `conversions_ok` (SPEC.md §6).
+    /// `conversions_ok` (CONTRACT.md §6).
     pub conversions_ok: u64,
-    /// `conversions_rejected` (SPEC.md §6).
+    /// `conversions_rejected` (CONTRACT.md §6).
     pub conversions_rejected: u64,
-    /// `repopulated_subpages` (SPEC.md §6).
+    /// `repopulated_subpages` (CONTRACT.md §6).
     pub repopulated_subpages: u64,
-    /// `forced_splits` (SPEC.md §6).
+    /// `forced_splits` (CONTRACT.md §6).
     pub forced_splits: u64,
-    /// `free_errors` (SPEC.md §6).
+    /// `free_errors` (CONTRACT.md §6).
     pub free_errors: u64,
-    /// `errors_invalid_range` (SPEC.md §6).
+    /// `errors_invalid_range` (CONTRACT.md §6).
     pub errors_invalid_range: u64,
-    /// `errors_torn_down` (SPEC.md §6).
+    /// `errors_torn_down` (CONTRACT.md §6).
     pub errors_torn_down: u64,
 }
 
@@ -117,7 +119,7 @@ impl ModelStats {
         }
     }
 
-    /// The statistics by their SPEC.md §6 names.
+    /// The statistics by their CONTRACT.md §6 names.
     pub fn named(&self) -> BTreeMap<String, u64> {
         [
             ("punch_calls", self.punch_calls),
@@ -215,7 +217,7 @@ impl MPage {
     }
 }
 
-/// A plain sequential reading of SPEC.md §3 and §6.
+/// A plain sequential reading of CONTRACT.md §3 and §6.
 pub struct Model {
     /// File size in bytes.
     pub size: u64,
@@ -223,9 +225,9 @@ pub struct Model {
     pub order: u8,
     /// Subpages per huge page (`1 << order`).
     pub per: u64,
-    /// Pending-bytes budget (SPEC.md §3), if any.
+    /// Pending-bytes budget (CONTRACT.md §3), if any.
     pub budget: Option<u64>,
-    /// Conversion policy (SPEC.md §3); tests may change it between operations.
+    /// Conversion policy (CONTRACT.md §3); tests may change it between operations.
     pub policy: Policy,
     /// Every huge page of the file.
     pub pages: Vec<MPage>,
@@ -446,7 +448,7 @@ impl Model {
         }
     }
 
-    /// `punch(offset, len)` (SPEC.md §3).
+    /// `punch(offset, len)` (CONTRACT.md §3).
     pub fn punch(&mut self, offset: u64, len: u64) -> Result<(), Error> {
         let r = self.validate(offset, len)?;
         self.stats.punch_calls += 1;
@@ -513,7 +515,7 @@ impl Model {
         }
     }
 
-    /// `populate(offset, len)` (SPEC.md §3).
+    /// `populate(offset, len)` (CONTRACT.md §3).
     pub fn populate(&mut self, offset: u64, len: u64) -> Result<(), Error> {
         let r = self.validate(offset, len)?;
         self.stats.populate_calls += 1;
@@ -545,7 +547,7 @@ impl Model {
             .for_each(|a| *a = to);
     }
 
-    /// `convert(offset, len, to)` (SPEC.md §3), under [`Model::policy`].
+    /// `convert(offset, len, to)` (CONTRACT.md §3), under [`Model::policy`].
     pub fn convert(&mut self, offset: u64, len: u64, to: Attribute) -> Result<(), Error> {
         let r = self.validate(offset, len)?;
         self.stats.convert_calls += 1;
@@ -689,7 +691,7 @@ impl Model {
     }
 
     /// Validation of the read-only queries: the same errors, no counter
-    /// (SPEC.md §6: queries count nothing, even when they fail).
+    /// (CONTRACT.md §6: queries count nothing, even when they fail).
     fn validate_query(&mut self, offset: u64, len: u64) -> Result<ByteRange, Error> {
         let before = (self.stats.errors_torn_down, self.stats.errors_invalid_range);
         let res = self.validate(offset, len);
@@ -702,8 +704,8 @@ impl Model {
             return Err(Error::TornDown);
         }
         if h >= self.pages.len() as u64 {
-            // The spec does not say which range; the harness compares the
-            // variant only.
+            // The engine names that huge page's bytes (CONTRACT.md §3.1);
+            // the harness compares the variant only.
             return Err(Error::InvalidRange { offset: 0, len: 0 });
         }
         Ok(())
