@@ -25,7 +25,7 @@
 //!
 //! The host itself asserts what must hold at each callback, so a model
 //! fails at the first bad call, with a message naming the invariant of
-//! SPEC.md §4 it breaks:
+//! CONTRACT.md §4 it breaks:
 //!
 //! * `free` of a subpage that is not allocated: freed twice (invariant 6);
 //! * `free` of a subpage the guest still maps: freed without invalidation

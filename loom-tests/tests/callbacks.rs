@@ -1,4 +1,4 @@
-//! SPEC.md §5, race 5: re-registering the host callbacks (and the policy)
+//! CONTRACT.md §5.5, race 5: re-registering the host callbacks (and the policy)
 //! while a punch runs. The punch uses one whole set of callbacks from start
 //! to end: every call it makes goes to one host. Concurrent replacements
 //! of the host and of the policy are both kept.

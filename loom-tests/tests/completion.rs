@@ -1,4 +1,4 @@
-//! SPEC.md §5, race 1: two or three punches completing the same huge page
+//! CONTRACT.md §5.5, race 1: two or three punches completing the same huge page
 //! (invariant 1, exactly-once completion; invariant 2 for the partial
 //! punches of private memory).
 #![cfg(hugepunch_loom)]

@@ -1,4 +1,4 @@
-//! SPEC.md §5, race 2: a punch of a shared subpage (the shared path: no
+//! CONTRACT.md §5.5, race 2: a punch of a shared subpage (the shared path: no
 //! immediate invalidation) racing a conversion of the same subpage to
 //! private (invariants 2 and 3). In every interleaving either the
 //! conversion is refused, or the punch saw the subpage as private or

@@ -1,4 +1,4 @@
-//! SPEC.md §5, race 7: a completion whose host free fails, racing populate
+//! CONTRACT.md §5.5, race 7: a completion whose host free fails, racing populate
 //! and a later `flush` (invariants 1 and 6). The failed completion leaves
 //! the huge page whole with every subpage pending; populate may un-punch
 //! one of them; the flush then frees what is still pending (whole, or as

@@ -1,4 +1,4 @@
-//! The VMM's own view racing a completion (SPEC.md §3, "Queries for the
+//! The VMM's own view racing a completion (CONTRACT.md §3.10, "Queries for the
 //! VMM's own accesses"): a VMM that reads guest memory itself asks
 //! `is_punched` / `subpage_state` first and treats punched subpages as
 //! zeros. While the huge page is being completed, a punched subpage is

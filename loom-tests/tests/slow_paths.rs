@@ -1,4 +1,4 @@
-//! SPEC.md §5, race 6: the budget's shrinker and `flush` racing punches and
+//! CONTRACT.md §5.5, race 6: the budget's shrinker and `flush` racing punches and
 //! populates (invariants 4, 6 and 7). No punched subpage is lost (the
 //! engine and the host agree on every subpage at the end: punched ones are
 //! pending and allocated, or freed exactly once), no un-punched subpage is

@@ -1,4 +1,4 @@
-//! SPEC.md §5, race 4: teardown racing punch and populate (invariants 1
+//! CONTRACT.md §5.5, race 4: teardown racing punch and populate (invariants 1
 //! and 6). Every allocated byte is freed exactly once (the host asserts
 //! no double free; `assert_all_freed` that nothing is left), operations
 //! that lose the race get `TornDown`, and every call after teardown does.

@@ -1,4 +1,4 @@
-//! SPEC.md §5, race 3: populate (un-punch) racing the punch that completes
+//! CONTRACT.md §5.5, race 3: populate (un-punch) racing the punch that completes
 //! the huge page (invariants 4 and 5). Whoever is first on the state word
 //! wins: either the completion frees the huge page and populate allocates
 //! it anew, or populate un-punches and zeroes its subpage and the punch

@@ -1,5 +1,5 @@
 //! File geometry: validation of ranges and their split into per-huge-page
-//! parts, with the same rules as the engine (SPEC.md §3).
+//! parts, with the same rules as the engine (CONTRACT.md §3.1).
 
 use hugepunch::{ByteRange, SUBPAGE_SHIFT, SUBPAGE_SIZE};
 

@@ -125,7 +125,7 @@ pub enum HugePageBacking {
 }
 
 /// Something a correct kernel must never see, with the invariant of
-/// SPEC.md §4 it breaks.
+/// CONTRACT.md §4 it breaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Violation {
@@ -223,7 +223,7 @@ impl Violation {
         }
     }
 
-    /// The invariant of SPEC.md §4 it breaks (0: a host-protocol error).
+    /// The invariant of CONTRACT.md §4 it breaks (0: a host-protocol error).
     pub fn invariant(&self) -> u8 {
         match self {
             Violation::PrivateMappingSurvivedPunch { .. } => 2,

@@ -101,7 +101,7 @@ pub struct Figures {
     pub small_mappings_installed: u64,
     /// What the host counted.
     pub host: HostCounters,
-    /// Violations of SPEC.md §4 the model caught (0 for a correct strategy).
+    /// Violations of CONTRACT.md §4 the model caught (0 for a correct strategy).
     pub violations: u64,
     /// By kind.
     pub violations_by_kind: BTreeMap<&'static str, u64>,
@@ -231,7 +231,7 @@ impl Kernel {
         &*self.strategy
     }
 
-    /// The strategy's statistics (SPEC.md §6).
+    /// The strategy's statistics (CONTRACT.md §6).
     pub fn stats(&self) -> Stats {
         self.strategy.stats()
     }

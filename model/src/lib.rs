@@ -7,7 +7,7 @@
 //! the fault-retry protocol ([`mmu`]) and a 2 MiB direct map. A
 //! [`Kernel`] puts one [`Strategy`] on one host and adds a guest that
 //! writes and reads through the MMU, checking invariants 2, 4 and 5 of
-//! SPEC.md as it goes. Everything is sparse: the model's size grows with
+//! docs/CONTRACT.md as it goes. Everything is sparse: the model's size grows with
 //! the huge pages a run touches, not with the file.
 //!
 //! ```

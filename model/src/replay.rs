@@ -1,4 +1,4 @@
-//! Replaying a trace (SPEC.md §7) on a [`Kernel`]: operations that fail are
+//! Replaying a trace (CONTRACT.md §7) on a [`Kernel`]: operations that fail are
 //! counted and the replay goes on, as a VMM would report the error to the
 //! guest and carry on.
 

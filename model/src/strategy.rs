@@ -14,7 +14,7 @@
 //! Every strategy validates ranges as the engine does, refuses everything
 //! after teardown, invalidates a partial punch of possibly-private memory
 //! at once (invariant 2 is not a matter of policy), and reports the
-//! statistic names of SPEC.md §6, counting what it did.
+//! statistic names of CONTRACT.md §6, counting what it did.
 
 use crate::geometry::{Geometry, Part};
 use crate::host::{lock, HugePageBacking, KernelHost};
@@ -108,7 +108,7 @@ impl std::str::FromStr for StrategyKind {
 pub trait Strategy: Send + Sync {
     /// Which one.
     fn kind(&self) -> StrategyKind;
-    /// `punch(offset, len)` (SPEC.md §3 for the engine; its own rules for
+    /// `punch(offset, len)` (CONTRACT.md §3 for the engine; its own rules for
     /// the others).
     fn punch(&self, offset: u64, len: u64) -> Result<(), Error>;
     /// `convert(offset, len, to)`.
@@ -126,7 +126,7 @@ pub trait Strategy: Send + Sync {
     fn pending_in(&self, h: u64) -> u32;
     /// Is the subpage at `offset` punched and pending (reads as zeros)?
     fn is_punched(&self, offset: u64) -> bool;
-    /// The statistics of SPEC.md §6.
+    /// The statistics of CONTRACT.md §6.
     fn stats(&self) -> Stats;
     /// Bytes of the strategy's own tracking state.
     fn tracking_bytes(&self) -> usize;

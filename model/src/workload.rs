@@ -269,7 +269,7 @@ pub fn pattern_steps(
     out
 }
 
-/// A trace of `pattern` over a whole file, as text (SPEC.md §7).
+/// A trace of `pattern` over a whole file, as text (CONTRACT.md §7).
 pub fn generate(pattern: Pattern, geo: Geometry, seed: u64) -> String {
     let mut s = String::new();
     let _ = writeln!(
