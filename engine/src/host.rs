@@ -46,10 +46,10 @@ pub enum Policy {
 ///   ([`HugePunch::stats`](crate::HugePunch::stats),
 ///   [`HugePunch::max_mapping_order`](crate::HugePunch::max_mapping_order),
 ///   [`HugePunch::backing`](crate::HugePunch::backing)). A callback must not
-///   call `punch`, `convert`, `populate`, `flush`, `teardown`, `is_punched`
-///   or `pending_ranges` on the same file: `zero` and `free` run while the
-///   huge page is marked, and those calls may wait for the mark to go,
-///   which would never happen.
+///   call `punch`, `convert`, `populate`, `flush`, `teardown`, `is_punched`,
+///   `subpage_state` or `pending_ranges` on the same file: `zero` and
+///   `free` run while the huge page is marked, and those calls may wait
+///   for the mark to go, which would never happen.
 /// * **Panic**: a panicking callback counts as a *failed* call, and the
 ///   operation runs to its end exactly as it would have with that failure;
 ///   then, once its statistics are applied, the first panic propagates to
