@@ -4,16 +4,20 @@
 //!
 //! Each run is bounded here: the binary runs under `ulimit -v` of 1 GiB
 //! (an allocation beyond it fails, and the test with it) and is killed,
-//! failing the test, after 10 seconds. The binary is the debug build, several
-//! times slower than a release build; what is refused is refused before
-//! any real work, so the bounds hold in both.
+//! failing the test, after 10 seconds in a release build. `cargo test`
+//! runs the debug build, several times slower, next to the other tests of
+//! this binary on two cores: there the limit is 60 s, so that a loaded
+//! machine cannot fail a correct refusal (seen: the 100,000-line
+//! chunk-per-line trace, which must be read whole before its estimate
+//! refuses it, took 13 s in debug under load; 0.3 s in release). The
+//! 10-second bound of the issue is the release figure (docs/RELIABILITY.md).
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const TIME_LIMIT: Duration = Duration::from_secs(10);
+const TIME_LIMIT: Duration = Duration::from_secs(if cfg!(debug_assertions) { 60 } else { 10 });
 const MEMORY_LIMIT_KIB: u64 = 1 << 20;
 
 /// Run the binary with `args` (and `stdin`, if any) within the bounds;
