@@ -30,7 +30,10 @@ pub enum Error {
         offset: u64,
     },
     /// The file was torn down (EIO, as KVM answers for a dead VM). Nothing
-    /// changed but `errors_torn_down`.
+    /// changed but `errors_torn_down` — except for a `populate` that passed
+    /// validation before a concurrent teardown reached its huge pages: it
+    /// counts as a call too, and what it populated before that stays
+    /// (teardown frees it).
     #[error("the file was torn down")]
     TornDown,
     /// The host could not allocate memory for a populate (the host's errno,
@@ -38,7 +41,9 @@ pub enum Error {
     /// before `offset` were populated; from `offset` on, nothing was.
     #[error("the host could not allocate at {offset:#x} (errno {errno})")]
     AllocationFailed {
-        /// Where the failed allocation starts.
+        /// Where the failed allocation starts: for an `Absent` huge page
+        /// (allocated whole) the start of that huge page, which may lie
+        /// before the populated range's own offset.
         offset: u64,
         /// The host's errno.
         errno: i32,

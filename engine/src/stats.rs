@@ -1,8 +1,8 @@
 //! Statistics (CONTRACT.md §6): sharded counters and their serde snapshot.
 //!
 //! Monotone counters live in per-thread shards (`CachePadded`, one writer
-//! each), so threads punching different huge pages never share a counter's
-//! cache line and an update is a plain store. Pending subpages are one global counter: the budget
+//! each, on a lock-free list per file), so threads punching different huge
+//! pages never share a counter's cache line and an update is a plain store. Pending subpages are one global counter: the budget
 //! needs its exact value after every punch, and `pending_bytes_peak` is the
 //! largest value it had at the end of an operation.
 
@@ -133,45 +133,66 @@ fn new_shard() -> Shard {
 /// Per-thread shards: each thread that changes the statistics of a file
 /// owns one shard of that file's counters and is its only writer, so an
 /// update is a plain load and store (no locked instruction, no shared
-/// cache line). A snapshot sums the shards; shards of threads that exited
-/// are folded into a total when the next thread registers.
+/// cache line). A snapshot sums the shards. No lock anywhere: the shards of
+/// a file form a lock-free, append-only list, and a shard whose thread
+/// exited is *released* and taken over by the next thread that needs one
+/// (its counts stay in it), so the list is as long as the largest number of
+/// threads that used the file at once.
 ///
 /// # Who owns a shard, and how long a pointer to it lives
 ///
-/// A shard is an `Arc` held by the file's registry (`Shards::all`) and by
-/// the thread's `MINE` list. The fast path reads `LAST`, a plain
-/// `Cell` (no destructor: it can be read at any point of a thread's life,
+/// A shard is a list node, an `Arc` held by the file's list and by the
+/// thread's `MINE` list. The fast path reads `LAST`, a plain `Cell` (no
+/// destructor: it can be read at any point of a thread's life,
 /// thread-local destructors included) caching a raw pointer to the last
 /// shard used. That pointer never outlives its owner:
 ///
-/// * the registry drops a shard only once `MINE` has dropped its clone
-///   (`strong_count == 1`), and `MINE` drops a clone only (a) when the
-///   file is gone (its id then matches no live file, so `LAST` is never
-///   dereferenced under it: ids are never reused), or (b) in `MINE`'s own
-///   destructor, which **first clears `LAST`** (`Mine`'s `Drop`);
+/// * the list drops its `Arc`s only when the file is dropped, and `MINE`
+///   drops a clone only (a) when the file is gone (its id then matches no
+///   live file, so `LAST` is never dereferenced under it: ids are never
+///   reused), or (b) in `MINE`'s own destructor, which **first clears
+///   `LAST`** (`Mine`'s `Drop`), then releases each shard it owned;
 /// * after `MINE` is destroyed, `try_with` fails and an operation (run,
 ///   say, from another thread-local's destructor) adds its counts to the
 ///   file's `orphans` shard with atomic adds: nothing is lost.
 #[cfg(not(hugepunch_loom))]
 mod shards {
     use super::{new_shard, Delta, Shard, N};
-    use crate::sync::{fence, Arc, AtomicU64, Mutex, MutexGuard, Ordering};
+    use crate::sync::{Arc, AtomicBool, AtomicPtr, AtomicU64, Ordering};
     use std::cell::{Cell, RefCell};
+    use std::ptr;
 
     static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
-    /// This thread's shards: (file id, shard). Its destructor clears `LAST`
-    /// before it drops the shards, so the cache never points at a shard
+    /// One shard of a file's list.
+    struct Node {
+        shard: Shard,
+        /// A thread writes this shard (set by the claiming CAS, cleared
+        /// when that thread's `MINE` is destroyed).
+        owned: AtomicBool,
+        /// The node pushed before this one; set before the node is
+        /// published, never changed after.
+        next: AtomicPtr<Node>,
+    }
+
+    /// This thread's shards: (file id, node). Its destructor clears `LAST`
+    /// before it releases the shards, so the cache never points at a shard
     /// this thread no longer owns.
-    struct Mine(Vec<(u64, Arc<Shard>)>);
+    struct Mine(Vec<(u64, Arc<Node>)>);
 
     impl Drop for Mine {
         fn drop(&mut self) {
             LAST.set(EMPTY);
+            for (_, node) in &self.0 {
+                // ORDERING: Release: this thread's last stores to the shard
+                // happen-before the claim (Acquire) of the thread that
+                // takes it over and goes on from those values.
+                node.owned.store(false, Ordering::Release);
+            }
         }
     }
 
-    const EMPTY: (u64, *const Shard) = (u64::MAX, std::ptr::null());
+    const EMPTY: (u64, *const Shard) = (u64::MAX, ptr::null());
 
     thread_local! {
         /// Owns this thread's shards.
@@ -185,8 +206,9 @@ mod shards {
 
     pub(crate) struct Shards {
         id: u64,
-        /// Live shards, and the totals of shards whose threads exited.
-        all: Mutex<(Vec<Arc<Shard>>, [u64; N])>,
+        /// The newest node of the file's list (each holds one `Arc`
+        /// reference, from `Arc::into_raw`, released in `Drop`).
+        head: AtomicPtr<Node>,
         /// Counts of operations that ran after their thread's `MINE` was
         /// destroyed (from another thread-local's destructor), added
         /// atomically: there is no per-thread shard left to own them.
@@ -198,36 +220,74 @@ mod shards {
             // ORDERING: Relaxed: a unique number is all we need.
             Shards {
                 id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-                all: Mutex::new((Vec::new(), [0; N])),
+                head: AtomicPtr::new(ptr::null_mut()),
                 orphans: new_shard(),
             }
         }
 
-        fn lock(&self) -> MutexGuard<'_, (Vec<Arc<Shard>>, [u64; N])> {
-            self.all.lock().unwrap_or_else(|p| p.into_inner())
+        /// Every node of the list, newest first.
+        fn nodes(&self) -> impl Iterator<Item = &Node> {
+            // ORDERING: Acquire pairs with the pushing CAS's Release: a
+            // node's fields are seen as they were when it was published.
+            let mut at = self.head.load(Ordering::Acquire);
+            std::iter::from_fn(move || {
+                // SAFETY: every node reachable from `head` came from
+                // `Arc::into_raw` and keeps that reference until `Drop`,
+                // which needs `&mut self`; `next` never changes once
+                // published.
+                let node = unsafe { at.as_ref()? };
+                // ORDERING: Relaxed: `next` was written before the node was
+                // published, and the Acquire above (or of the node that led
+                // here) orders this read after it.
+                at = node.next.load(Ordering::Relaxed);
+                Some(node)
+            })
         }
 
-        /// Register a shard for this thread (once per thread and file).
-        fn register(&self) -> Arc<Shard> {
-            let shard = Arc::new(new_shard());
-            let mut all = self.lock();
-            let (live, retired) = &mut *all;
-            live.retain(|s| {
-                if Arc::strong_count(s) > 1 {
-                    return true;
+        /// A shard for this thread: one a thread released, or a new one.
+        fn register(&self) -> Arc<Node> {
+            for node in self.nodes() {
+                // ORDERING: Acquire on success pairs with the releasing
+                // thread's Release store: we go on from its last counts.
+                // Relaxed on failure: we only move on.
+                if !node.owned.load(Ordering::Relaxed)
+                    && node
+                        .owned
+                        .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                        .is_ok()
+                {
+                    // SAFETY: `node` is in the list, which holds one `Arc`
+                    // reference to it until `Drop` (`&mut self`): adding
+                    // one more is sound.
+                    return unsafe {
+                        Arc::increment_strong_count(node);
+                        Arc::from_raw(node)
+                    };
                 }
-                // ORDERING: the exited thread dropped its clone with a
-                // Release decrement; this fence makes its last stores to
-                // the shard visible before we fold them.
-                fence(Ordering::Acquire);
-                for (t, v) in retired.iter_mut().zip(s.iter()) {
-                    // ORDERING: Relaxed, ordered by the fence above.
-                    *t += v.load(Ordering::Relaxed);
-                }
-                false
+            }
+            let node = Arc::new(Node {
+                shard: new_shard(),
+                owned: AtomicBool::new(true),
+                next: AtomicPtr::new(ptr::null_mut()),
             });
-            live.push(shard.clone());
-            shard
+            let raw = Arc::into_raw(node.clone()).cast_mut();
+            // ORDERING: Relaxed first read: the CAS below decides.
+            let mut head = self.head.load(Ordering::Relaxed);
+            loop {
+                // ORDERING: Relaxed: published by the Release CAS below.
+                node.next.store(head, Ordering::Relaxed);
+                // ORDERING: Release publishes the node's fields to `nodes`'
+                // Acquire; Relaxed on failure: we only retry.
+                match self.head.compare_exchange_weak(
+                    head,
+                    raw,
+                    Ordering::Release,
+                    Ordering::Relaxed,
+                ) {
+                    Ok(_) => return node,
+                    Err(now) => head = now,
+                }
+            }
         }
 
         /// This thread's shard of this file, or `None` once this thread's
@@ -242,14 +302,14 @@ mod shards {
                 .try_with(|mine| {
                     let mut mine = mine.try_borrow_mut().ok()?;
                     let mine = &mut mine.0;
-                    if let Some((_, s)) = mine.iter().find(|(id, _)| *id == self.id) {
-                        return Some(Arc::as_ptr(s));
+                    if let Some((_, n)) = mine.iter().find(|(id, _)| *id == self.id) {
+                        return Some(&n.shard as *const Shard);
                     }
                     // Forget shards of files that were dropped.
-                    mine.retain(|(_, s)| Arc::strong_count(s) > 1);
-                    let shard = self.register();
-                    let ptr = Arc::as_ptr(&shard);
-                    mine.push((self.id, shard));
+                    mine.retain(|(_, n)| Arc::strong_count(n) > 1);
+                    let node = self.register();
+                    let ptr = &node.shard as *const Shard;
+                    mine.push((self.id, node));
                     Some(ptr)
                 })
                 .ok()??;
@@ -263,18 +323,18 @@ mod shards {
             };
             // SAFETY: `ptr` came from `LAST` under this file's id or from
             // `MINE` just now, so this thread's `MINE` holds an `Arc` of the
-            // shard: `MINE` drops it only in its destructor, which clears
-            // `LAST` first, or when this file is gone, which it is not
-            // (`self` is borrowed). Nothing below can run that destructor
-            // or drop the file.
+            // shard's node: `MINE` drops it only in its destructor, which
+            // clears `LAST` first, or when this file is gone, which it is
+            // not (`self` is borrowed). Nothing below can run that
+            // destructor or drop the file.
             let shard: &Shard = unsafe { &*ptr };
             while d.touched != 0 {
                 let i = d.touched.trailing_zeros() as usize;
                 d.touched &= d.touched - 1;
                 // ORDERING: Relaxed load and store: this thread is the
-                // shard's only writer, so nothing is lost; readers need
-                // no synchronisation (exact at quiescent points, after
-                // the writers were joined).
+                // shard's only writer (it holds `owned`), so nothing is
+                // lost; readers need no synchronisation (exact at quiescent
+                // points, after the writers were joined).
                 let v = shard[i].load(Ordering::Relaxed);
                 shard[i].store(v + d.counts[i], Ordering::Relaxed);
             }
@@ -293,15 +353,29 @@ mod shards {
         }
 
         pub fn sum(&self) -> [u64; N] {
-            let all = self.lock();
-            let mut c = all.1;
-            for s in all.0.iter().map(|s| &**s).chain([&self.orphans]) {
+            let mut c = [0; N];
+            for s in self.nodes().map(|n| &n.shard).chain([&self.orphans]) {
                 for (t, v) in c.iter_mut().zip(s.iter()) {
                     // ORDERING: Relaxed: see `flush`.
                     *t += v.load(Ordering::Relaxed);
                 }
             }
             c
+        }
+    }
+
+    impl Drop for Shards {
+        fn drop(&mut self) {
+            // ORDERING: Relaxed: `&mut self`, no other thread.
+            let mut at = self.head.load(Ordering::Relaxed);
+            while !at.is_null() {
+                // SAFETY: each node in the list holds one reference from
+                // `Arc::into_raw`, released exactly once, here; threads
+                // that still hold a clone in `MINE` keep the node alive.
+                let node = unsafe { Arc::from_raw(at) };
+                // ORDERING: Relaxed, as above.
+                at = node.next.load(Ordering::Relaxed);
+            }
         }
     }
 }

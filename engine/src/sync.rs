@@ -10,9 +10,7 @@
 
 #[cfg(not(hugepunch_loom))]
 mod imp {
-    pub(crate) use std::sync::atomic::{
-        fence, AtomicBool, AtomicI64, AtomicPtr, AtomicU64, Ordering,
-    };
+    pub(crate) use std::sync::atomic::{AtomicBool, AtomicI64, AtomicPtr, AtomicU64, Ordering};
     pub(crate) use std::sync::{Arc, Mutex, MutexGuard};
 
     /// Gives the other threads a chance while this one waits on one huge page.

@@ -197,6 +197,46 @@ fn statistics_of_punches_from_a_thread_local_destructor_are_exact() {
     assert_teardown_frees_all(&file, &host);
 }
 
+/// Threads come and go (each exiting thread releases its statistics shard,
+/// the next one takes it over) while another thread reads the statistics
+/// all the time: the totals are exact at the end.
+#[test]
+fn statistics_stay_exact_as_threads_come_and_go() {
+    let _watchdog = Watchdog::arm("statistics_stay_exact_as_threads_come_and_go");
+    let host = hooked(64 << 20, Attribute::Shared);
+    let file = file(64 << 20, 9, &host);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (file, stop) = (file.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut last = 0;
+            while !stop.load(Ordering::SeqCst) {
+                let now = file.stats().punch_calls;
+                assert!(now >= last, "punch_calls went back: {last} -> {now}");
+                last = now;
+            }
+        })
+    };
+    for round in 0..50u64 {
+        let threads: Vec<_> = (0..4u64)
+            .map(|t| {
+                let file = file.clone();
+                std::thread::spawn(move || {
+                    let sub = 1 + round * 4 + t;
+                    file.punch((sub / 500) * (2 << 20) + (sub % 500) * SUB, SUB)
+                        .unwrap();
+                })
+            })
+            .collect();
+        threads.into_iter().for_each(|t| t.join().unwrap());
+    }
+    stop.store(true, Ordering::SeqCst);
+    reader.join().unwrap();
+    let s = file.stats();
+    assert_eq!((s.punch_calls, s.punched_subpages), (200, 200));
+    assert_consistent(&file, &host);
+}
+
 // ---------------------------------------------------------------------------
 // Part 1b: panicking callbacks
 // ---------------------------------------------------------------------------
