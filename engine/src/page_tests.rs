@@ -133,3 +133,15 @@ fn a_saturated_field_makes_entry_wait_instead_of_overflowing() {
         assert_eq!((s.mode(), s.count()), (HUGE, 0));
     }
 }
+
+/// `Snapshot`'s `Debug` names every field (what a failing assertion on a
+/// state word prints).
+#[test]
+fn snapshot_debug_names_every_field() {
+    let s = Snapshot(HUGE | BUSY | (3 << PUNCHING_SHIFT) | CONVERT_ONE | (5 << COUNT_SHIFT));
+    assert_eq!(
+        format!("{s:?}"),
+        "Snapshot { mode: \"HUGE\", completing: false, busy: true, torn: false, \
+         punching: 3, unpunching: 0, converting: 1, count: 5 }"
+    );
+}
