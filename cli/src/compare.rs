@@ -4,8 +4,8 @@
 
 use hugepunch::Stats;
 use hugepunch_cli::format::{bytes, count, table};
-use hugepunch_model::workload::run_step;
-use hugepunch_model::{Figures, Kernel, ModelConfig, Options, Step, StrategyKind, Verification};
+use hugepunch_model::{Figures, Kernel, ModelConfig, Options, StrategyKind, Verification};
+use hugepunch_workload::{run_step, Step};
 use indicatif::ProgressBar;
 use serde::Serialize;
 

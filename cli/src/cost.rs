@@ -55,10 +55,10 @@
 //! each refused case under a time and an address-space limit. A debug
 //! build is several times slower than the estimate.
 
-use hugepunch::trace::{Op, Trace};
 use hugepunch::SUBPAGE_SHIFT;
 use hugepunch_model::rangemap::RangeMap;
 use hugepunch_model::{Geometry, StrategyKind};
+use hugepunch_workload::{Op, Trace};
 
 /// Time per operation, whatever it touches, in nanoseconds.
 pub const NS_PER_OP: f64 = 300.0;

@@ -7,9 +7,10 @@ use crate::compare::{self, Contender, Row};
 use crate::{number, progress, svg, write_stdout};
 use anyhow::{bail, Context as _};
 use hugepunch::Attribute;
+use hugepunch::Geometry;
 use hugepunch_cli::format::{bytes, count};
-use hugepunch_model::workload::{demo_workloads, run_step};
-use hugepunch_model::{Geometry, Kernel, ModelConfig, Options, Pattern, StrategyKind};
+use hugepunch_model::{Kernel, ModelConfig, Options, StrategyKind};
+use hugepunch_workload::{demo_window, demo_workloads, run_step, Op, Pattern, Step};
 use serde_json::json;
 use std::fmt::Write as _;
 use std::time::Instant;
@@ -27,7 +28,7 @@ pub struct Args {
     #[arg(long, default_value = "64M", value_parser = number)]
     budget: u64,
     /// Seed of the random patterns.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = hugepunch_workload::DEFAULT_SEED)]
     seed: u64,
     /// Only these patterns (comma separated).
     #[arg(long, value_delimiter = ',', value_parser = crate::pattern_arg)]
@@ -47,7 +48,7 @@ impl Default for Args {
             size: 4 << 30,
             window: 512 << 20,
             budget: 64 << 20,
-            seed: 1,
+            seed: hugepunch_workload::DEFAULT_SEED,
             only: Vec::new(),
             json: false,
             svg: None,
@@ -71,12 +72,6 @@ const BYTES_PER_WINDOW_SUBPAGE: u64 = 400;
 const MAX_SECONDS: f64 = 8.0;
 const MAX_MEMORY: u64 = 768 << 20;
 
-/// The window the workloads really punch (as `demo_workloads` clips it).
-fn effective_window(geo: Geometry, window: u64) -> u64 {
-    let hps = geo.huge_page_size();
-    window.min(geo.size.saturating_sub(2 * hps)).max(hps) / hps * hps
-}
-
 /// What a demo costs: wall seconds and bytes (an upper estimate).
 fn estimate(
     geo: Geometry,
@@ -85,7 +80,7 @@ fn estimate(
     patterns: usize,
     svg: bool,
 ) -> (f64, u64) {
-    let subpages = (effective_window(geo, window) / 4096) as f64;
+    let subpages = (demo_window(geo, window) / 4096) as f64;
     let share = (contenders as f64 / 5.0) * (patterns as f64 / 8.0);
     let mut secs = (subpages * SECONDS_PER_WINDOW_SUBPAGE
         + geo.huge_pages() as f64 * SECONDS_PER_HUGE_PAGE)
@@ -100,11 +95,8 @@ fn estimate(
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let geo = Geometry {
-        size: a.size,
-        order: 9,
-    };
-    if a.size < 4 * geo.huge_page_size() || !a.size.is_multiple_of(geo.huge_page_size()) {
+    let huge_page: u64 = 2 << 20;
+    if a.size < 4 * huge_page || !a.size.is_multiple_of(huge_page) {
         bail!("--size must be a multiple of 2 MiB and at least 8 MiB");
     }
     if a.size > MAX_SIZE {
@@ -114,6 +106,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             bytes(MAX_SIZE)
         );
     }
+    let geo = Geometry::new(a.size, 9)?;
     let cfg = ModelConfig {
         size: a.size,
         order: 9,
@@ -154,7 +147,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if secs > MAX_SECONDS || mem > MAX_MEMORY {
         bail!(
             "a demo of a {} window of a {} guest would take about {:.0} s and {} of memory, more than this tool allows (about {:.0} s and {}); use a smaller --window or --size, or --only some patterns",
-            bytes(effective_window(geo, a.window)),
+            bytes(demo_window(geo, a.window)),
             bytes(a.size),
             secs,
             bytes(mem),
@@ -199,12 +192,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             let punches = w
                 .steps
                 .iter()
-                .filter(|s| {
-                    matches!(
-                        s,
-                        hugepunch_model::Step::Op(hugepunch::trace::Op::Punch { .. })
-                    )
-                })
+                .filter(|s| matches!(s, Step::Op(Op::Punch { .. })))
                 .count();
             let _ = writeln!(
                 out,

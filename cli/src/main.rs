@@ -13,7 +13,8 @@ mod svg;
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand, ValueEnum};
 use hugepunch::Policy;
-use hugepunch_model::{Geometry, Pattern, StrategyKind};
+use hugepunch_model::StrategyKind;
+use hugepunch_workload::Pattern;
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -84,13 +85,14 @@ fn strategy_arg(s: &str) -> Result<StrategyArg, String> {
 /// A number in the trace syntax (SPEC.md §7): decimal digits, or 0x and
 /// hex digits, then an optional K, M or G; no sign, nothing else.
 fn number(s: &str) -> Result<u64, String> {
-    hugepunch::trace::number(s).map_err(|e| {
+    hugepunch_workload::number(s).map_err(|e| {
         format!("bad number {s:?}: {e} (decimal or 0x hex digits, then an optional K, M or G)")
     })
 }
 
 fn pattern_arg(s: &str) -> Result<Pattern, String> {
     s.parse()
+        .map_err(|e: hugepunch_workload::UnknownPattern| e.to_string())
 }
 
 #[derive(clap::Args)]
@@ -127,24 +129,11 @@ struct GenArgs {
     #[arg(long, default_value_t = 9)]
     order: u8,
     /// Seed of the random patterns.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = hugepunch_workload::DEFAULT_SEED)]
     seed: u64,
     /// Write here instead of stdout.
     #[arg(long, short, value_name = "FILE")]
     output: Option<PathBuf>,
-}
-
-/// Operations `gen` writes for `pattern` over a file of geometry `geo`
-/// (see hugepunch_model::workload::pattern_steps).
-fn gen_operations(pattern: Pattern, geo: Geometry) -> u64 {
-    let subs = geo.subpages();
-    let pages = geo.huge_pages();
-    match pattern {
-        Pattern::Pin => subs - pages,
-        Pattern::ConversionChurn => 2 * subs + 3 * (geo.full() as u64 / 8) * pages,
-        Pattern::Straddling => 2 * pages + 1,
-        _ => subs,
-    }
 }
 
 fn gen(a: GenArgs) -> anyhow::Result<()> {
@@ -155,19 +144,17 @@ fn gen(a: GenArgs) -> anyhow::Result<()> {
             a.order
         );
     }
-    let geo = Geometry {
-        size: a.size,
-        order: a.order,
-    };
-    if a.size == 0 || !a.size.is_multiple_of(geo.huge_page_size()) {
+    let huge_page = 4096u64 << a.order;
+    if a.size == 0 || !a.size.is_multiple_of(huge_page) {
         bail!(
             "--size must be a positive multiple of the huge page size ({} bytes at order {})",
-            geo.huge_page_size(),
+            huge_page,
             a.order
         );
     }
+    let geo = hugepunch::Geometry::new(a.size, a.order)?;
     // What `replay` reads: a trace it would refuse is not worth writing.
-    let ops = gen_operations(a.pattern, geo);
+    let ops = a.pattern.operations(geo, a.size);
     let max = hugepunch_cli::replay::MAX_OPERATIONS as u64;
     if ops > max {
         bail!(
@@ -177,7 +164,15 @@ fn gen(a: GenArgs) -> anyhow::Result<()> {
             hugepunch_cli::format::count(max)
         );
     }
-    let text = hugepunch_model::workload::generate(a.pattern, geo, a.seed);
+    let text = format!(
+        "# hugepunch gen {} --size {} --order {} --seed {}\n# {}\n{}",
+        a.pattern,
+        a.size,
+        a.order,
+        a.seed,
+        a.pattern.describes(),
+        a.pattern.trace(geo, a.seed).to_text()
+    );
     match a.output {
         Some(path) => std::fs::write(&path, text)
             .with_context(|| format!("cannot write {}", path.display()))?,

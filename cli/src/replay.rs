@@ -15,9 +15,10 @@
 
 use crate::cost::{estimate_within, Estimate};
 use crate::format::{bytes, count};
-use hugepunch::trace::{self, ParseError, Parser, Trace, MAX_LINE_BYTES};
 use hugepunch::Policy;
 use hugepunch_model::{Failure, Kernel, ModelConfig, Options, StrategyKind};
+use hugepunch_workload::apply;
+use hugepunch_workload::trace::{self, ParseError, Parser, Trace, MAX_LINE_BYTES};
 use std::io::{BufRead, Read as _};
 
 /// The largest trace read, in bytes.
@@ -365,7 +366,7 @@ pub fn run(
         let mut failures = Vec::new();
         let mut failed = 0;
         for (j, &(line, op)) in trace.ops.iter().enumerate() {
-            if let Err(error) = kernel.apply(&op) {
+            if let Err(error) = apply(&kernel, &op) {
                 failed += 1;
                 if failures.len() < LISTED_FAILURES {
                     failures.push(Failure { line, op, error });

@@ -6,10 +6,10 @@
 use crate::compare::{self, Contender, Row};
 use crate::{progress, svg, write_stdout, ReplayArgs, StrategyArg};
 use anyhow::{bail, Context as _};
-use hugepunch::trace::Trace;
 use hugepunch_cli::format::{bytes, count};
 use hugepunch_cli::replay::{self, Outcome, ReplayOptions};
 use hugepunch_model::{Failure, Options, StrategyKind};
+use hugepunch_workload::Trace;
 use serde_json::{json, Value};
 use std::fmt::Write as _;
 use std::io::BufRead;
@@ -230,13 +230,7 @@ fn human(name: &str, trace: &Trace, outcomes: &[Outcome], options: Options, secs
         o.failed_operations
     );
     for f in o.failures.iter().take(LISTED_FAILURES) {
-        let _ = writeln!(
-            s,
-            "  line {}: {}: {}",
-            f.line,
-            hugepunch_model::workload::format_op(&f.op),
-            f.error
-        );
+        let _ = writeln!(s, "  line {}: {}: {}", f.line, f.op, f.error);
     }
     if o.failed_operations > LISTED_FAILURES as u64 {
         let _ = writeln!(

@@ -466,11 +466,11 @@ impl hugepunch::Host for PlainHost {
 }
 
 fn direct(
-    trace: &hugepunch::trace::Trace,
+    trace: &hugepunch_workload::Trace,
     budget: Option<u64>,
     policy: hugepunch::Policy,
 ) -> Value {
-    use hugepunch::trace::Op;
+    use hugepunch_workload::Op;
     let host = PlainHost(std::sync::Mutex::new(vec![
         trace.start;
         (trace.size / 4096) as usize
@@ -504,7 +504,7 @@ fn replay_counts_exactly_what_the_engine_counts() {
         // Some flushes and a teardown after the pattern, to cover them too.
         let text = format!("{text}flush 0 4M\npopulate 0x1000 0x3000\nteardown\npunch 0 4K\n");
         let p = tmp(&format!("direct-{pattern}.trace"), &text);
-        let trace = hugepunch::trace::Trace::parse(&text).unwrap();
+        let trace = hugepunch_workload::Trace::parse(&text).unwrap();
         for (flags, budget, policy) in [
             (vec![], None, hugepunch::Policy::Reject),
             (

@@ -1,9 +1,9 @@
 //! `hugepunch_cli::replay_bytes`, as a fuzz target calls it: any bytes give
 //! a report or an error, never a panic, and within the limits.
 
-use hugepunch::trace::{Op, Trace};
 use hugepunch_cli::replay::{self, Limits, ReplayError, ReplayOptions};
 use hugepunch_model::StrategyKind;
+use hugepunch_workload::{Op, Trace};
 use std::time::{Duration, Instant};
 
 /// SplitMix64: a seed gives the same inputs on every run.

@@ -5,13 +5,13 @@
 //! happen; after each punch it checks that no private subpage of the range
 //! is still mapped (invariant 2).
 
-use crate::geometry::{subpage_span, Geometry};
+use crate::geometry::{self, subpage_span};
 use crate::host::{lock, HostCounters, HugePageBacking, KernelHost, MemoryFigures, Violation};
 use crate::rangemap::RangeMap;
 use crate::strategy::{build, build_engine, Options, Strategy, StrategyKind};
 use crate::sync::{AtomicBool, Ordering};
-use hugepunch::trace::{Op, Trace};
-use hugepunch::{Attribute, ByteRange, Error, Host, Stats, SUBPAGE_SIZE};
+use hugepunch::{Attribute, ByteRange, Error, Geometry, Host, Stats, SUBPAGE_SIZE};
+use hugepunch_workload::{Guest, Target, Trace};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -60,12 +60,10 @@ impl ModelConfig {
         self
     }
 
-    /// The geometry.
-    pub fn geometry(&self) -> Geometry {
-        Geometry {
-            size: self.size,
-            order: self.order,
-        }
+    /// The geometry, validated by the engine's rules ([`Geometry::new`]:
+    /// an error names the size, the order and the huge page size).
+    pub fn geometry(&self) -> Result<Geometry, Error> {
+        Geometry::new(self.size, self.order)
     }
 }
 
@@ -163,15 +161,7 @@ impl Kernel {
     }
 
     fn new_host(cfg: &ModelConfig) -> Result<(Geometry, Arc<KernelHost>), Error> {
-        let geo = cfg.geometry();
-        if !(1..=hugepunch::MAX_ORDER).contains(&cfg.order)
-            || cfg.size == 0
-            || !cfg.size.is_multiple_of(geo.huge_page_size())
-        {
-            return Err(Error::InvalidConfig(
-                "size must be a positive multiple of the huge page size, order 1..=18",
-            ));
-        }
+        let geo = cfg.geometry()?;
         Ok((
             geo,
             Arc::new(KernelHost::new(geo, cfg.populated, cfg.start)),
@@ -216,9 +206,10 @@ impl Kernel {
         self.strategy.kind()
     }
 
-    /// The file's geometry.
-    pub fn geometry(&self) -> Geometry {
-        self.geo
+    /// The file's size and huge page order, as the compatibility shim
+    /// [`geometry::Geometry`] (plain fields) that the tool still reads.
+    pub fn geometry(&self) -> geometry::Geometry {
+        self.geo.into()
     }
 
     /// The simulated host.
@@ -312,20 +303,6 @@ impl Kernel {
         left
     }
 
-    /// Apply one trace operation.
-    pub fn apply(&self, op: &Op) -> Result<(), Error> {
-        match *op {
-            Op::Punch { offset, len } => self.punch(offset, len),
-            Op::Convert { offset, len, to } => self.convert(offset, len, to),
-            Op::Populate { offset, len } => self.populate(offset, len),
-            Op::Flush { offset, len } => self.flush(offset, len),
-            Op::Teardown => {
-                self.teardown();
-                Ok(())
-            }
-        }
-    }
-
     // ---- the guest -----------------------------------------------------------
 
     fn subpage(&self, offset: u64) -> Result<u64, Error> {
@@ -345,7 +322,7 @@ impl Kernel {
     /// the MMU sequence, populate (the strategy's fault-in), look up and
     /// map, retry if an invalidation got in between.
     fn fault(&self, s: u64) -> Result<(), Error> {
-        let h = s >> self.geo.order;
+        let h = s >> self.geo.order();
         for _ in 0..MAX_FAULT_RETRIES {
             let seq = self.host.mmu_seq();
             self.strategy.populate(s * SUBPAGE_SIZE, SUBPAGE_SIZE)?;
@@ -502,5 +479,41 @@ impl Kernel {
     /// The violations recorded so far (the first 256).
     pub fn violations(&self) -> Vec<Violation> {
         self.host.violations()
+    }
+}
+
+/// The operations of a trace or a pattern on the kernel
+/// ([`hugepunch_workload::apply`]).
+impl Target for Kernel {
+    type Error = Error;
+    fn punch(&self, offset: u64, len: u64) -> Result<(), Error> {
+        Kernel::punch(self, offset, len)
+    }
+    fn convert(&self, offset: u64, len: u64, to: Attribute) -> Result<(), Error> {
+        Kernel::convert(self, offset, len, to)
+    }
+    fn populate(&self, offset: u64, len: u64) -> Result<(), Error> {
+        Kernel::populate(self, offset, len)
+    }
+    fn flush(&self, offset: u64, len: u64) -> Result<(), Error> {
+        Kernel::flush(self, offset, len)
+    }
+    /// Tears down; what the strategy could not free is checked by the
+    /// kernel (invariant 6) and shows in its figures.
+    fn teardown(&self) -> Result<(), Error> {
+        Kernel::teardown(self);
+        Ok(())
+    }
+}
+
+/// The guest's accesses of a demo workload
+/// ([`hugepunch_workload::run_step`]); a failed one (after teardown) is an
+/// error for the caller to count.
+impl Guest for Kernel {
+    fn guest_write(&self, offset: u64) -> Result<(), Error> {
+        Kernel::guest_write(self, offset).map(drop)
+    }
+    fn guest_read(&self, offset: u64) -> Result<(), Error> {
+        Kernel::guest_read(self, offset).map(drop)
     }
 }

@@ -34,11 +34,9 @@ pub mod rangemap;
 pub mod replay;
 pub mod strategy;
 mod sync;
-pub mod workload;
 
 pub use geometry::Geometry;
 pub use host::{HugePageBacking, KernelHost, MemoryFigures, Violation};
 pub use kernel::{Figures, Kernel, ModelConfig, PageView, Verification};
 pub use replay::{replay, Failure};
 pub use strategy::{Options, Strategy, StrategyKind};
-pub use workload::{Pattern, Step, Workload};

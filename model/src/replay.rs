@@ -3,8 +3,8 @@
 //! guest and carry on.
 
 use crate::kernel::Kernel;
-use hugepunch::trace::{Op, Trace};
 use hugepunch::Error;
+use hugepunch_workload::{apply, Op, Trace};
 use serde::Serialize;
 
 /// One operation that returned an error.
@@ -28,7 +28,7 @@ fn display<S: serde::Serializer>(e: &Error, s: S) -> Result<S::Ok, S::Error> {
 pub fn replay(kernel: &Kernel, trace: &Trace, mut progress: impl FnMut(usize)) -> Vec<Failure> {
     let mut failures = Vec::new();
     for (i, (line, op)) in trace.ops.iter().enumerate() {
-        if let Err(error) = kernel.apply(op) {
+        if let Err(error) = apply(kernel, op) {
             failures.push(Failure {
                 line: *line,
                 op: *op,

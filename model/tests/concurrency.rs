@@ -8,8 +8,8 @@ mod common;
 
 use common::watchdog::Watchdog;
 use hugepunch::Attribute;
-use hugepunch_model::workload::Rng;
 use hugepunch_model::{Kernel, ModelConfig, Options, StrategyKind};
+use hugepunch_workload::Rng;
 use std::sync::{Arc, Barrier, Mutex};
 
 const K: u64 = 4096;
