@@ -17,7 +17,7 @@
 //! never install a mapping of it: either the invalidation was in progress
 //! when the fault took the lock, or it had ended and bumped the sequence.
 
-use crate::geometry::Geometry;
+use hugepunch::Geometry;
 use std::collections::{BTreeMap, HashMap};
 
 /// Identity of one physical 4 KiB page: the allocation it belongs to (a
@@ -99,7 +99,7 @@ impl Mmu {
         if s0 >= s1 {
             return;
         }
-        let order = geo.order as u32;
+        let order = geo.order() as u32;
         let (h0, h1) = (s0 >> order, (s1 - 1) >> order);
         let mut empty = Vec::new();
         for (&h, m) in self.maps.range_mut(h0..=h1) {
@@ -124,7 +124,7 @@ impl Mmu {
 
     /// What the guest's access to subpage `s` goes to, if mapped.
     pub fn translate(&self, geo: &Geometry, s: u64) -> Option<Phys> {
-        let order = geo.order as u32;
+        let order = geo.order() as u32;
         let h = s >> order;
         let sub = (s - (h << order)) as u32;
         let m = self.maps.get(&h)?;
@@ -139,7 +139,7 @@ impl Mmu {
         if s0 >= s1 {
             return None;
         }
-        let order = geo.order as u32;
+        let order = geo.order() as u32;
         let (h0, h1) = (s0 >> order, (s1 - 1) >> order);
         for (&h, m) in self.maps.range(h0..=h1) {
             let base = h << order;
@@ -174,7 +174,7 @@ impl Mmu {
 
     /// Install a 4 KiB mapping of subpage `s`.
     pub fn install_small(&mut self, geo: &Geometry, s: u64, phys: Phys) {
-        let h = s >> geo.order;
+        let h = s >> geo.order();
         let m = self.maps.entry(h).or_default();
         if m.huge.is_none() {
             m.small.insert(phys.sub, phys);
@@ -194,10 +194,7 @@ mod tests {
 
     #[test]
     fn retry_protocol() {
-        let g = Geometry {
-            size: 1 << 20,
-            order: 3,
-        };
+        let g = Geometry::new(1 << 20, 3).unwrap();
         let mut m = Mmu::default();
         let seq = m.seq();
         m.install_small(&g, 3, Phys { alloc: 1, sub: 3 });
@@ -214,10 +211,7 @@ mod tests {
 
     #[test]
     fn huge_mapping_goes_whole() {
-        let g = Geometry {
-            size: 1 << 20,
-            order: 3,
-        };
+        let g = Geometry::new(1 << 20, 3).unwrap();
         let mut m = Mmu::default();
         m.install_huge(1, 7);
         assert_eq!(m.translate(&g, 12), Some(Phys { alloc: 7, sub: 4 }));

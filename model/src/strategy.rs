@@ -16,11 +16,12 @@
 //! at once (invariant 2 is not a matter of policy), and reports the
 //! statistic names of CONTRACT.md §6, counting what it did.
 
-use crate::geometry::{Geometry, Part};
+use crate::geometry::ModelGeometry;
 use crate::host::{lock, HugePageBacking, KernelHost};
 use crate::sync::{AtomicBool, Ordering};
 use hugepunch::{
-    Attribute, ByteRange, Config, Error, Hint, Host, HugePunch, Policy, Stats, SUBPAGE_SIZE,
+    Attribute, ByteRange, Config, Error, Geometry, Hint, Host, HugePunch, PagePart, Policy, Stats,
+    SUBPAGE_SIZE,
 };
 use serde::Serialize;
 use std::sync::{Arc, Mutex};
@@ -141,7 +142,8 @@ pub struct Options {
     pub policy: Policy,
 }
 
-/// Build strategy `kind` for a file of geometry `geo` on `host`.
+/// Build strategy `kind` for a file of geometry `geo` on `host` (`geo` is
+/// valid by construction: [`Geometry::new`] checked it).
 pub fn build(
     kind: StrategyKind,
     geo: Geometry,
@@ -151,22 +153,12 @@ pub fn build(
 ) -> Result<Box<dyn Strategy>, Error> {
     Ok(match kind {
         StrategyKind::HugePunch => build_engine(geo, populated, options, host)?,
-        _ => {
-            if !(1..=hugepunch::MAX_ORDER).contains(&geo.order)
-                || geo.size == 0
-                || !geo.size.is_multiple_of(geo.huge_page_size())
-            {
-                return Err(Error::InvalidConfig(
-                    "size must be a positive multiple of the huge page size, order 1..=18",
-                ));
-            }
-            Box::new(Baseline {
-                kind,
-                geo,
-                host,
-                state: Mutex::new(BaseState::default()),
-            })
-        }
+        _ => Box::new(Baseline {
+            kind,
+            geo,
+            host,
+            state: Mutex::new(BaseState::default()),
+        }),
     })
 }
 
@@ -178,8 +170,8 @@ pub fn build_engine(
     options: Options,
     host: Arc<dyn Host>,
 ) -> Result<Box<dyn Strategy>, Error> {
-    let mut cfg = Config::new(geo.size)
-        .order(geo.order)
+    let mut cfg = Config::new(geo.size())
+        .order(geo.order())
         .policy(options.policy);
     cfg.populated = populated;
     cfg.budget = options.budget;
@@ -237,7 +229,9 @@ impl Strategy for Engine {
         self.engine.max_mapping_order(h).unwrap_or(0)
     }
     fn pending_in(&self, h: u64) -> u32 {
-        if self.torn() || h >= self.geo.huge_pages() || self.max_mapping_order(h) == self.geo.order
+        if self.torn()
+            || h >= self.geo.huge_pages()
+            || self.max_mapping_order(h) == self.geo.order()
         {
             return 0;
         }
@@ -250,7 +244,7 @@ impl Strategy for Engine {
             .map_or(0, |v| v.iter().map(|r| r.subpages() as u32).sum())
     }
     fn is_punched(&self, offset: u64) -> bool {
-        !self.torn() && offset < self.geo.size && self.engine.is_punched(offset).unwrap_or(false)
+        !self.torn() && offset < self.geo.size() && self.engine.is_punched(offset).unwrap_or(false)
     }
     fn stats(&self) -> Stats {
         self.engine.stats()
@@ -306,7 +300,7 @@ impl Baseline {
     fn hint(&self, h: u64) -> Hint {
         Hint {
             huge_page: h,
-            order: self.geo.order,
+            order: self.geo.order(),
         }
     }
 
@@ -330,7 +324,7 @@ impl Baseline {
     fn free_whole(&self, st: &mut BaseState, h: u64) -> bool {
         let whole = self.geo.huge_page_range(h);
         self.host.invalidate_begin(whole, self.hint(h));
-        let ok = self.free(st, whole, self.geo.order);
+        let ok = self.free(st, whole, self.geo.order());
         self.host.invalidate_end(whole);
         st.stats.invalidations += 1;
         ok
@@ -338,19 +332,15 @@ impl Baseline {
 
     /// Free the present subpages of `part` as 4 KiB runs, after one
     /// invalidation of the part (none if nothing is present).
-    fn free_small(&self, st: &mut BaseState, part: Part) {
+    fn free_small(&self, st: &mut BaseState, part: PagePart) {
         let h = part.huge_page;
         let runs = self.host.present_runs(h, part.first, part.count);
         if runs.is_empty() {
             return;
         }
-        self.invalidate(st, self.geo.part_range(part), h);
+        self.invalidate(st, self.geo.range_of(part), h);
         for (first, count) in runs {
-            let run = self.geo.part_range(Part {
-                huge_page: h,
-                first,
-                count,
-            });
+            let run = self.geo.part_range(h, first, count);
             if self.free(st, run, 0) {
                 st.stats.small_freed_subpages += count as u64;
             }
@@ -363,9 +353,9 @@ impl Baseline {
         }
     }
 
-    fn punch_part(&self, st: &mut BaseState, part: Part) {
+    fn punch_part(&self, st: &mut BaseState, part: PagePart) {
         let h = part.huge_page;
-        let r = self.geo.part_range(part);
+        let r = self.geo.range_of(part);
         match self.host.backing(h) {
             HugePageBacking::Absent => {}
             HugePageBacking::Split { .. } => self.free_small(st, part),
@@ -398,7 +388,7 @@ impl Baseline {
                             self.invalidate(st, r, h);
                             st.stats.invalidations_immediate += 1;
                         }
-                        let words = (self.geo.full() as usize).div_ceil(64);
+                        let words = (self.geo.subpages_per_huge_page() as usize).div_ceil(64);
                         if st.tracked.as_ref().is_some_and(|(t, _)| *t != h) {
                             // Touching another huge page drops the tracked
                             // one: its punched subpages are never freed.
@@ -416,7 +406,8 @@ impl Baseline {
                         let all: u64 = bits.iter().map(|w| w.count_ones() as u64).sum();
                         st.stats.punched_subpages += newly;
                         st.pending_changed();
-                        if all == self.geo.full() as u64 && self.free_whole(st, h) {
+                        if all == self.geo.subpages_per_huge_page() as u64 && self.free_whole(st, h)
+                        {
                             st.stats.huge_frees += 1;
                             st.tracked = None;
                         }
@@ -461,7 +452,7 @@ impl Strategy for Baseline {
             match self.host.backing(h) {
                 HugePageBacking::Absent => {
                     let whole = self.geo.huge_page_range(h);
-                    if let Err(e) = self.host.allocate(whole, self.geo.order) {
+                    if let Err(e) = self.host.allocate(whole, self.geo.order()) {
                         return Err(Error::AllocationFailed {
                             offset: whole.offset,
                             errno: e.errno,
@@ -480,11 +471,7 @@ impl Strategy for Baseline {
                         at = f + c;
                     }
                     for (first, count) in gaps {
-                        let run = self.geo.part_range(Part {
-                            huge_page: h,
-                            first,
-                            count,
-                        });
+                        let run = self.geo.part_range(h, first, count);
                         if let Err(e) = self.host.allocate(run, 0) {
                             return Err(Error::AllocationFailed {
                                 offset: run.offset,
@@ -538,16 +525,14 @@ impl Strategy for Baseline {
                     }
                 }
                 HugePageBacking::Split { .. } => {
-                    let runs = self.host.present_runs(h, 0, self.geo.full());
+                    let runs = self
+                        .host
+                        .present_runs(h, 0, self.geo.subpages_per_huge_page());
                     if !runs.is_empty() {
                         self.invalidate(&mut st, self.geo.huge_page_range(h), h);
                     }
                     for (first, count) in runs {
-                        let run = self.geo.part_range(Part {
-                            huge_page: h,
-                            first,
-                            count,
-                        });
+                        let run = self.geo.part_range(h, first, count);
                         if self.free(&mut st, run, 0) {
                             st.stats.small_freed_subpages += count as u64;
                         } else {
@@ -568,7 +553,7 @@ impl Strategy for Baseline {
         }
         match &st.tracked {
             Some((t, bits)) if *t == h && bits.iter().any(|&w| w != 0) => 0,
-            _ => self.geo.order,
+            _ => self.geo.order(),
         }
     }
 
@@ -581,8 +566,8 @@ impl Strategy for Baseline {
 
     fn is_punched(&self, offset: u64) -> bool {
         let s = offset / SUBPAGE_SIZE;
-        let h = s >> self.geo.order;
-        let sub = (s - (h << self.geo.order)) as u32;
+        let h = s >> self.geo.order();
+        let sub = (s - (h << self.geo.order())) as u32;
         match &lock(&self.state).tracked {
             Some((t, bits)) if *t == h => bits[(sub / 64) as usize] >> (sub % 64) & 1 == 1,
             _ => false,

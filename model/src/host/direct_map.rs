@@ -6,6 +6,7 @@
 //! huge page (an order-`order` free).
 
 use super::{lock, KernelHost};
+use crate::geometry::ModelGeometry;
 use crate::rangemap::RangeMap;
 use hugepunch::Attribute;
 
@@ -42,7 +43,7 @@ impl KernelHost {
     /// Split the entries of the private subpages among `freed` (subpages
     /// of huge page `h` just freed one by one).
     pub(super) fn split_direct_map_by_small_free(&self, h: u64, freed: &[u32]) {
-        let base = h << self.geo.order;
+        let base = h << self.geo.order();
         let rs = self.geo.region_subpages();
         let private: Vec<u64> = {
             let attrs = lock(&self.attrs);

@@ -9,9 +9,9 @@
 //! a lost write is visible.
 
 use super::{lock, KernelHost, Violation};
-use crate::geometry::Part;
+use crate::geometry::ModelGeometry;
 use crate::mmu::Phys;
-use hugepunch::SUBPAGE_SIZE;
+use hugepunch::{PagePart, SUBPAGE_SIZE};
 use serde::Serialize;
 use std::collections::HashMap;
 
@@ -178,15 +178,15 @@ impl KernelHost {
     }
 
     pub(super) fn split_sub(&self, s: u64) -> (u64, u32) {
-        let h = s >> self.geo.order;
-        (h, (s - (h << self.geo.order)) as u32)
+        let h = s >> self.geo.order();
+        (h, (s - (h << self.geo.order())) as u32)
     }
 
     // ---- queries used by the guest, the strategies and the reports -------
 
     /// How huge page `h` is backed.
     pub fn backing(&self, h: u64) -> HugePageBacking {
-        let full = self.geo.full();
+        let full = self.geo.subpages_per_huge_page();
         self.peek(h, |s| match s.map(|s| &s.backing) {
             None | Some(Backing::Absent) => HugePageBacking::Absent,
             Some(Backing::Huge { .. }) => HugePageBacking::Huge,
@@ -348,11 +348,11 @@ impl KernelHost {
 
     /// Allocate `part` at `order` (one huge folio, or 4 KiB pages); the
     /// bytes allocated.
-    pub(super) fn allocate_part(&self, part: Part, order: u8) -> u64 {
+    pub(super) fn allocate_part(&self, part: PagePart, order: u8) -> u64 {
         let mut bytes = 0;
         let h = part.huge_page;
-        let offset = self.geo.part_range(part).offset;
-        if order == self.geo.order {
+        let offset = self.geo.range_of(part).offset;
+        if order == self.geo.order() {
             if !self.geo.is_whole(part) {
                 self.record(Violation::BadOrder { offset, order });
                 return 0;
@@ -372,7 +372,7 @@ impl KernelHost {
                 self.record(Violation::DoubleAllocation { offset });
             }
         } else if order == 0 {
-            let words = (self.geo.full() as usize).div_ceil(64);
+            let words = (self.geo.subpages_per_huge_page() as usize).div_ceil(64);
             let mut double = None;
             let mut n = 0;
             for sub in part.first..part.first + part.count {
@@ -414,13 +414,13 @@ impl KernelHost {
 
     /// Free `part` at `order` (the caller holds the MMU lock); the bytes
     /// freed.
-    pub(super) fn free_part(&self, part: Part, order: u8) -> u64 {
-        let full = self.geo.full();
+    pub(super) fn free_part(&self, part: PagePart, order: u8) -> u64 {
+        let full = self.geo.subpages_per_huge_page();
         let words = (full as usize).div_ceil(64);
         let mut freed_bytes = 0;
         let h = part.huge_page;
-        let offset = self.geo.part_range(part).offset;
-        if order == self.geo.order {
+        let offset = self.geo.range_of(part).offset;
+        if order == self.geo.order() {
             let ok = self.geo.is_whole(part)
                 && self.with_slot(h, |slot| match slot.backing {
                     Backing::Huge { .. } => {
@@ -510,7 +510,7 @@ impl KernelHost {
     }
 
     /// Zero `part` (the caller holds the MMU lock).
-    pub(super) fn zero_part(&self, part: Part) {
+    pub(super) fn zero_part(&self, part: PagePart) {
         let mut absent = None;
         self.with_slot(part.huge_page, |slot| {
             for sub in part.first..part.first + part.count {
@@ -522,7 +522,7 @@ impl KernelHost {
         });
         if let Some(sub) = absent {
             let offset =
-                self.geo.part_range(part).offset + ((sub - part.first) as u64) * SUBPAGE_SIZE;
+                self.geo.range_of(part).offset + ((sub - part.first) as u64) * SUBPAGE_SIZE;
             self.record(Violation::FreeOfAbsent { offset });
         }
     }

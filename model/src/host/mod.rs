@@ -46,11 +46,11 @@ mod violations;
 pub use memory::{HugePageBacking, MemoryFigures};
 pub use violations::Violation;
 
-use crate::geometry::{subpage_span, Geometry};
+use crate::geometry::subpage_span;
 use crate::mmu::Mmu;
 use crate::rangemap::RangeMap;
 use dashmap::DashMap;
-use hugepunch::{Attribute, ByteRange, Hint, Host, HostError, SUBPAGE_SIZE};
+use hugepunch::{Attribute, ByteRange, Geometry, Hint, Host, HostError, SUBPAGE_SIZE};
 use memory::Slot;
 use serde::Serialize;
 use std::collections::BTreeSet;
@@ -140,7 +140,7 @@ impl KernelHost {
             direct_map_split: Mutex::new(BTreeSet::new()),
             ever_split: Mutex::new(RangeMap::new(false)),
             counters: Mutex::new(HostCounters::default()),
-            resident: Mutex::new(if populated { geo.size } else { 0 }),
+            resident: Mutex::new(if populated { geo.size() } else { 0 }),
             violations: Mutex::new(Violations::default()),
             next_id: Mutex::new(1),
             fail_frees: Mutex::new(0),
@@ -211,9 +211,9 @@ impl KernelHost {
             self.count(|c| c.fault_retries += 1);
             return false;
         };
-        let full = self.geo.full() as u64;
+        let full = self.geo.subpages_per_huge_page() as u64;
         let folio = self.huge_folio(h);
-        let huge = max_order == self.geo.order
+        let huge = max_order == self.geo.order()
             && folio == Some(phys.alloc)
             && self.all_of(h * full, (h + 1) * full, Attribute::Private);
         let mut mmu = lock(&self.mmu);
@@ -281,7 +281,7 @@ impl Host for KernelHost {
 
     fn invalidate_begin(&self, range: ByteRange, hint: Hint) {
         let h = range.offset / self.geo.huge_page_size();
-        if hint.order != self.geo.order
+        if hint.order != self.geo.order()
             || hint.huge_page != h
             || range.len == 0
             || range.end() > self.geo.huge_page_range(h).end()
