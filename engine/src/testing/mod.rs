@@ -1,6 +1,6 @@
-//! Test support, compiled only with the `test-util` feature: a recording
-//! host, a forwarding host with hooks (to block, panic or fail inside a
-//! callback), the sequential reference model of `docs/CONTRACT.md` §3 and
+//! Test support, compiled only with the `test-util` feature: a host that
+//! does nothing, a recording host, a forwarding host with hooks (to block,
+//! panic, fail or skip inside a callback), the sequential reference model of `docs/CONTRACT.md` §3 and
 //! §6, and the differential harness that runs one case on both and
 //! compares them after every step. The engine's property tests and its
 //! `differential` fuzz target share them, so both judge the engine by the
@@ -16,6 +16,7 @@ mod differential;
 mod hooked;
 mod host;
 mod model;
+mod null;
 
 pub use differential::{
     check_state, engine_stats, merge_zeros, normalise, run_case, run_engine, run_model, Mismatch,
@@ -24,3 +25,4 @@ pub use differential::{
 pub use hooked::{Action, Hook, HookedHost};
 pub use host::{Event, RecordingHost};
 pub use model::{MBacking, MPage, Model, ModelStats, Setup};
+pub use null::NullHost;
