@@ -12,10 +12,10 @@
 //!
 //! The planted-bug tests at the end show each check can fail.
 
-use hugepunch::{Attribute, ByteRange, Hint, Host, HostError, Policy};
-use hugepunch_model::{Kernel, KernelHost, ModelConfig, Options, StrategyKind, Violation};
+use hugepunch::testing::{Action, Event, HookedHost};
+use hugepunch::{Attribute, ByteRange, Policy};
+use hugepunch_model::{Kernel, ModelConfig, Options, StrategyKind, Violation};
 use proptest::prelude::*;
-use std::sync::Arc;
 
 const ORDER: u8 = 3;
 const PAGES: u64 = 4;
@@ -220,64 +220,27 @@ fn single_partial_returns_stale_data() {
     assert!(k.violations().is_empty());
 }
 
-/// A host wrapper with a planted bug.
-struct Planted {
-    inner: Arc<KernelHost>,
-    skip_partial_invalidations: bool,
-    skip_whole_invalidations: bool,
-    skip_zero: bool,
-}
-
-impl Planted {
-    fn skips(&self, range: ByteRange) -> bool {
-        let whole = range.len == FULL * K;
-        whole && self.skip_whole_invalidations || !whole && self.skip_partial_invalidations
-    }
-}
-
-impl Host for Planted {
-    fn is_shared(&self, range: ByteRange) -> bool {
-        self.inner.is_shared(range)
-    }
-    fn set_attributes(&self, range: ByteRange, to: Attribute) {
-        self.inner.set_attributes(range, to)
-    }
-    fn invalidate_begin(&self, range: ByteRange, hint: Hint) {
-        if !self.skips(range) {
-            self.inner.invalidate_begin(range, hint)
-        }
-    }
-    fn invalidate_end(&self, range: ByteRange) {
-        if !self.skips(range) {
-            self.inner.invalidate_end(range)
-        }
-    }
-    fn allocate(&self, range: ByteRange, order: u8) -> Result<(), HostError> {
-        self.inner.allocate(range, order)
-    }
-    fn free(&self, range: ByteRange, order: u8) -> Result<(), HostError> {
-        self.inner.free(range, order)
-    }
-    fn zero(&self, range: ByteRange) {
-        if !self.skip_zero {
-            self.inner.zero(range)
-        }
-    }
-}
-
+/// The engine on the model's host with a planted bug: the host drops the
+/// partial punches' invalidations, the whole huge pages' invalidations, or
+/// the zeroes, as an engine that forgot them would.
 fn planted(partial: bool, whole: bool, zero: bool) -> Kernel {
     let cfg = ModelConfig {
         size: PAGES * FULL * K,
         order: ORDER,
         ..ModelConfig::new(0)
     };
+    let skips = move |r: ByteRange| {
+        let is_whole = r.len == FULL * K;
+        is_whole && whole || !is_whole && partial
+    };
     Kernel::with_host_wrapper(cfg, |inner| {
-        Arc::new(Planted {
-            inner,
-            skip_partial_invalidations: partial,
-            skip_whole_invalidations: whole,
-            skip_zero: zero,
-        })
+        let host = HookedHost::new(inner);
+        host.set(move |e| match *e {
+            Event::InvalidateBegin(r, _) | Event::InvalidateEnd(r) if skips(r) => Action::Skip,
+            Event::Zero(_) if zero => Action::Skip,
+            _ => Action::Forward,
+        });
+        host
     })
     .unwrap()
 }
