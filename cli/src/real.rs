@@ -3,8 +3,8 @@
 
 use anyhow::Context as _;
 use hugepunch_cli::format::bytes;
-use hugepunch_linux::pattern::PATTERNS;
 use hugepunch_linux::Backend;
+use hugepunch_workload::Pattern;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -16,13 +16,30 @@ pub struct Args {
     /// available, less a margin).
     #[arg(long, default_value = "1G", value_parser = crate::number)]
     size: u64,
-    /// ascending, descending, random, strided, round-robin, pin, churn,
-    /// straddling, or all.
-    #[arg(long, default_value = "ascending")]
-    pattern: String,
+    /// ascending, descending, random, strided, round-robin, pin,
+    /// conversion-churn, straddling, or all.
+    #[arg(long, default_value = "ascending", value_parser = patterns)]
+    pattern: Patterns,
+    /// Seed of the random patterns (the same operations as `gen` writes
+    /// for the same pattern, size and seed).
+    #[arg(long, default_value_t = hugepunch_workload::DEFAULT_SEED)]
+    seed: u64,
     /// One JSON object per pattern.
     #[arg(long)]
     json: bool,
+}
+
+/// The patterns `--pattern` names: one, or `all` of them.
+#[derive(Debug, Clone)]
+struct Patterns(Vec<Pattern>);
+
+fn patterns(s: &str) -> Result<Patterns, String> {
+    if s == "all" {
+        return Ok(Patterns(Pattern::ALL.to_vec()));
+    }
+    s.parse()
+        .map(|p| Patterns(vec![p]))
+        .map_err(|e: hugepunch_workload::UnknownPattern| format!("{e}, or all"))
 }
 
 fn backend(s: &str) -> Result<Backend, String> {
@@ -79,14 +96,9 @@ fn check_memory(size: u64, available: Option<u64>) -> anyhow::Result<()> {
 pub fn run(a: Args) -> anyhow::Result<()> {
     check_memory(a.size, mem_available())?;
     let backend = a.backend.unwrap_or_else(Backend::default_here);
-    let patterns: Vec<&str> = if a.pattern == "all" {
-        PATTERNS.to_vec()
-    } else {
-        vec![a.pattern.as_str()]
-    };
-    for p in patterns {
+    for p in a.pattern.0 {
         let spinner = crate::progress::spinner(!a.json, &format!("real {p} on {backend}"));
-        let report = hugepunch_linux::real::run(backend, a.size, p)
+        let report = hugepunch_linux::real::run_seeded(backend, a.size, p, a.seed)
             .with_context(|| format!("real {p} on {backend}"))?;
         spinner.finish_and_clear();
         if a.json {

@@ -1,153 +1,73 @@
-//! The adversarial 4 KiB patterns (the same names and shapes as the
-//! benches), as trace operations over a file of 2 MiB huge pages, and the
-//! two ways of replaying them on a real file: through the engine, or
-//! directly as a VMM does today.
+//! The adversarial patterns on a real file: their operations (from
+//! [`hugepunch_workload::Pattern`], the one generator every command uses)
+//! over a file of 2 MiB huge pages, and the two ways of replaying them —
+//! through the engine, or directly as a VMM does today ([`Direct`]).
 
 use crate::host::{LinuxHost, HUGE_PAGE_SIZE};
-use hugepunch::trace::Op;
-use hugepunch::{Attribute, Backing, ByteRange, Host, HugePunch, SubpageState, SUBPAGE_SIZE};
+use crate::real::RealError;
+use hugepunch::{
+    Attribute, Backing, ByteRange, Geometry, Host, HostError, HugePunch, SubpageState, SUBPAGE_SIZE,
+};
+use hugepunch_workload::{apply_all, Op, Pattern, Target, DEFAULT_SEED};
 
-/// Every pattern, by name.
-pub const PATTERNS: &[&str] = &[
-    "ascending",
-    "descending",
-    "random",
-    "strided",
-    "round-robin",
-    "pin",
-    "churn",
-    "straddling",
-];
+/// Every pattern, by name (the names of [`Pattern::ALL`]).
+pub const PATTERNS: [&str; 8] = Pattern::NAMES;
 
-const PER: u64 = HUGE_PAGE_SIZE / SUBPAGE_SIZE;
-
-/// An unknown pattern name.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown pattern {0:?} (one of: {list})", list = PATTERNS.join(", "))]
-pub struct UnknownPattern(pub String);
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
+/// The operations of `pattern` with `seed` over a whole file of `size`
+/// bytes of 2 MiB huge pages, every subpage starting private: what
+/// `hugepunch real --pattern P --seed S` runs, and what `hugepunch gen P
+/// --seed S` writes for the same size. Fails if `size` is not a positive
+/// multiple of 2 MiB.
+pub fn ops(pattern: Pattern, size: u64, seed: u64) -> Result<Vec<Op>, hugepunch::Error> {
+    let order = (HUGE_PAGE_SIZE / SUBPAGE_SIZE).trailing_zeros() as u8;
+    let geo = Geometry::new(size, order)?;
+    Ok(pattern.ops(geo, 0, size, seed))
 }
 
-/// The operations of pattern `name` over a file of `size` bytes (a
-/// multiple of 2 MiB), every subpage starting private:
-///
-/// - `ascending`, `descending`: every subpage once, in order;
-/// - `random`: every subpage once, in a fixed pseudo-random order;
-/// - `strided`: even subpages, then odd ones;
-/// - `round-robin`: subpage i of every huge page, for i = 0..512;
-/// - `pin`: every subpage but the last of each huge page (nothing completes);
-/// - `churn` (conversion churn): per subpage, convert to shared, punch,
-///   populate, convert back to private;
-/// - `straddling`: 12 KiB ranges back to back, so some straddle two huge
-///   pages, then the tail 4 KiB at a time.
-pub fn pattern(name: &str, size: u64) -> Result<Vec<Op>, UnknownPattern> {
-    let n = size / SUBPAGE_SIZE;
-    let huge_pages = size / HUGE_PAGE_SIZE;
-    let punch = |s: u64| Op::Punch {
-        offset: s * SUBPAGE_SIZE,
-        len: SUBPAGE_SIZE,
-    };
-    Ok(match name {
-        "ascending" => (0..n).map(punch).collect(),
-        "descending" => (0..n).rev().map(punch).collect(),
-        "random" => {
-            let mut v: Vec<u64> = (0..n).collect();
-            let mut rng = Rng(0x2545_f491_4f6c_dd1d);
-            for i in (1..v.len()).rev() {
-                v.swap(i, (rng.next() % (i as u64 + 1)) as usize);
-            }
-            v.into_iter().map(punch).collect()
-        }
-        "strided" => (0..n)
-            .filter(|s| s % 2 == 0)
-            .chain((0..n).filter(|s| s % 2 == 1))
-            .map(punch)
-            .collect(),
-        "round-robin" => (0..PER)
-            .flat_map(|i| (0..huge_pages).map(move |h| h * PER + i))
-            .map(punch)
-            .collect(),
-        "pin" => (0..n).filter(|s| s % PER != PER - 1).map(punch).collect(),
-        "churn" | "conversion-churn" => (0..n)
-            .flat_map(|s| {
-                let (offset, len) = (s * SUBPAGE_SIZE, SUBPAGE_SIZE);
-                [
-                    Op::Convert {
-                        offset,
-                        len,
-                        to: Attribute::Shared,
-                    },
-                    Op::Punch { offset, len },
-                    Op::Populate { offset, len },
-                    Op::Convert {
-                        offset,
-                        len,
-                        to: Attribute::Private,
-                    },
-                ]
-            })
-            .collect(),
-        "straddling" => {
-            let mut v: Vec<Op> = (0..n / 3)
-                .map(|i| Op::Punch {
-                    offset: i * 3 * SUBPAGE_SIZE,
-                    len: 3 * SUBPAGE_SIZE,
-                })
-                .collect();
-            v.extend((n / 3 * 3..n).map(punch));
-            v
-        }
-        other => return Err(UnknownPattern(other.to_string())),
-    })
+/// The operations of the pattern named `name` over a whole file of `size`
+/// bytes, with the default seed ([`DEFAULT_SEED`]); see [`ops`].
+pub fn pattern(name: &str, size: u64) -> Result<Vec<Op>, RealError> {
+    Ok(ops(name.parse()?, size, DEFAULT_SEED)?)
 }
 
 /// Replay `ops` through the engine. Errors the engine returns (a refused
 /// conversion, say) are counted in its statistics and the replay goes on,
 /// as SPEC.md §7 says a replay does.
 pub fn replay_engine(engine: &HugePunch, ops: &[Op]) {
-    for op in ops {
-        let _ = match *op {
-            Op::Punch { offset, len } => engine.punch(offset, len),
-            Op::Convert { offset, len, to } => engine.convert(offset, len, to),
-            Op::Populate { offset, len } => engine.populate(offset, len),
-            Op::Flush { offset, len } => engine.flush(offset, len),
-            Op::Teardown => {
-                engine.teardown();
-                Ok(())
-            }
-        };
+    apply_all(engine, ops);
+}
+
+/// A file punched directly, as a VMM does today without hugepunch: each
+/// punch request is one `fallocate(PUNCH_HOLE)` of exactly its range, each
+/// populate one `fallocate` allocation, a conversion only changes the
+/// attribute, a flush does nothing (nothing is pending), teardown punches
+/// the whole file.
+#[derive(Clone, Copy)]
+pub struct Direct<'a>(pub &'a LinuxHost);
+
+impl Target for Direct<'_> {
+    type Error = HostError;
+    fn punch(&self, offset: u64, len: u64) -> Result<(), HostError> {
+        self.0.free(ByteRange::new(offset, len), 0)
+    }
+    fn convert(&self, offset: u64, len: u64, to: Attribute) -> Result<(), HostError> {
+        self.0.set_attributes(ByteRange::new(offset, len), to);
+        Ok(())
+    }
+    fn populate(&self, offset: u64, len: u64) -> Result<(), HostError> {
+        self.0.allocate(ByteRange::new(offset, len), 0)
+    }
+    fn flush(&self, _: u64, _: u64) -> Result<(), HostError> {
+        Ok(())
+    }
+    fn teardown(&self) -> Result<(), HostError> {
+        self.0.free(ByteRange::new(0, self.0.size()), 0)
     }
 }
 
-/// Replay `ops` directly, as a VMM does today without hugepunch: each punch
-/// request is one `fallocate(PUNCH_HOLE)` of exactly its range, each
-/// populate one `fallocate` allocation, a conversion only changes the
-/// attribute, a flush does nothing (nothing is pending), teardown punches
-/// the whole file. Returns the errors the host returned.
+/// Replay `ops` directly ([`Direct`]). Returns how many the host refused.
 pub fn replay_direct(host: &LinuxHost, ops: &[Op]) -> u64 {
-    let mut errors = 0;
-    for op in ops {
-        let res = match *op {
-            Op::Punch { offset, len } => host.free(ByteRange::new(offset, len), 0),
-            Op::Populate { offset, len } => host.allocate(ByteRange::new(offset, len), 0),
-            Op::Convert { offset, len, to } => {
-                host.set_attributes(ByteRange::new(offset, len), to);
-                Ok(())
-            }
-            Op::Flush { .. } => Ok(()),
-            Op::Teardown => host.free(ByteRange::new(0, host.size()), 0),
-        };
-        errors += res.is_err() as u64;
-    }
-    errors
+    apply_all(&Direct(host), ops)
 }
 
 /// Bytes the engine says are allocated: whole `Huge` huge pages (their
@@ -192,7 +112,7 @@ mod tests {
                 }
             }
             let count = punched.iter().filter(|&&p| p).count() as u64;
-            let want = if *name == "pin" {
+            let want = if name == "pin" {
                 size / SUBPAGE_SIZE - 4
             } else {
                 size / SUBPAGE_SIZE

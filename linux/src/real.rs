@@ -1,7 +1,9 @@
 //! `hugepunch real`: one pattern, twice, on fresh real files in one process —
 //! once punching directly as a VMM does today (one `fallocate` per punch
 //! request, 4 KiB for every pattern but `straddling`), once through the
-//! engine — and what each cost and released.
+//! engine — and what each cost and released. The pattern's operations are
+//! [`hugepunch_workload::Pattern`]'s, the same as `hugepunch gen` writes
+//! for the same size and seed.
 //!
 //! Method: each side gets a fresh file of `size` bytes, fully allocated
 //! with one `fallocate` and mapped (one read per 4 KiB through the
@@ -15,8 +17,9 @@
 //! released. The first file is closed before the second is made.
 
 use crate::host::{Backend, HugeBacking, LinuxHost, SetupError, HUGE_PAGE_SIZE};
-use crate::pattern::{pattern, replay_direct, replay_engine, UnknownPattern};
+use crate::pattern::{ops as pattern_ops, replay_direct, replay_engine};
 use hugepunch::{Config, HugePunch, Stats, SUBPAGE_SIZE};
+use hugepunch_workload::{Op, Pattern, UnknownPattern, DEFAULT_SEED};
 use serde::Serialize;
 use std::sync::Arc;
 use std::time::Instant;
@@ -108,6 +111,8 @@ pub struct RealReport {
     pub size: u64,
     /// Pattern name.
     pub pattern: String,
+    /// Seed of the pattern (what `random`, `pin` and `straddling` draw).
+    pub seed: u64,
     /// Operations in the pattern.
     pub operations: u64,
     /// Huge page backing of the files, for humans.
@@ -160,7 +165,7 @@ fn kernel_release() -> String {
 fn run_side(
     backend: Backend,
     size: u64,
-    ops: &[hugepunch::trace::Op],
+    ops: &[Op],
     through_engine: bool,
 ) -> Result<(Side, LinuxHost, Option<Stats>), RealError> {
     let before_file = huge_pages_in_use(&crate::host::memfd_huge_backing(size));
@@ -231,11 +236,23 @@ fn ratio(a: f64, b: f64) -> Option<f64> {
     (b > 0.0).then(|| a / b)
 }
 
-/// Run `pattern` on two fresh files of `size` bytes (a multiple of 2 MiB)
-/// of `backend`: directly, then through the engine. See the module
-/// documentation for the method.
+/// Run the pattern named `pattern_name`, with the default seed
+/// ([`DEFAULT_SEED`]), on two fresh files of `size` bytes (a multiple of
+/// 2 MiB) of `backend`; see [`run_seeded`].
 pub fn run(backend: Backend, size: u64, pattern_name: &str) -> Result<RealReport, RealError> {
-    let ops = pattern(pattern_name, size)?;
+    run_seeded(backend, size, pattern_name.parse()?, DEFAULT_SEED)
+}
+
+/// Run `pattern` with `seed` on two fresh files of `size` bytes (a
+/// multiple of 2 MiB) of `backend`: directly, then through the engine. See
+/// the module documentation for the method.
+pub fn run_seeded(
+    backend: Backend,
+    size: u64,
+    pattern: Pattern,
+    seed: u64,
+) -> Result<RealReport, RealError> {
+    let ops = pattern_ops(pattern, size, seed)?;
     let (direct, host, _) = run_side(backend, size, &ops, false)?;
     let info = host.info().clone();
     drop(host);
@@ -252,7 +269,8 @@ pub fn run(backend: Backend, size: u64, pattern_name: &str) -> Result<RealReport
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
         backend,
         size,
-        pattern: pattern_name.to_string(),
+        pattern: pattern.name().to_string(),
+        seed,
         operations: ops.len() as u64,
         huge_backing: info.huge_backing.describe(),
         huge_backing_available: info.huge_backing.available(),
@@ -304,8 +322,9 @@ impl RealReport {
         let (d, e) = (&self.direct, &self.engine);
         let mut out = String::new();
         out += &format!(
-            "hugepunch real: pattern {}, {} {} ({} operations), kernel {}, {} CPUs{}\n",
+            "hugepunch real: pattern {} (seed {}), {} {} ({} operations), kernel {}, {} CPUs{}\n",
             self.pattern,
+            self.seed,
             human_bytes(self.size),
             self.backend,
             self.operations,

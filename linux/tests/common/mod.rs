@@ -82,9 +82,9 @@ impl Expect {
         }
     }
 
-    /// Every subpage was punched and populated again (conversion churn).
-    pub fn all_zero(&mut self) {
-        self.zero.iter_mut().for_each(|z| *z = true);
+    /// The subpage at `offset` was punched and populated again.
+    pub fn zero(&mut self, offset: u64) {
+        self.zero[(offset / SUB) as usize] = true;
     }
 
     /// Every subpage that is punched or absent now must read zeros once
