@@ -2,10 +2,9 @@
 //!
 //! [`LinuxHost`] is the engine's [`Host`](hugepunch::Host) over a real file
 //! descriptor: a memfd or a KVM guest_memfd whose memory is returned with
-//! `fallocate(PUNCH_HOLE)`. [`FaultyHost`] wraps any host to make chosen
-//! frees fail (and catches double frees). [`real::run`] replays a pattern
-//! on real files twice, directly and through the engine, and reports what
-//! each cost and released.
+//! `fallocate(PUNCH_HOLE)`. [`real::run`] replays a pattern on real files
+//! twice, directly and through the engine, and reports what each cost and
+//! released.
 //!
 //! ```no_run
 //! use hugepunch::{Config, HugePunch};
@@ -48,14 +47,12 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 #![warn(missing_docs)]
 
-pub mod fault;
 mod host;
 pub mod pattern;
 pub mod real;
 mod sync;
 pub mod sys;
 
-pub use fault::{FailRule, FaultyHost, Violation};
 pub use host::{
     guest_memfd_unavailable, memfd_huge_backing, Backend, Counts, FileInfo, HugeBacking, LinuxHost,
     MemfdOptions, SetupError, HUGE_PAGE_SIZE,
