@@ -26,7 +26,7 @@ fn patterns(c: &mut Criterion) {
     }
     for pat in PATTERNS {
         for &(threads, sharing) in &configs {
-            let work = workload(pat, PAGES, threads, sharing);
+            let work = workload(pat, PAGES, threads, sharing, SEED);
             let pages = file_huge_pages(PAGES, threads, sharing);
             // Same work: the engine and the map baselines agree on completions.
             let expect = {

@@ -4,10 +4,14 @@
 fn main() {
     use hugepunch_benches::*;
     let args: Vec<String> = std::env::args().collect();
-    let pat = args.get(1).map_or("ascending", |s| s.as_str());
+    let pat: hugepunch_workload::Pattern = args
+        .get(1)
+        .map_or("ascending", |s| s.as_str())
+        .parse()
+        .unwrap_or_else(|e| panic!("{e}"));
     let imp = args.get(2).map_or("hugepunch", |s| s.as_str());
     let reps: usize = args.get(3).map_or(200, |s| s.parse().unwrap());
-    let work = workload(pat, 64, 1, Sharing::Disjoint);
+    let work = workload(pat, 64, 1, Sharing::Disjoint, SEED);
     let n = work[0].len() as f64;
     let mut best = f64::MAX;
     for _ in 0..reps {

@@ -1,5 +1,7 @@
 //! The implementations the benchmarks compare, the adversarial patterns they
-//! replay, and the side-by-side runner shared by criterion and the report.
+//! replay (hugepunch-workload's, the same as `hugepunch gen` and `hugepunch
+//! real` run for the same size and seed), and the side-by-side runner
+//! shared by criterion and the report.
 //!
 //! Every implementation does the same work: it tracks punched 4 KiB
 //! subpages per 2 MiB huge page of a populated, shared file and "frees" a
@@ -13,7 +15,8 @@
 
 use bitvec::prelude::*;
 use dashmap::DashMap;
-use hugepunch::{Attribute, ByteRange, Config, Hint, Host, HostError, HugePunch};
+use hugepunch::{Attribute, ByteRange, Config, Error, Geometry, Hint, Host, HostError, HugePunch};
+use hugepunch_workload::{apply, Op, Pattern, Target, DEFAULT_SEED};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -21,23 +24,12 @@ use std::sync::{Arc, Mutex, RwLock};
 /// Subpage size.
 pub const SUB: u64 = 4096;
 
-/// One operation of a pattern.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Op {
-    /// Punch `offset .. offset + len`.
-    Punch(u64, u64),
-    /// Populate (un-punch) `offset .. offset + len`.
-    Populate(u64, u64),
-    /// Convert to shared.
-    Shared(u64, u64),
-    /// Convert to private (may be refused).
-    Private(u64, u64),
-}
+/// The seed of the patterns the benches replay.
+pub const SEED: u64 = DEFAULT_SEED;
 
-/// What the benchmarks compare.
-pub trait Tracker: Sync {
-    /// Apply one operation.
-    fn apply(&self, op: Op);
+/// What the benchmarks compare: a [`Target`] for the patterns'
+/// operations ([`apply`]) that counts the huge pages it frees whole.
+pub trait Tracker: Target<Error = Error> + Sync {
     /// Huge pages freed whole so far.
     fn completions(&self) -> u64;
 }
@@ -77,15 +69,27 @@ impl Engine {
     }
 }
 
-impl Tracker for Engine {
-    fn apply(&self, op: Op) {
-        let _ = match op {
-            Op::Punch(o, l) => self.0.punch(o, l),
-            Op::Populate(o, l) => self.0.populate(o, l),
-            Op::Shared(o, l) => self.0.convert(o, l, Attribute::Shared),
-            Op::Private(o, l) => self.0.convert(o, l, Attribute::Private),
-        };
+impl Target for Engine {
+    type Error = Error;
+    fn punch(&self, offset: u64, len: u64) -> Result<(), Error> {
+        self.0.punch(offset, len)
     }
+    fn convert(&self, offset: u64, len: u64, to: Attribute) -> Result<(), Error> {
+        self.0.convert(offset, len, to)
+    }
+    fn populate(&self, offset: u64, len: u64) -> Result<(), Error> {
+        self.0.populate(offset, len)
+    }
+    fn flush(&self, offset: u64, len: u64) -> Result<(), Error> {
+        self.0.flush(offset, len)
+    }
+    fn teardown(&self) -> Result<(), Error> {
+        self.0.teardown();
+        Ok(())
+    }
+}
+
+impl Tracker for Engine {
     fn completions(&self) -> u64 {
         self.0.stats().huge_frees
     }
@@ -112,6 +116,24 @@ fn punch_bits(bits: &mut BitVec, first: usize, count: usize) -> bool {
     bits.all()
 }
 
+/// A conversion to private of `offset .. offset + len` is refused over the
+/// first pending subpage: `first_pending(h, first, count)` says which of
+/// the part's subpages is pending first, if any.
+fn refuse_pending(
+    offset: u64,
+    len: u64,
+    first_pending: impl Fn(u64, usize, usize) -> Option<usize>,
+) -> Result<(), Error> {
+    for (h, first, count) in parts(offset, len) {
+        if let Some(i) = first_pending(h, first, count) {
+            return Err(Error::PendingPunch {
+                offset: (h * 512 + (first + i) as u64) * SUB,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// The obvious implementation: one mutex around a map of bit vectors.
 #[derive(Default)]
 pub struct MutexMap {
@@ -119,33 +141,46 @@ pub struct MutexMap {
     completions: AtomicU64,
 }
 
-impl Tracker for MutexMap {
-    fn apply(&self, op: Op) {
+impl Target for MutexMap {
+    type Error = Error;
+    fn punch(&self, o: u64, l: u64) -> Result<(), Error> {
         let mut map = self.map.lock().unwrap();
-        match op {
-            Op::Punch(o, l) => {
-                for (h, first, count) in parts(o, l) {
-                    let bits = map.entry(h).or_insert_with(|| bitvec![0; 512]);
-                    if punch_bits(bits, first, count) {
-                        map.remove(&h);
-                        self.completions.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
+        for (h, first, count) in parts(o, l) {
+            let bits = map.entry(h).or_insert_with(|| bitvec![0; 512]);
+            if punch_bits(bits, first, count) {
+                map.remove(&h);
+                self.completions.fetch_add(1, Ordering::Relaxed);
             }
-            Op::Populate(o, l) => {
-                for (h, first, count) in parts(o, l) {
-                    if let Some(bits) = map.get_mut(&h) {
-                        bits[first..first + count].fill(false);
-                    }
-                }
-            }
-            Op::Private(o, l) => {
-                let _refused =
-                    parts(o, l).any(|(h, f, c)| map.get(&h).is_some_and(|b| b[f..f + c].any()));
-            }
-            Op::Shared(..) => {}
         }
+        Ok(())
     }
+    fn populate(&self, o: u64, l: u64) -> Result<(), Error> {
+        let mut map = self.map.lock().unwrap();
+        for (h, first, count) in parts(o, l) {
+            if let Some(bits) = map.get_mut(&h) {
+                bits[first..first + count].fill(false);
+            }
+        }
+        Ok(())
+    }
+    fn convert(&self, o: u64, l: u64, to: Attribute) -> Result<(), Error> {
+        if to == Attribute::Shared {
+            return Ok(());
+        }
+        let map = self.map.lock().unwrap();
+        refuse_pending(o, l, |h, f, c| map.get(&h)?[f..f + c].first_one())
+    }
+    /// Forgets the range's pending punches (freed in pieces: no completion).
+    fn flush(&self, o: u64, l: u64) -> Result<(), Error> {
+        self.populate(o, l)
+    }
+    fn teardown(&self) -> Result<(), Error> {
+        self.map.lock().unwrap().clear();
+        Ok(())
+    }
+}
+
+impl Tracker for MutexMap {
     fn completions(&self) -> u64 {
         self.completions.load(Ordering::Relaxed)
     }
@@ -158,35 +193,46 @@ pub struct RwLockMap {
     completions: AtomicU64,
 }
 
-impl Tracker for RwLockMap {
-    fn apply(&self, op: Op) {
-        match op {
-            Op::Punch(o, l) => {
-                let mut map = self.map.write().unwrap();
-                for (h, first, count) in parts(o, l) {
-                    let bits = map.entry(h).or_insert_with(|| bitvec![0; 512]);
-                    if punch_bits(bits, first, count) {
-                        map.remove(&h);
-                        self.completions.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
+impl Target for RwLockMap {
+    type Error = Error;
+    fn punch(&self, o: u64, l: u64) -> Result<(), Error> {
+        let mut map = self.map.write().unwrap();
+        for (h, first, count) in parts(o, l) {
+            let bits = map.entry(h).or_insert_with(|| bitvec![0; 512]);
+            if punch_bits(bits, first, count) {
+                map.remove(&h);
+                self.completions.fetch_add(1, Ordering::Relaxed);
             }
-            Op::Populate(o, l) => {
-                let mut map = self.map.write().unwrap();
-                for (h, first, count) in parts(o, l) {
-                    if let Some(bits) = map.get_mut(&h) {
-                        bits[first..first + count].fill(false);
-                    }
-                }
-            }
-            Op::Private(o, l) => {
-                let map = self.map.read().unwrap();
-                let _refused =
-                    parts(o, l).any(|(h, f, c)| map.get(&h).is_some_and(|b| b[f..f + c].any()));
-            }
-            Op::Shared(..) => {}
         }
+        Ok(())
     }
+    fn populate(&self, o: u64, l: u64) -> Result<(), Error> {
+        let mut map = self.map.write().unwrap();
+        for (h, first, count) in parts(o, l) {
+            if let Some(bits) = map.get_mut(&h) {
+                bits[first..first + count].fill(false);
+            }
+        }
+        Ok(())
+    }
+    fn convert(&self, o: u64, l: u64, to: Attribute) -> Result<(), Error> {
+        if to == Attribute::Shared {
+            return Ok(());
+        }
+        let map = self.map.read().unwrap();
+        refuse_pending(o, l, |h, f, c| map.get(&h)?[f..f + c].first_one())
+    }
+    /// Forgets the range's pending punches (freed in pieces: no completion).
+    fn flush(&self, o: u64, l: u64) -> Result<(), Error> {
+        self.populate(o, l)
+    }
+    fn teardown(&self) -> Result<(), Error> {
+        self.map.write().unwrap().clear();
+        Ok(())
+    }
+}
+
+impl Tracker for RwLockMap {
     fn completions(&self) -> u64 {
         self.completions.load(Ordering::Relaxed)
     }
@@ -199,35 +245,46 @@ pub struct DashMapTracker {
     completions: AtomicU64,
 }
 
-impl Tracker for DashMapTracker {
-    fn apply(&self, op: Op) {
-        match op {
-            Op::Punch(o, l) => {
-                for (h, first, count) in parts(o, l) {
-                    let full = punch_bits(
-                        &mut self.map.entry(h).or_insert_with(|| bitvec![0; 512]),
-                        first,
-                        count,
-                    );
-                    if full && self.map.remove_if(&h, |_, b| b.all()).is_some() {
-                        self.completions.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
+impl Target for DashMapTracker {
+    type Error = Error;
+    fn punch(&self, o: u64, l: u64) -> Result<(), Error> {
+        for (h, first, count) in parts(o, l) {
+            let full = punch_bits(
+                &mut self.map.entry(h).or_insert_with(|| bitvec![0; 512]),
+                first,
+                count,
+            );
+            if full && self.map.remove_if(&h, |_, b| b.all()).is_some() {
+                self.completions.fetch_add(1, Ordering::Relaxed);
             }
-            Op::Populate(o, l) => {
-                for (h, first, count) in parts(o, l) {
-                    if let Some(mut bits) = self.map.get_mut(&h) {
-                        bits[first..first + count].fill(false);
-                    }
-                }
-            }
-            Op::Private(o, l) => {
-                let _refused = parts(o, l)
-                    .any(|(h, f, c)| self.map.get(&h).is_some_and(|b| b[f..f + c].any()));
-            }
-            Op::Shared(..) => {}
         }
+        Ok(())
     }
+    fn populate(&self, o: u64, l: u64) -> Result<(), Error> {
+        for (h, first, count) in parts(o, l) {
+            if let Some(mut bits) = self.map.get_mut(&h) {
+                bits[first..first + count].fill(false);
+            }
+        }
+        Ok(())
+    }
+    fn convert(&self, o: u64, l: u64, to: Attribute) -> Result<(), Error> {
+        if to == Attribute::Shared {
+            return Ok(());
+        }
+        refuse_pending(o, l, |h, f, c| self.map.get(&h)?[f..f + c].first_one())
+    }
+    /// Forgets the range's pending punches (freed in pieces: no completion).
+    fn flush(&self, o: u64, l: u64) -> Result<(), Error> {
+        self.populate(o, l)
+    }
+    fn teardown(&self) -> Result<(), Error> {
+        self.map.clear();
+        Ok(())
+    }
+}
+
+impl Tracker for DashMapTracker {
     fn completions(&self) -> u64 {
         self.completions.load(Ordering::Relaxed)
     }
@@ -242,25 +299,10 @@ pub struct SinglePartial {
     completions: AtomicU64,
 }
 
-impl Tracker for SinglePartial {
-    fn apply(&self, op: Op) {
+impl Target for SinglePartial {
+    type Error = Error;
+    fn punch(&self, o: u64, l: u64) -> Result<(), Error> {
         let mut tracked = self.tracked.lock().unwrap();
-        let (o, l) = match op {
-            Op::Punch(o, l) => (o, l),
-            Op::Populate(o, l) => {
-                // A re-used subpage of the tracked huge page is no longer
-                // discarded.
-                for (h, first, count) in parts(o, l) {
-                    if let Some((t, bits)) = tracked.as_mut() {
-                        if *t == h {
-                            bits[first..first + count].fill(false);
-                        }
-                    }
-                }
-                return;
-            }
-            Op::Shared(..) | Op::Private(..) => return,
-        };
         for (h, first, count) in parts(o, l) {
             if tracked.as_ref().is_none_or(|(t, _)| *t != h) {
                 *tracked = Some((h, bitvec![0; 512]));
@@ -271,7 +313,35 @@ impl Tracker for SinglePartial {
                 self.completions.fetch_add(1, Ordering::Relaxed);
             }
         }
+        Ok(())
     }
+    fn populate(&self, o: u64, l: u64) -> Result<(), Error> {
+        let mut tracked = self.tracked.lock().unwrap();
+        // A re-used subpage of the tracked huge page is no longer
+        // discarded.
+        for (h, first, count) in parts(o, l) {
+            if let Some((t, bits)) = tracked.as_mut() {
+                if *t == h {
+                    bits[first..first + count].fill(false);
+                }
+            }
+        }
+        Ok(())
+    }
+    /// The balloon does not look at conversions.
+    fn convert(&self, _: u64, _: u64, _: Attribute) -> Result<(), Error> {
+        Ok(())
+    }
+    fn flush(&self, _: u64, _: u64) -> Result<(), Error> {
+        Ok(())
+    }
+    fn teardown(&self) -> Result<(), Error> {
+        *self.tracked.lock().unwrap() = None;
+        Ok(())
+    }
+}
+
+impl Tracker for SinglePartial {
     fn completions(&self) -> u64 {
         self.completions.load(Ordering::Relaxed)
     }
@@ -279,74 +349,14 @@ impl Tracker for SinglePartial {
 
 // ---- patterns -------------------------------------------------------------
 
-/// The adversarial 4 KiB patterns.
-pub const PATTERNS: &[&str] = &[
-    "ascending",
-    "descending",
-    "random",
-    "strided",
-    "round-robin",
-    "pin",
-    "churn",
-    "straddling",
-];
+/// The adversarial patterns, every one of hugepunch-workload's.
+pub const PATTERNS: [Pattern; 8] = Pattern::ALL;
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
-/// The operations of `pattern` over `huge_pages` 2 MiB huge pages starting
-/// at huge page `base`.
-pub fn pattern(name: &str, base: u64, huge_pages: u64) -> Vec<Op> {
-    let n = huge_pages * 512;
-    let at = |s: u64| (base * 512 + s) * SUB;
-    let punch = |s: u64| Op::Punch(at(s), SUB);
-    match name {
-        "ascending" => (0..n).map(punch).collect(),
-        "descending" => (0..n).rev().map(punch).collect(),
-        "random" => {
-            let mut v: Vec<u64> = (0..n).collect();
-            let mut rng = Rng(0x2545_f491_4f6c_dd1d ^ base);
-            for i in (1..v.len()).rev() {
-                v.swap(i, (rng.next() % (i as u64 + 1)) as usize);
-            }
-            v.into_iter().map(punch).collect()
-        }
-        "strided" => (0..n)
-            .filter(|s| s % 2 == 0)
-            .chain((0..n).filter(|s| s % 2 == 1))
-            .map(punch)
-            .collect(),
-        "round-robin" => (0..512)
-            .flat_map(|i| (0..huge_pages).map(move |h| h * 512 + i))
-            .map(punch)
-            .collect(),
-        "pin" => (0..n).filter(|s| s % 512 != 511).map(punch).collect(),
-        "churn" => (0..n)
-            .flat_map(|s| {
-                let o = at(s);
-                [
-                    Op::Shared(o, SUB),
-                    Op::Punch(o, SUB),
-                    Op::Populate(o, SUB),
-                    Op::Private(o, SUB),
-                ]
-            })
-            .collect(),
-        "straddling" => {
-            // 3-subpage ranges, so every 512/3-th one straddles two huge pages.
-            let mut v: Vec<Op> = (0..n / 3).map(|i| Op::Punch(at(i * 3), 3 * SUB)).collect();
-            v.extend((n / 3 * 3..n).map(punch));
-            v
-        }
-        other => panic!("unknown pattern {other}"),
-    }
+/// The operations of `pattern` with `seed` over `huge_pages` 2 MiB huge
+/// pages starting at huge page `base` (of a file that ends with them).
+pub fn pattern(pattern: Pattern, base: u64, huge_pages: u64, seed: u64) -> Vec<Op> {
+    let geo = Geometry::new((base + huge_pages) << 21, 9).expect("whole 2 MiB huge pages");
+    pattern.ops(geo, base << 21, huge_pages << 21, seed)
 }
 
 /// How threads share the huge pages.
@@ -358,23 +368,29 @@ pub enum Sharing {
     Same,
 }
 
-/// The per-thread operation lists for `threads` threads.
-pub fn workload(name: &str, huge_pages: u64, threads: usize, sharing: Sharing) -> Vec<Vec<Op>> {
+/// The per-thread operation lists for `threads` threads, pattern seed
+/// `seed`. With one thread, the list is the pattern over a file of
+/// `huge_pages` huge pages: what `hugepunch gen` writes and `hugepunch
+/// real` runs for that size and seed.
+pub fn workload(
+    p: Pattern,
+    huge_pages: u64,
+    threads: usize,
+    sharing: Sharing,
+    seed: u64,
+) -> Vec<Vec<Op>> {
     match sharing {
+        // Thread t: its own huge pages, its own seed.
         Sharing::Disjoint => (0..threads as u64)
-            .map(|t| pattern(name, t * huge_pages, huge_pages))
+            .map(|t| pattern(p, t * huge_pages, huge_pages, seed.wrapping_add(t)))
             .collect(),
         Sharing::Same => {
             // Thread t takes the operations whose first subpage is t modulo
             // `threads`: the same huge pages, and each subpage's operations
             // stay in order in one thread, so completions do not depend on
             // how the threads interleave.
-            let all = pattern(name, 0, huge_pages);
-            let first = |op: &Op| match *op {
-                Op::Punch(o, _) | Op::Populate(o, _) | Op::Shared(o, _) | Op::Private(o, _) => {
-                    o / SUB
-                }
-            };
+            let all = pattern(p, 0, huge_pages, seed);
+            let first = |op: &Op| op.range().map_or(0, |r| r.first_subpage());
             (0..threads)
                 .map(|t| {
                     all.iter()
@@ -400,8 +416,8 @@ pub fn file_huge_pages(huge_pages: u64, threads: usize, sharing: Sharing) -> u64
 pub fn run(tracker: &dyn Tracker, work: &[Vec<Op>]) -> std::time::Duration {
     let start = std::time::Instant::now();
     if work.len() == 1 {
-        for &op in &work[0] {
-            tracker.apply(op);
+        for op in &work[0] {
+            let _ = apply(tracker, op);
         }
     } else {
         let barrier = std::sync::Barrier::new(work.len());
@@ -410,8 +426,8 @@ pub fn run(tracker: &dyn Tracker, work: &[Vec<Op>]) -> std::time::Duration {
                 let barrier = &barrier;
                 s.spawn(move || {
                     barrier.wait();
-                    for &op in ops {
-                        tracker.apply(op);
+                    for op in ops {
+                        let _ = apply(tracker, op);
                     }
                 });
             }

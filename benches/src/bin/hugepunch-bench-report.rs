@@ -3,11 +3,14 @@
 //! tracking memory per huge page, measured with a counting allocator.
 //!
 //! `cargo run --release -p hugepunch-benches --bin hugepunch-bench-report`
-//! (add `-- --short` for the quick version CI runs).
+//! (add `-- --short` for the quick version CI runs, `--seed N` for other
+//! random patterns: with one thread, pattern P is what `hugepunch gen P
+//! --size S --seed N` writes for S = the huge pages per thread × 2 MiB).
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 use hugepunch_benches::*;
+use hugepunch_workload::{Pattern, Target};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
 
@@ -72,7 +75,12 @@ fn live() -> isize {
 }
 
 /// Median throughput (operations per second) of `reps` fresh runs.
-fn throughput(imp: &str, work: &[Vec<Op>], file_pages: u64, reps: usize) -> (f64, u64) {
+fn throughput(
+    imp: &str,
+    work: &[Vec<hugepunch_workload::Op>],
+    file_pages: u64,
+    reps: usize,
+) -> (f64, u64) {
     let ops: u64 = work.iter().map(|w| w.len() as u64).sum();
     let mut rates = Vec::with_capacity(reps);
     let mut completions = None;
@@ -115,7 +123,7 @@ fn map_bytes_per_huge_page(huge_pages: u64) -> f64 {
     let before = live();
     let map = MutexMap::default();
     for h in 0..huge_pages {
-        map.apply(Op::Punch(h << 21, 4096));
+        let _ = map.punch(h << 21, 4096);
     }
     let bytes = (live() - before) as f64;
     drop(map);
@@ -151,7 +159,13 @@ fn machine_scaling(reps: usize) -> f64 {
 }
 
 fn main() {
-    let short = std::env::args().any(|a| a == "--short");
+    let args: Vec<String> = std::env::args().collect();
+    let short = args.iter().any(|a| a == "--short");
+    let seed = args.iter().position(|a| a == "--seed").map_or(SEED, |i| {
+        args.get(i + 1)
+            .and_then(|s| s.parse().ok())
+            .expect("--seed takes a number")
+    });
     let (pages, reps) = if short { (8, 3) } else { (256, 11) };
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let mut configs = vec![
@@ -163,14 +177,14 @@ fn main() {
         configs.push((cores, Sharing::Disjoint));
         configs.push((cores, Sharing::Same));
     }
-    println!("hugepunch side-by-side report: {pages} huge pages of 2 MiB per thread, median of {reps} runs, {cores} cores");
+    println!("hugepunch side-by-side report: {pages} huge pages of 2 MiB per thread, median of {reps} runs, {cores} cores, pattern seed {seed}");
     println!(
         "machine control: 2 threads of independent arithmetic run {:.2}x as fast as 1 (best of 5): the ceiling for every 2-thread ratio below",
         machine_scaling(reps)
     );
-    println!("throughput in million operations per second (a churn operation is one of: convert, punch, populate, convert)");
+    println!("throughput in million operations per second (a conversion-churn operation is one convert, punch or populate)");
     println!();
-    print!("{:<12} {:<13}", "pattern", "threads");
+    print!("{:<16} {:<13}", "pattern", "threads");
     for imp in IMPLEMENTATIONS {
         print!(" {imp:>14}");
     }
@@ -181,7 +195,7 @@ fn main() {
     let mut single_thread = std::collections::HashMap::new();
     for pat in PATTERNS {
         for &(threads, sharing) in &configs {
-            let work = workload(pat, pages, threads, sharing);
+            let work = workload(pat, pages, threads, sharing, seed);
             let file_pages = file_huge_pages(pages, threads, sharing);
             let mut rates = Vec::new();
             let mut engine_completions = 0;
@@ -208,7 +222,7 @@ fn main() {
                     "disjoint"
                 }
             );
-            print!("{pat:<12} {label:<13}");
+            print!("{:<16} {label:<13}", pat.name());
             for r in &rates {
                 print!(" {:>14.2}", r / 1e6);
             }
@@ -219,22 +233,22 @@ fn main() {
                 rates[0] / rates[3]
             );
             if threads == 1 {
-                single_thread.insert(*pat, rates[0]);
+                single_thread.insert(pat, rates[0]);
             } else if threads == 2 && sharing == Sharing::Disjoint {
                 println!(
-                    "{:<26} hugepunch 2 threads disjoint / 1 thread: {:.2}x",
+                    "{:<30} hugepunch 2 threads disjoint / 1 thread: {:.2}x",
                     "",
-                    rates[0] / single_thread[pat]
+                    rates[0] / single_thread[&pat]
                 );
             }
         }
     }
     println!();
     println!("hot path, 1 thread (ns per operation, median): ");
-    for pat in ["ascending", "churn"] {
-        let work = workload(pat, pages, 1, Sharing::Disjoint);
+    for pat in [Pattern::Ascending, Pattern::ConversionChurn] {
+        let work = workload(pat, pages, 1, Sharing::Disjoint, seed);
         let (rate, _) = throughput("hugepunch", &work, pages, reps);
-        println!("  {pat:<10} {:>6.1} ns", 1e9 / rate);
+        println!("  {:<16} {:>6.1} ns", pat.name(), 1e9 / rate);
     }
     let floor = (0..reps)
         .map(|_| protocol_floor(1 << 20).as_secs_f64() * 1e9 / (1u64 << 20) as f64)
