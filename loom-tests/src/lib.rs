@@ -67,26 +67,9 @@ pub fn model<F: Fn() + Sync + Send + 'static>(f: F) {
     b.check(f);
 }
 
-/// One host callback.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Event {
-    /// `is_shared(range)` and its answer.
-    IsShared(ByteRange, bool),
-    /// `set_attributes(range, to)`.
-    SetAttributes(ByteRange, Attribute),
-    /// `invalidate_begin(range, hint)`.
-    InvalidateBegin(ByteRange, Hint),
-    /// `invalidate_end(range)`.
-    InvalidateEnd(ByteRange),
-    /// `allocate(range, order)`.
-    Allocate(ByteRange, u8),
-    /// A `free(range, order)` that succeeded.
-    Free(ByteRange, u8),
-    /// A `free(range, order)` the host made fail.
-    FreeFailed(ByteRange, u8),
-    /// `zero(range)`.
-    Zero(ByteRange),
-}
+/// One host callback: the engine's tests' own record of one
+/// ([`hugepunch::testing::Event`]).
+pub use hugepunch::testing::Event;
 
 /// One callback as the host saw it: which host, from which loom thread.
 #[derive(Debug, Clone, Copy)]
@@ -379,7 +362,7 @@ impl Host for ModelHost {
             .iter()
             .all(|a| *a == Attribute::Shared);
         self.world
-            .record(&mut st, self.name, Event::IsShared(range, shared));
+            .record(&mut st, self.name, Event::IsShared(range));
         shared
     }
 
