@@ -90,7 +90,6 @@
 //! * [`Stats`]: the statistics, serialisable with serde.
 //! * [`Geometry`], [`ByteRange`]: validated sizes and ranges, and the split
 //!   of a range into its parts per huge page.
-//! * [`trace`]: the text format of operation traces (parsing and writing).
 //!
 //! # Features
 //!
@@ -114,7 +113,6 @@ mod stats;
 mod sync;
 #[cfg(feature = "test-util")]
 pub mod testing;
-pub mod trace;
 mod unwind;
 
 pub use error::{Error, HostError, EAGAIN, EINVAL, EIO};

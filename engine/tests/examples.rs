@@ -3,7 +3,7 @@
 
 mod common;
 
-use hugepunch::trace::Trace;
+use hugepunch_workload::Trace;
 use std::path::Path;
 
 #[test]

@@ -363,7 +363,31 @@ fn model_reproduces_the_seed_example() {
 /// own numbers before it judges the engine.
 #[test]
 fn model_reproduces_the_worked_examples() {
-    use hugepunch::trace::{Op as TraceOp, Trace};
+    use hugepunch_workload::{apply_all, Target, Trace};
+
+    /// The model as a target of the trace's operations.
+    struct Sequential(std::cell::RefCell<Model>);
+
+    impl Target for Sequential {
+        type Error = hugepunch::Error;
+        fn punch(&self, offset: u64, len: u64) -> Result<(), Self::Error> {
+            self.0.borrow_mut().punch(offset, len)
+        }
+        fn convert(&self, offset: u64, len: u64, to: Attribute) -> Result<(), Self::Error> {
+            self.0.borrow_mut().convert(offset, len, to)
+        }
+        fn populate(&self, offset: u64, len: u64) -> Result<(), Self::Error> {
+            self.0.borrow_mut().populate(offset, len)
+        }
+        fn flush(&self, offset: u64, len: u64) -> Result<(), Self::Error> {
+            self.0.borrow_mut().flush(offset, len)
+        }
+        fn teardown(&self) -> Result<(), Self::Error> {
+            self.0.borrow_mut().teardown();
+            Ok(())
+        }
+    }
+
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/examples");
     let mut checked = 0;
     for entry in std::fs::read_dir(&dir).unwrap() {
@@ -387,20 +411,9 @@ fn model_reproduces_the_worked_examples() {
                 populated: trace.populated,
                 start: trace.start,
             };
-            let mut m = Model::new(&setup);
-            for (_, op) in &trace.ops {
-                let _ = match *op {
-                    TraceOp::Punch { offset, len } => m.punch(offset, len),
-                    TraceOp::Convert { offset, len, to } => m.convert(offset, len, to),
-                    TraceOp::Populate { offset, len } => m.populate(offset, len),
-                    TraceOp::Flush { offset, len } => m.flush(offset, len),
-                    TraceOp::Teardown => {
-                        m.teardown();
-                        Ok(())
-                    }
-                };
-            }
-            let got = m.stats.named();
+            let m = Sequential(std::cell::RefCell::new(Model::new(&setup)));
+            apply_all(&m, trace.ops.iter().map(|(_, op)| op));
+            let got = m.0.into_inner().stats.named();
             let want = want.as_object().unwrap();
             assert_eq!(
                 got.len(),

@@ -10,8 +10,8 @@ pub mod watchdog;
 #[allow(unused_imports)] // each test binary uses its own part of it
 pub use hugepunch::testing::{Event, RecordingHost};
 
-use hugepunch::trace::{Op, Trace};
 use hugepunch::{Config, Error, HugePunch, Policy};
+use hugepunch_workload::{apply, Trace};
 use std::sync::Arc;
 
 /// Parse the flags of an expected-figures key (`defaults`, `--budget 2M`,
@@ -26,7 +26,7 @@ pub fn flags(key: &str) -> (Option<u64>, Policy) {
     };
     for pair in words.chunks(2) {
         match pair {
-            ["--budget", b] => budget = Some(hugepunch::trace::parse_number(b).expect("budget")),
+            ["--budget", b] => budget = Some(hugepunch_workload::parse_number(b).expect("budget")),
             ["--policy", "cancel-and-zero"] => policy = Policy::CancelAndZero,
             ["--policy", "reject"] => policy = Policy::Reject,
             other => panic!("unknown flags {other:?}"),
@@ -46,19 +46,6 @@ pub fn replay(
     cfg.populated = trace.populated;
     cfg.budget = budget;
     let engine = HugePunch::new(cfg, host.clone()).expect("valid config");
-    let results = trace
-        .ops
-        .iter()
-        .map(|(_, op)| match *op {
-            Op::Punch { offset, len } => engine.punch(offset, len),
-            Op::Convert { offset, len, to } => engine.convert(offset, len, to),
-            Op::Populate { offset, len } => engine.populate(offset, len),
-            Op::Flush { offset, len } => engine.flush(offset, len),
-            Op::Teardown => {
-                engine.teardown();
-                Ok(())
-            }
-        })
-        .collect();
+    let results = trace.ops.iter().map(|(_, op)| apply(&engine, op)).collect();
     (engine, host, results)
 }
