@@ -3,7 +3,7 @@
 # Run from anywhere after changing the worked examples, the patterns or the
 # differential encoding; ci/fuzz.sh does not run it.
 #
-#   seeds/trace_parse, seeds/replay: the worked examples of SPEC.md
+#   seeds/trace_parse, seeds/replay: the worked examples of docs/CONTRACT.md
 #     (engine/tests/examples, copied from ../shared/examples) and the
 #     patterns of `hugepunch gen` at order 3 (128 KiB: 4 huge pages of 8
 #     subpages), order 2 and order 9 (4 MiB)

@@ -2,7 +2,7 @@
 //! library: `hugepunch_cli::replay_bytes`) on arbitrary bytes: it never
 //! panics, refuses what it does not replay with a one-line error, and what
 //! it replays on the engine leaves the simulated kernel without a
-//! violation of SPEC.md's invariants.
+//! violation of the invariants of docs/CONTRACT.md §4.
 //!
 //! The options come from the input's length, so that mutations reach all
 //! of them without a header the text would have to carry: length mod 4 =

@@ -1,5 +1,5 @@
 //! What the fuzz targets share: the byte encoding of a differential case
-//! (a [`Setup`] and its [`Op`]s) and the trace writer of the round trip.
+//! (a [`Setup`] and its [`Op`]s), and the seeds' conversion from traces.
 //!
 //! # The differential encoding
 //!
@@ -20,8 +20,8 @@
 //! valid subpage ranges of its file (the seeds).
 
 use hugepunch::testing::{Op, Setup};
-use hugepunch::trace::{Op as TraceOp, Trace};
 use hugepunch::{Attribute, Policy, SUBPAGE_SIZE};
+use hugepunch_workload::{Op as TraceOp, Trace};
 
 const SUB: u64 = SUBPAGE_SIZE;
 
@@ -250,28 +250,6 @@ pub fn case_of_trace(trace: &Trace, budget: Option<u64>, policy: Policy) -> Opti
     encode_case(&setup, &ops)
 }
 
-/// Write a trace in the format of SPEC.md §7: its header, then one line
-/// per operation in the words of `hugepunch gen`
-/// ([`hugepunch_model::workload::format_op`]).
-pub fn write_trace(t: &Trace) -> String {
-    let mut s = format!(
-        "size {:#x}\norder {}\nstart {}\nstart {}\n",
-        t.size,
-        t.order,
-        if t.populated { "populated" } else { "empty" },
-        if t.start == Attribute::Private {
-            "private"
-        } else {
-            "shared"
-        },
-    );
-    for (_, op) in &t.ops {
-        s.push_str(&hugepunch_model::workload::format_op(op));
-        s.push('\n');
-    }
-    s
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -305,15 +283,22 @@ mod tests {
         }
     }
 
+    /// The text seeds are traces the parser accepts (a grammar change that
+    /// refuses one would leave the fuzzer starting from nothing).
     #[test]
-    fn written_traces_parse_back() {
-        let t = Trace::parse(
-            "size 64K\norder 3\nstart empty\npunch 0x1000 0x2000\nconvert 0 4K shared\nteardown\n",
-        )
-        .unwrap();
-        let again = Trace::parse(&write_trace(&t)).unwrap();
-        assert_eq!(t.size, again.size);
-        let ops = |t: &Trace| t.ops.iter().map(|(_, o)| *o).collect::<Vec<_>>();
-        assert_eq!(ops(&t), ops(&again));
+    fn text_seeds_parse() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("seeds");
+        for target in ["trace_parse", "replay"] {
+            let mut n = 0;
+            for entry in std::fs::read_dir(dir.join(target)).unwrap() {
+                let path = entry.unwrap().path();
+                let text = std::fs::read_to_string(&path).unwrap();
+                if let Err(e) = Trace::parse(&text) {
+                    panic!("{}: {e}", path.display());
+                }
+                n += 1;
+            }
+            assert!(n >= 20, "{target}: only {n} seeds");
+        }
     }
 }

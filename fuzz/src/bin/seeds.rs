@@ -3,9 +3,9 @@
 //! a differential seed, under a few budgets and both policies. See
 //! `fuzz/make-seeds.sh`.
 
-use hugepunch::trace::Trace;
 use hugepunch::{Policy, SUBPAGE_SIZE};
 use hugepunch_fuzz::case_of_trace;
+use hugepunch_workload::Trace;
 use std::path::Path;
 
 fn main() {
