@@ -470,7 +470,6 @@ fn direct(
     budget: Option<u64>,
     policy: hugepunch::Policy,
 ) -> Value {
-    use hugepunch_workload::Op;
     let host = PlainHost(std::sync::Mutex::new(vec![
         trace.start;
         (trace.size / 4096) as usize
@@ -481,18 +480,7 @@ fn direct(
     cfg.populated = trace.populated;
     cfg.budget = budget;
     let e = hugepunch::HugePunch::new(cfg, std::sync::Arc::new(host)).unwrap();
-    for (_, op) in &trace.ops {
-        let _ = match *op {
-            Op::Punch { offset, len } => e.punch(offset, len),
-            Op::Convert { offset, len, to } => e.convert(offset, len, to),
-            Op::Populate { offset, len } => e.populate(offset, len),
-            Op::Flush { offset, len } => e.flush(offset, len),
-            Op::Teardown => {
-                e.teardown();
-                Ok(())
-            }
-        };
-    }
+    hugepunch_workload::apply_all(&e, trace.ops.iter().map(|(_, op)| op));
     serde_json::to_value(e.stats()).unwrap()
 }
 
