@@ -32,7 +32,7 @@ pub fn pattern(name: &str, size: u64) -> Result<Vec<Op>, RealError> {
 
 /// Replay `ops` through the engine. Errors the engine returns (a refused
 /// conversion, say) are counted in its statistics and the replay goes on,
-/// as SPEC.md §7 says a replay does.
+/// as docs/CONTRACT.md §7 says a replay does.
 pub fn replay_engine(engine: &HugePunch, ops: &[Op]) {
     apply_all(engine, ops);
 }

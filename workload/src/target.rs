@@ -38,7 +38,7 @@ pub fn apply<T: Target + ?Sized>(target: &T, op: &Op) -> Result<(), T::Error> {
 }
 
 /// Apply every operation in turn, going on after an error (as a replay
-/// does, SPEC.md §7); returns how many returned one.
+/// does, docs/CONTRACT.md §7); returns how many returned one.
 pub fn apply_all<'a, T: Target + ?Sized>(target: &T, ops: impl IntoIterator<Item = &'a Op>) -> u64 {
     ops.into_iter()
         .map(|op| apply(target, op).is_err() as u64)
