@@ -64,9 +64,6 @@ pub enum Error {
         /// What is wrong with them.
         why: &'static str,
     },
-    /// The configuration cannot describe a file (EINVAL).
-    #[error("invalid configuration: {0}")]
-    InvalidConfig(&'static str),
 }
 
 /// `EINVAL` on Linux.
@@ -80,9 +77,7 @@ impl Error {
     /// The errno a kernel would return for this error.
     pub fn errno(&self) -> i32 {
         match self {
-            Error::InvalidRange { .. }
-            | Error::InvalidGeometry { .. }
-            | Error::InvalidConfig(_) => EINVAL,
+            Error::InvalidRange { .. } | Error::InvalidGeometry { .. } => EINVAL,
             Error::PendingPunch { .. } => EAGAIN,
             Error::TornDown => EIO,
             Error::AllocationFailed { errno, .. } => *errno,
