@@ -6,8 +6,8 @@
 #                             property tests at a reduced case count and
 #                             the multi-threaded stress tests) under
 #                             AddressSanitizer (and LeakSanitizer)
-#   ci/sanitizers.sh tsan     the multi-threaded stress tests under
-#                             ThreadSanitizer
+#   ci/sanitizers.sh tsan     the multi-threaded stress and soundness
+#                             tests under ThreadSanitizer
 #
 # Needs the nightly toolchain and its sanitizer runtimes (`-Zsanitizer` is
 # unstable); where there is none, prints why and exits 0. The std that
@@ -60,6 +60,10 @@ done
 cargo +nightly --version
 
 flags="-Cunsafe-allow-abi-mismatch=sanitizer"
+# The tests' watchdog (engine/tests/common/watchdog.rs) aborts a test after
+# 120 s; instrumented runs are 5-15 times slower (a TSan stress test takes
+# 10-40 s here, under load), so give them 600 s.
+export HUGEPUNCH_WATCHDOG_SECS="${HUGEPUNCH_WATCHDOG_SECS:-600}"
 cases="${PROPTEST_CASES:-100}"
 
 if [ "$which" != tsan ]; then
@@ -77,12 +81,13 @@ if [ "$which" != tsan ]; then
 fi
 
 if [ "$which" != asan ]; then
-  step "tsan: the stress tests"
+  step "tsan: the stress tests and the soundness tests (the lock-free statistics list, panics under races)"
   # A report makes the test binary exit 66 after its tests (TSan's
   # default exitcode), which fails this step.
   RUSTFLAGS="-Zsanitizer=thread $flags" \
     TSAN_OPTIONS="suppressions=$PWD/ci/tsan.supp print_suppressions=1 ${TSAN_OPTIONS:-}" \
-    cargo +nightly test -p hugepunch --test stress --target "$target" --target-dir target-tsan
+    cargo +nightly test -p hugepunch --test stress --test soundness --target "$target" \
+    --target-dir target-tsan
 fi
 
 step "done in $((SECONDS - start)) s"
