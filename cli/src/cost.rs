@@ -57,7 +57,8 @@
 
 use hugepunch::SUBPAGE_SHIFT;
 use hugepunch_model::rangemap::RangeMap;
-use hugepunch_model::{Geometry, StrategyKind};
+use hugepunch::Geometry;
+use hugepunch_model::StrategyKind;
 use hugepunch_workload::{Op, Trace};
 
 /// Time per operation, whatever it touches, in nanoseconds.
@@ -116,7 +117,7 @@ fn stride(order: u8) -> u64 {
 /// chunk, and the number of chunk slots.
 fn chunks(geo: Geometry) -> (u64, u64) {
     let hp = geo.huge_pages().max(1);
-    let per = (1u64 << (4096 / stride(geo.order)).max(1).ilog2()).min(hp.next_power_of_two());
+    let per = (1u64 << (4096 / stride(geo.order())).max(1).ilog2()).min(hp.next_power_of_two());
     (per, hp.div_ceil(per))
 }
 
@@ -233,10 +234,10 @@ struct Walk {
 impl Walk {
     fn new(geo: Geometry, populated: bool, start: hugepunch::Attribute) -> Self {
         let (chunk_pages, n_chunks) = chunks(geo);
-        let stride = stride(geo.order);
+        let stride = stride(geo.order());
         Walk {
             geo,
-            full: 1 << geo.order,
+            full: geo.subpages_per_huge_page().into(),
             stride,
             chunk_pages,
             n_chunks,
@@ -262,7 +263,7 @@ impl Walk {
 
     /// Memory the walk says one kernel holds now.
     fn bytes(&self) -> u64 {
-        let huge_page = 4096u64 << self.geo.order;
+        let huge_page = self.geo.huge_page_size();
         let region = (2u64 << 20).min(huge_page);
         // A split huge page: its bitmap of present subpages, and its
         // direct-map entries split one by one.
@@ -330,7 +331,7 @@ impl Walk {
             };
             return (cost, what);
         };
-        let order = self.geo.order;
+        let order = self.geo.order();
         let s0 = r.offset >> SUBPAGE_SHIFT;
         let s1 = s0 + (r.len >> SUBPAGE_SHIFT);
         let (h0, h1) = (s0 >> order, ((s1 - 1) >> order) + 1);
@@ -533,7 +534,9 @@ fn ns_per_punched_in_part(kind: StrategyKind) -> f64 {
 }
 
 /// The estimate of replaying `trace` with `strategies` (the engine with a
-/// budget when `budget`).
+/// budget when `budget`). A trace whose size and order make no file
+/// ([`hugepunch::Geometry::new`] refuses them) costs only its operations:
+/// a replay refuses it before it runs.
 pub fn estimate(trace: &Trace, strategies: &[StrategyKind], budget: bool) -> Estimate {
     estimate_within(trace, strategies, budget, f64::INFINITY, u64::MAX)
 }
@@ -547,9 +550,17 @@ pub fn estimate_within(
     max_seconds: f64,
     max_bytes: u64,
 ) -> Estimate {
-    let geo = Geometry {
-        size: trace.size,
-        order: trace.order,
+    let fixed = BYTES_BASE + trace.ops.len() as u64 * BYTES_PER_OP;
+    let Ok(geo) = Geometry::new(trace.size, trace.order) else {
+        // No file of this size and order: a replay refuses it before any
+        // operation (what `replay::check` says), so only the trace is held.
+        return Estimate {
+            seconds: trace.ops.len() as f64 * NS_PER_OP / 1e9,
+            bytes: fixed,
+            costliest: None,
+            largest: None,
+            over_limits_at: None,
+        };
     };
     let kernels = strategies.len().max(1) as f64;
     let engine_budget = budget && strategies.contains(&StrategyKind::HugePunch);
@@ -559,7 +570,6 @@ pub fn estimate_within(
     let mut costliest: Option<(usize, f64, What)> = None;
     let mut largest: Option<(usize, f64, What)> = None;
     let per_punched: f64 = strategies.iter().map(|&k| ns_per_punched_in_part(k)).sum();
-    let fixed = BYTES_BASE + trace.ops.len() as u64 * BYTES_PER_OP;
     let mut over_limits_at = None;
     for &(line, ref op) in &trace.ops {
         let before = w.bytes();

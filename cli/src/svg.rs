@@ -82,7 +82,7 @@ pub fn panel(kernel: &Kernel, title: String) -> Panel {
         title,
         cells,
         per_cell,
-        full: geo.full(),
+        full: geo.subpages_per_huge_page(),
         huge_page_size: geo.huge_page_size(),
     }
 }

@@ -3,13 +3,8 @@
 //! page with it, so the rules live in one place. This module adds what only
 //! the model asks of a geometry ([`ModelGeometry`]: whole parts and the
 //! direct map's entries, and [`subpage_span`]).
-//!
-//! It also keeps [`Geometry`], a compatibility shim for the callers that
-//! still build a geometry field by field (the tool's cost estimate and its
-//! picture, through [`crate::Kernel::geometry`]); it validates nothing
-//! itself and goes once they use [`hugepunch::Geometry`].
 
-use hugepunch::{ByteRange, PagePart, SUBPAGE_SHIFT, SUBPAGE_SIZE};
+use hugepunch::{ByteRange, PagePart, SUBPAGE_SHIFT};
 
 /// Size of one direct-map entry the model tracks: 2 MiB.
 pub const DIRECT_MAP_ENTRY: u64 = 2 << 20;
@@ -54,57 +49,6 @@ pub fn subpage_span(r: ByteRange) -> (u64, u64) {
     (r.first_subpage(), r.first_subpage() + r.subpages())
 }
 
-/// Compatibility shim: the size and huge page order of a file as plain
-/// fields, for callers that build one field by field. Nothing here is
-/// validated; [`Geometry::validate`] answers with the engine's rules.
-/// New code uses [`hugepunch::Geometry`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Geometry {
-    /// File size in bytes (a positive multiple of the huge page size).
-    pub size: u64,
-    /// Huge page order (9 = 2 MiB).
-    pub order: u8,
-}
-
-impl Geometry {
-    /// Subpages per huge page.
-    pub fn full(&self) -> u32 {
-        1 << self.order
-    }
-
-    /// Huge page size in bytes.
-    pub fn huge_page_size(&self) -> u64 {
-        SUBPAGE_SIZE << self.order
-    }
-
-    /// Number of huge pages.
-    pub fn huge_pages(&self) -> u64 {
-        self.size >> (SUBPAGE_SHIFT + self.order as u32)
-    }
-
-    /// Subpages in the file.
-    pub fn subpages(&self) -> u64 {
-        self.size >> SUBPAGE_SHIFT
-    }
-
-    /// The range, if `offset .. offset + len` is a valid range of a valid
-    /// file of this size and order ([`hugepunch::Geometry::validate`]).
-    pub fn validate(&self, offset: u64, len: u64) -> Option<ByteRange> {
-        hugepunch::Geometry::new(self.size, self.order)
-            .ok()?
-            .validate(offset, len)
-    }
-}
-
-impl From<hugepunch::Geometry> for Geometry {
-    fn from(g: hugepunch::Geometry) -> Self {
-        Geometry {
-            size: g.size(),
-            order: g.order(),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,23 +88,5 @@ mod tests {
 
     fn geo_err(size: u64, order: u8) -> hugepunch::Error {
         hugepunch::Geometry::new(size, order).unwrap_err()
-    }
-
-    #[test]
-    fn the_shim_answers_as_the_engine() {
-        let g = geo(8 << 20, 9);
-        let shim = Geometry::from(g);
-        assert_eq!(shim.full(), g.subpages_per_huge_page());
-        assert_eq!(shim.huge_page_size(), g.huge_page_size());
-        assert_eq!(shim.huge_pages(), g.huge_pages());
-        assert_eq!(shim.subpages(), g.subpages());
-        for (o, l) in [(0x1000, 0x401000), (0, 0), (u64::MAX - 4095, 8192)] {
-            assert_eq!(shim.validate(o, l), g.validate(o, l));
-        }
-        let bad = Geometry {
-            size: 3 << 20,
-            order: 9,
-        };
-        assert_eq!(bad.validate(0, 4096), None, "no range of an invalid file");
     }
 }

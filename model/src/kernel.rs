@@ -5,7 +5,7 @@
 //! happen; after each punch it checks that no private subpage of the range
 //! is still mapped (invariant 2).
 
-use crate::geometry::{self, subpage_span};
+use crate::geometry::subpage_span;
 use crate::host::{lock, HostCounters, HugePageBacking, KernelHost, MemoryFigures, Violation};
 use crate::rangemap::RangeMap;
 use crate::strategy::{build, build_engine, Options, Strategy, StrategyKind};
@@ -206,10 +206,9 @@ impl Kernel {
         self.strategy.kind()
     }
 
-    /// The file's size and huge page order, as the compatibility shim
-    /// [`geometry::Geometry`] (plain fields) that the tool still reads.
-    pub fn geometry(&self) -> geometry::Geometry {
-        self.geo.into()
+    /// The file's geometry (size, huge page order, and what follows).
+    pub fn geometry(&self) -> Geometry {
+        self.geo
     }
 
     /// The simulated host.

@@ -35,7 +35,6 @@ pub mod replay;
 pub mod strategy;
 mod sync;
 
-pub use geometry::Geometry;
 pub use host::{HugePageBacking, KernelHost, MemoryFigures, Violation};
 pub use kernel::{Figures, Kernel, ModelConfig, PageView, Verification};
 pub use replay::{replay, Failure};
