@@ -2,14 +2,42 @@
 
 use super::*;
 
-/// A host that keeps the content of every subpage (one byte stands for its
-/// 4 KiB): allocation gives zeros, `zero` clears, the test writes.
-struct DataHost {
+/// The content of every subpage (one byte stands for its 4 KiB), kept by
+/// a hook in front of a recording host: allocation gives zeros, `zero`
+/// clears, a free that succeeds leaves garbage; the test writes.
+#[derive(Clone)]
+struct Content {
     inner: Arc<RecordingHost>,
-    data: Mutex<Vec<u8>>,
+    data: Arc<Mutex<Vec<u8>>>,
 }
 
-impl DataHost {
+impl Content {
+    /// A recording host for a file of `size` bytes, populated, and the
+    /// hooked host (to give the engine) that keeps its content.
+    fn host(size: u64, start: Attribute) -> (Self, Arc<HookedHost>) {
+        let content = Content {
+            inner: RecordingHost::new(size, start, true),
+            data: Arc::new(Mutex::new(vec![0; (size / SUB) as usize])),
+        };
+        let host = HookedHost::new(content.inner.clone());
+        let c = content.clone();
+        // The hook runs before the recording host's callback, which fails
+        // a free exactly when `fail_next_frees` is not 0 (and panics on a
+        // double free): fill only the frees that are about to succeed.
+        host.set(move |e| {
+            match *e {
+                Event::Allocate(r, _) | Event::Zero(r) => c.fill(r, 0),
+                Event::Free(r, _) if c.inner.fail_next_frees.load(Ordering::SeqCst) == 0 => {
+                    // Freed memory holds garbage as far as this file is concerned.
+                    c.fill(r, 0xEE)
+                }
+                _ => {}
+            }
+            Action::Forward
+        });
+        (content, host)
+    }
+
     fn write(&self, offset: u64, v: u8) {
         assert!(
             self.inner.is_resident(offset),
@@ -27,37 +55,6 @@ impl DataHost {
     }
 }
 
-impl Host for DataHost {
-    fn is_shared(&self, r: ByteRange) -> bool {
-        self.inner.is_shared(r)
-    }
-    fn set_attributes(&self, r: ByteRange, to: Attribute) {
-        self.inner.set_attributes(r, to)
-    }
-    fn invalidate_begin(&self, r: ByteRange, h: Hint) {
-        self.inner.invalidate_begin(r, h)
-    }
-    fn invalidate_end(&self, r: ByteRange) {
-        self.inner.invalidate_end(r)
-    }
-    fn allocate(&self, r: ByteRange, order: u8) -> Result<(), HostError> {
-        self.fill(r, 0);
-        self.inner.allocate(r, order)
-    }
-    fn free(&self, r: ByteRange, order: u8) -> Result<(), HostError> {
-        let res = self.inner.free(r, order);
-        if res.is_ok() {
-            // Freed memory holds garbage as far as this file is concerned.
-            self.fill(r, 0xEE);
-        }
-        res
-    }
-    fn zero(&self, r: ByteRange) {
-        self.fill(r, 0);
-        self.inner.zero(r)
-    }
-}
-
 /// A punched subpage that is populated again reads as zeros, and its
 /// `zero` was called before `populate` returned; untouched neighbours keep
 /// their data; a huge mapping never covers a punched subpage.
@@ -66,14 +63,11 @@ fn invariant_5_repopulated_subpage_reads_as_zeros() {
     let order = 3u8;
     let per = 1u64 << order;
     let size = 2 * per * SUB;
-    let inner = RecordingHost::new(size, Attribute::Private, true);
-    let host = Arc::new(DataHost {
-        inner: inner.clone(),
-        data: Mutex::new(vec![0; (size / SUB) as usize]),
-    });
-    let e = HugePunch::new(Config::new(size).order(order), host.clone()).unwrap();
+    let (content, host) = Content::host(size, Attribute::Private);
+    let inner = content.inner.clone();
+    let e = HugePunch::new(Config::new(size).order(order), host).unwrap();
     for s in 0..size / SUB {
-        host.write(s * SUB, 0xA0 + s as u8);
+        content.write(s * SUB, 0xA0 + s as u8);
     }
     e.punch(2 * SUB, 3 * SUB).unwrap();
     assert_eq!(
@@ -105,16 +99,16 @@ fn invariant_5_repopulated_subpage_reads_as_zeros() {
         "invariant 5: populate must zero exactly the punched subpages it un-punches"
     );
     assert_eq!(
-        host.read(2 * SUB),
+        content.read(2 * SUB),
         0,
         "invariant 5: stale data after populate"
     );
     assert_eq!(
-        host.read(3 * SUB),
+        content.read(3 * SUB),
         0,
         "invariant 5: stale data after populate"
     );
-    assert_eq!(host.read(SUB), 0xA1, "a present subpage was zeroed");
+    assert_eq!(content.read(SUB), 0xA1, "a present subpage was zeroed");
     assert_eq!(
         e.subpage_state(4 * SUB),
         Ok(SubpageState::Punched),
@@ -127,10 +121,10 @@ fn invariant_5_repopulated_subpage_reads_as_zeros() {
         .take_events()
         .iter()
         .any(|e| matches!(e, Event::Zero(_))));
-    assert_eq!(host.read(SUB), 0xA1);
+    assert_eq!(content.read(SUB), 0xA1);
     // The last punched subpage, populated: whole again, huge mapping allowed.
     e.populate(4 * SUB, SUB).unwrap();
-    assert_eq!(host.read(4 * SUB), 0);
+    assert_eq!(content.read(4 * SUB), 0);
     assert_eq!(e.max_mapping_order(0), Ok(order));
     // A Split huge page: punched subpages freed, repopulated as fresh (zero)
     // memory.
@@ -185,14 +179,11 @@ fn invariant_5_failed_split_punch_free_leaves_zeros() {
     let order = 2u8;
     let per = 1u64 << order;
     let size = per * SUB;
-    let inner = RecordingHost::new(size, Attribute::Shared, true);
-    let host = Arc::new(DataHost {
-        inner: inner.clone(),
-        data: Mutex::new(vec![0; per as usize]),
-    });
-    let e = HugePunch::new(Config::new(size).order(order), host.clone()).unwrap();
+    let (content, host) = Content::host(size, Attribute::Shared);
+    let inner = content.inner.clone();
+    let e = HugePunch::new(Config::new(size).order(order), host).unwrap();
     for s in 0..per {
-        host.write(s * SUB, 0xA0 + s as u8);
+        content.write(s * SUB, 0xA0 + s as u8);
     }
     // Make huge page 0 Split: subpage 0 punched and force-split out.
     e.punch(0, SUB).unwrap();
@@ -216,7 +207,7 @@ fn invariant_5_failed_split_punch_free_leaves_zeros() {
     // The guest faults it in again and reads it.
     e.populate(2 * SUB, SUB).unwrap();
     assert_eq!(
-        host.read(2 * SUB),
+        content.read(2 * SUB),
         0,
         "invariant 5: a punched subpage whose free failed reads its old content after populate \
          (events of the punch: {ev:?})"

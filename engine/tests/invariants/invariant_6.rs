@@ -60,23 +60,19 @@ fn invariant_6_nothing_leaked() {
         let hp = SUB << order;
         let (e, host) = file(order, 4, Attribute::Shared, populated, budget, policy);
         let initial = if populated { 4 << order } else { 0 };
-        let mut rng = 0x9e3779b97f4a7c15u64;
+        let mut rng = Rng::new(0x9e3779b97f4a7c15);
         for step in 0..300 {
-            rng = rng
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            let r = rng >> 33;
-            let first = r % 32;
-            let len = (1 + (r >> 5) % 6).min(32 - first);
+            let first = rng.below(32);
+            let len = (1 + rng.below(6)).min(32 - first);
             let (o, l) = (first * SUB, len * SUB);
-            let _ = match (r >> 8) % 10 {
+            let _ = match rng.below(10) {
                 0..=3 => e.punch(o, l),
                 4 => e.punch((first % 4) * hp, hp),
                 5 | 6 => e.populate(o, l),
                 7 => e.convert(
                     o,
                     l,
-                    if r & 1 == 0 {
+                    if rng.below(2) == 0 {
                         Attribute::Private
                     } else {
                         Attribute::Shared
@@ -84,7 +80,8 @@ fn invariant_6_nothing_leaked() {
                 ),
                 8 => e.flush(o, l),
                 _ => {
-                    host.fail_next_frees.store(1 + r % 2, Ordering::SeqCst);
+                    host.fail_next_frees
+                        .store(1 + rng.below(2), Ordering::SeqCst);
                     Ok(())
                 }
             };

@@ -23,27 +23,25 @@ fn invariant_7_bounded_deferral() {
             Some(budget),
             Policy::Reject,
         );
-        let mut rng = 0x2545f4914f6cdd1du64 ^ budget;
+        let mut rng = Rng::new(0x2545f4914f6cdd1d ^ budget);
         for step in 0..400 {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            let first = rng % total;
-            let len = if rng >> 60 == 0 {
+            let first = rng.below(total);
+            // A whole huge page's worth one time in 16, else 1 to 9 subpages.
+            let len = if rng.below(16) == 0 {
                 per
             } else {
-                1 + (rng >> 20) % per.min(9)
+                1 + rng.below(per.min(9))
             };
             let len = len.min(total - first);
             let (o, l) = (first * SUB, len * SUB);
-            match (rng >> 40) % 8 {
+            match rng.below(8) {
                 0..=4 => e.punch(o, l).unwrap(),
                 5 => e.populate(o, l).unwrap(),
                 6 => {
                     let _ = e.convert(
                         o,
                         l,
-                        if rng & 1 == 0 {
+                        if rng.below(2) == 0 {
                             Attribute::Private
                         } else {
                             Attribute::Shared

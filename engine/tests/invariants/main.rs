@@ -24,9 +24,10 @@ use common::watchdog::Watchdog;
 use common::{Event, RecordingHost};
 use hugepunch::testing::{Action, HookedHost};
 use hugepunch::{
-    Attribute, Backing, ByteRange, Config, Error, Hint, Host, HostError, HugePunch, Policy, Stats,
-    SubpageState, EAGAIN, EINVAL, EIO, SUBPAGE_SIZE,
+    Attribute, Backing, ByteRange, Config, Error, Hint, HugePunch, Policy, Stats, SubpageState,
+    EAGAIN, EINVAL, EIO, SUBPAGE_SIZE,
 };
+use hugepunch_workload::Rng;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 
