@@ -15,6 +15,7 @@
 use hugepunch::testing::{Action, Event, HookedHost};
 use hugepunch::{Attribute, ByteRange, Policy};
 use hugepunch_model::{Kernel, ModelConfig, Options, StrategyKind, Violation};
+use hugepunch_workload::{run_step, Op, Step};
 use proptest::prelude::*;
 
 const ORDER: u8 = 3;
@@ -23,31 +24,25 @@ const FULL: u64 = 1 << ORDER;
 const SUBS: u64 = PAGES * FULL;
 const K: u64 = 4096;
 
-#[derive(Debug, Clone)]
-enum MOp {
-    Punch(u64, u64),
-    Convert(u64, u64, bool),
-    Populate(u64, u64),
-    Flush(u64, u64),
-    Write(u64),
-    Read(u64),
-    Teardown,
-}
-
+/// A range of 1 to 16 subpages (fewer at the end of the file), in bytes.
 fn range() -> impl Strategy<Value = (u64, u64)> {
-    (0..SUBS, 1..=2 * FULL).prop_map(|(s, n)| (s, n.min(SUBS - s)))
+    (0..SUBS, 1..=2 * FULL).prop_map(|(s, n)| (s * K, n.min(SUBS - s) * K))
 }
 
-fn mop() -> impl Strategy<Value = MOp> {
+fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
-        6 => range().prop_map(|(s, n)| MOp::Punch(s, n)),
-        6 => (0..SUBS).prop_map(|s| MOp::Punch(s, 1)),
-        3 => (range(), any::<bool>()).prop_map(|((s, n), sh)| MOp::Convert(s, n, sh)),
-        2 => range().prop_map(|(s, n)| MOp::Populate(s, n)),
-        1 => range().prop_map(|(s, n)| MOp::Flush(s, n)),
-        6 => (0..SUBS).prop_map(MOp::Write),
-        6 => (0..SUBS).prop_map(MOp::Read),
-        1 => Just(MOp::Teardown),
+        6 => range().prop_map(|(offset, len)| Step::Op(Op::Punch { offset, len })),
+        6 => (0..SUBS).prop_map(|s| Step::Op(Op::Punch { offset: s * K, len: K })),
+        3 => (range(), any::<bool>()).prop_map(|((offset, len), shared)| Step::Op(Op::Convert {
+            offset,
+            len,
+            to: if shared { Attribute::Shared } else { Attribute::Private },
+        })),
+        2 => range().prop_map(|(offset, len)| Step::Op(Op::Populate { offset, len })),
+        1 => range().prop_map(|(offset, len)| Step::Op(Op::Flush { offset, len })),
+        6 => (0..SUBS).prop_map(|s| Step::GuestWrite(s * K)),
+        6 => (0..SUBS).prop_map(|s| Step::GuestRead(s * K)),
+        1 => Just(Step::Op(Op::Teardown)),
     ]
 }
 
@@ -58,7 +53,7 @@ struct Case {
     shared: bool,
     budget: Option<u64>,
     policy: Policy,
-    ops: Vec<MOp>,
+    steps: Vec<Step>,
 }
 
 fn case() -> impl Strategy<Value = Case> {
@@ -68,15 +63,15 @@ fn case() -> impl Strategy<Value = Case> {
         any::<bool>(),
         prop::option::of(prop::sample::select(vec![0, K, 4 * K, 16 * K])),
         prop::sample::select(vec![Policy::Reject, Policy::CancelAndZero]),
-        prop::collection::vec(mop(), 1..80),
+        prop::collection::vec(step(), 1..80),
     )
-        .prop_map(|(kind, populated, shared, budget, policy, ops)| Case {
+        .prop_map(|(kind, populated, shared, budget, policy, steps)| Case {
             kind,
             populated,
             shared,
             budget,
             policy,
-            ops,
+            steps,
         })
 }
 
@@ -96,28 +91,13 @@ fn run(c: &Case) -> Kernel {
         },
     };
     let k = Kernel::new(cfg, c.kind).unwrap();
-    for op in &c.ops {
-        let _ = match *op {
-            MOp::Punch(s, n) => k.punch(s * K, n * K),
-            MOp::Convert(s, n, sh) => k.convert(
-                s * K,
-                n * K,
-                if sh {
-                    Attribute::Shared
-                } else {
-                    Attribute::Private
-                },
-            ),
-            MOp::Populate(s, n) => k.populate(s * K, n * K),
-            MOp::Flush(s, n) => k.flush(s * K, n * K),
-            MOp::Write(s) => k.guest_write(s * K).map(drop),
-            MOp::Read(s) => k.guest_read(s * K).map(drop),
-            MOp::Teardown => {
-                k.verify();
-                k.teardown();
-                Ok(())
-            }
-        };
+    for step in &c.steps {
+        // Teardown verifies first: what the run did is checked before
+        // teardown frees it.
+        if *step == Step::Op(Op::Teardown) {
+            k.verify();
+        }
+        let _ = run_step(&k, step);
         // A huge mapping never covers a punched subpage.
         for h in 0..PAGES {
             if k.host().mapped_huge(h) {
