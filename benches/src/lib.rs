@@ -8,7 +8,8 @@
 //! huge page (counts a completion) when its last subpage is punched;
 //! `populate` un-punches; a conversion to private is refused over a
 //! pending punch. The engine and the three map baselines must report the
-//! same completions for the same pattern ([`run`] asserts it); the
+//! same completions for the same pattern (the criterion groups and the
+//! report check it before timing, and a test here does); the
 //! single-partial tracker frees less by design.
 
 #![forbid(unsafe_code)]
@@ -37,7 +38,9 @@ pub trait Tracker: Target<Error = Error> + Sync {
 // ---- the engine -----------------------------------------------------------
 
 /// A host that does nothing (all memory shared, frees succeed): the cost
-/// measured is the engine's own.
+/// measured is the engine's own. `hugepunch::testing::NullHost` is the
+/// same, but only with the engine's `test-util` feature (for tests only),
+/// which a normal build of the report binary does not turn on.
 pub struct NullHost;
 
 impl Host for NullHost {
@@ -97,18 +100,14 @@ impl Tracker for Engine {
 
 // ---- the map baselines ------------------------------------------------------
 
-/// The parts of a range per 2 MiB huge page: (huge page, first, count).
+/// The parts of a range per 2 MiB huge page: (huge page, first, count),
+/// split by the engine's [`Geometry::parts`]. The baselines know no file
+/// size, so the split is that of the largest file the engine accepts (the
+/// patterns' ranges are valid ones).
 fn parts(offset: u64, len: u64) -> impl Iterator<Item = (u64, usize, usize)> {
-    let (mut at, end) = (offset / SUB, (offset + len) / SUB);
-    std::iter::from_fn(move || {
-        (at < end).then(|| {
-            let h = at / 512;
-            let stop = ((h + 1) * 512).min(end);
-            let part = (h, (at % 512) as usize, (stop - at) as usize);
-            at = stop;
-            part
-        })
-    })
+    let geo = Geometry::new(hugepunch::MAX_SIZE, 9).expect("4 PiB of 2 MiB huge pages");
+    geo.parts(ByteRange::new(offset, len))
+        .map(|p| (p.huge_page, p.first as usize, p.count as usize))
 }
 
 fn punch_bits(bits: &mut BitVec, first: usize, count: usize) -> bool {
@@ -487,4 +486,39 @@ pub fn protocol_floor(punches: u64) -> std::time::Duration {
         }
     }
     start.elapsed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_are_per_2mib_huge_page() {
+        let split = |o, l| parts(o, l).collect::<Vec<_>>();
+        assert_eq!(split(511 * SUB, 3 * SUB), vec![(0, 511, 1), (1, 0, 2)]);
+        assert_eq!(split(8 << 20, 4 << 20), vec![(4, 0, 512), (5, 0, 512)]);
+        assert_eq!(split(SUB, SUB), vec![(0, 1, 1)]);
+    }
+
+    /// What the criterion groups and the report check before they time
+    /// anything, on a small file: the engine and the map baselines complete
+    /// the same huge pages on every pattern.
+    #[test]
+    fn the_map_baselines_do_the_engines_work() {
+        for p in PATTERNS {
+            for (threads, sharing) in [(1, Sharing::Disjoint), (2, Sharing::Same)] {
+                let work = workload(p, 8, threads, sharing, SEED);
+                let pages = file_huge_pages(8, threads, sharing);
+                let completions = |imp: &str| {
+                    let t = make(imp, pages);
+                    run(&*t, &work);
+                    t.completions()
+                };
+                let expect = completions("hugepunch");
+                for imp in IMPLEMENTATIONS.iter().filter(|i| same_contract(i)) {
+                    assert_eq!(completions(imp), expect, "{p}: {imp}");
+                }
+            }
+        }
+    }
 }
