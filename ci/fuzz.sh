@@ -29,9 +29,9 @@
 #   build of the three targets, cold (shared deps) ....... 285 s
 #   runs, 3 x 30 s ........................................ about 95 s
 #   whole script, cold (cargo-fuzz installed) ............ 389 s (196 s)
-#   whole script, warm ................................... 100 s (58 s)
-#   executions per second (one core, shared): trace_parse 20,000-30,000,
-#   differential 530-760, replay 1,800-4,000
+#   whole script, warm ................................... 100-129 s (58-78 s)
+#   executions per second (one core, shared): trace_parse 20,000-38,000,
+#   differential 530-760, replay 1,800-4,300
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
