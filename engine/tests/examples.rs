@@ -1,4 +1,4 @@
-//! The worked examples of SPEC.md (copied from ../shared/examples) replay
+//! The worked examples of CONTRACT.md (copied from ../shared/examples) replay
 //! through the engine to exactly their figures.
 
 mod common;
@@ -35,7 +35,7 @@ fn worked_examples_give_their_figures() {
 }
 
 /// The seed's example gives exactly three invalidations, each the part of
-/// the range inside one huge page, with that huge page's hint (SPEC.md §3).
+/// the range inside one huge page, with that huge page's hint (CONTRACT.md §3).
 #[test]
 fn seed_example_invalidations_are_split_per_huge_page() {
     use common::Event::*;

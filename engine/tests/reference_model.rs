@@ -1,5 +1,5 @@
 //! Property tests of the engine against a plain sequential reference model
-//! of SPEC.md §3 and §6, written from the text of the contract.
+//! of CONTRACT.md §3 and §6, written from the text of the contract.
 //!
 //! The model and the comparison live in `hugepunch::testing` (the
 //! `test-util` feature), where the `differential` fuzz target uses them
@@ -22,7 +22,7 @@
 //! and `pending_ranges` for order 18), the host's residency and attributes
 //! must all agree.
 //!
-//! The invariants of SPEC.md §4 these tests guard, for one caller:
+//! The invariants of CONTRACT.md §4 these tests guard, for one caller:
 //!
 //! - Invariant 1 (exactly-once completion): every whole free is a model
 //!   event; the model completes a huge page only when a punch leaves every
@@ -51,7 +51,7 @@
 //!   teardown must return the model's error and move only its counter.
 //!
 //!
-//! Where SPEC.md is terse the model reads it as `hugepunch::testing`'s
+//! Where CONTRACT.md is terse the model reads it as `hugepunch::testing`'s
 //! model documentation says; the order of `invalidate_end` against the
 //! frees is not compared (only begin/end pairing); the completion's bracket
 //! is checked in `invariants.rs`.
@@ -323,7 +323,7 @@ proptest! {
     }
 }
 
-/// The model itself reproduces the seed's example (SPEC.md §3): a check of
+/// The model itself reproduces the seed's example (CONTRACT.md §3): a check of
 /// the oracle, independent of the engine.
 #[test]
 fn model_reproduces_the_seed_example() {
@@ -358,7 +358,7 @@ fn model_reproduces_the_seed_example() {
     assert_eq!(m.stats.punched_subpages, 513);
 }
 
-/// The model replays the worked examples of SPEC.md (hand-checked figures)
+/// The model replays the worked examples of CONTRACT.md (hand-checked figures)
 /// to exactly their statistics: the oracle is checked against the contract's
 /// own numbers before it judges the engine.
 #[test]
@@ -418,7 +418,7 @@ fn model_reproduces_the_worked_examples() {
             assert_eq!(
                 got.len(),
                 want.len(),
-                "{stem} [{key}]: the 19 names of SPEC.md §6"
+                "{stem} [{key}]: the 19 names of CONTRACT.md §6"
             );
             for (stat, value) in want {
                 assert_eq!(

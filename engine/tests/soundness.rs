@@ -642,7 +642,7 @@ fn a_panicking_allocation_leaves_the_huge_page_absent() {
 /// punch of subpage 0 meets it and blocks in `is_shared`; the completion
 /// ends; a conversion of subpage 0 to private marks the huge page and
 /// blocks in `set_attributes`; `is_shared` answers "shared" (the attribute
-/// has not changed yet). SPEC §5: either the conversion is refused, or the
+/// has not changed yet). CONTRACT.md §5: either the conversion is refused, or the
 /// punch invalidated the subpage now. The conversion goes ahead here (the
 /// huge page is `Absent`, nothing is pending), so the punch must
 /// invalidate.

@@ -51,7 +51,7 @@
 //!
 //! Punched subpages are not unmapped from the backend's own mapping: the
 //! VMM reads through [`HugePunch::is_punched`](hugepunch::HugePunch::is_punched)
-//! (SPEC.md "Queries for the VMM's own accesses").
+//! (CONTRACT.md "Queries for the VMM's own accesses").
 
 use crate::sync::{AtomicI64, AtomicU64, Ordering};
 use crate::sys::{self, Mapping};

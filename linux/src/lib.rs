@@ -38,7 +38,7 @@
 //! # Stricter than the kernel
 //!
 //! hugepunch refuses a punch that runs past the end of the file
-//! (`InvalidRange`, EINVAL) where `fallocate` accepts it as a no-op (SPEC.md
+//! (`InvalidRange`, EINVAL) where `fallocate` accepts it as a no-op (CONTRACT.md
 //! §3); a VMM that must mirror the kernel clips the range to the file size
 //! first, and answers 0 for a range that starts at or past it. Unaligned
 //! ranges are refused by both guest_memfd and hugepunch; shmem (memfd) would

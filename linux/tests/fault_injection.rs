@@ -1,5 +1,5 @@
 //! Failing frees on a real memfd lose nothing and free nothing twice
-//! (SPEC.md §2 "A failed free", invariant 6): a [`Faulty`] host fails the
+//! (CONTRACT.md §2 "A failed free", invariant 6): a [`Faulty`] host fails the
 //! chosen `fallocate(PUNCH_HOLE)` calls before they reach the kernel, keeps a
 //! ledger of what is allocated, and records any free of unallocated memory.
 //! After every step the ledger, the engine and the kernel (`st_blocks`)

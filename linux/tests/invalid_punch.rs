@@ -6,7 +6,7 @@
 //! its fallocate calls, zeroes and invalidations: none may move) with
 //! `InvalidRange` / EINVAL, changing nothing but `errors_invalid_range`
 //! (invariant 8). Where the kernel differs, hugepunch is stricter on
-//! purpose (SPEC.md §3):
+//! purpose (CONTRACT.md §3):
 //!
 //! | case | guest_memfd | memfd (shmem) | hugepunch |
 //! |---|---|---|---|

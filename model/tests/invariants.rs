@@ -1,6 +1,6 @@
 //! Model-level property tests: random sequences of punch, convert,
 //! populate, flush, guest writes and reads, and teardown, on every
-//! strategy, checking invariants 2, 4 and 5 of SPEC.md §4 as the model
+//! strategy, checking invariants 2, 4 and 5 of CONTRACT.md §4 as the model
 //! sees them:
 //!
 //! * invariant 2: when a punch returns, no private subpage of its range is

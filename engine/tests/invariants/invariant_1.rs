@@ -1,4 +1,4 @@
-//! Invariant 1 (SPEC.md §4).
+//! Invariant 1 (CONTRACT.md §4).
 
 use super::*;
 

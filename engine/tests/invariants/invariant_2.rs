@@ -1,4 +1,4 @@
-//! Invariant 2 (SPEC.md §4).
+//! Invariant 2 (CONTRACT.md §4).
 
 use super::*;
 

@@ -1,4 +1,4 @@
-//! Invariant 3 (SPEC.md §4).
+//! Invariant 3 (CONTRACT.md §4).
 
 use super::*;
 
@@ -152,7 +152,7 @@ fn invariant_3_punch_racing_conversion_to_private() {
 /// attribute still shared, when a punch of a subpage of that range runs.
 /// The conversion goes ahead, so the punch must not trust the shared-state
 /// check: it must invalidate now (and it must not wait for the conversion,
-/// SPEC.md §5).
+/// CONTRACT.md §5).
 #[test]
 fn invariant_3_punch_during_conversion_is_invalidated_now() {
     let _watchdog = Watchdog::arm("invariant_3_punch_during_conversion_is_invalidated_now");
@@ -192,7 +192,7 @@ fn invariant_3_punch_during_conversion_is_invalidated_now() {
     assert_eq!(
         punched,
         Ok(Ok(())),
-        "SPEC.md §5: a punch waited for a conversion in flight"
+        "CONTRACT.md §5: a punch waited for a conversion in flight"
     );
     assert_eq!(converter.join().unwrap(), Ok(()));
     assert_eq!(e.is_punched(SUB), Ok(true));

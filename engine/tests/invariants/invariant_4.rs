@@ -1,4 +1,4 @@
-//! Invariant 4 (SPEC.md §4).
+//! Invariant 4 (CONTRACT.md §4).
 
 use super::*;
 

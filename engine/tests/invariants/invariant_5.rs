@@ -1,4 +1,4 @@
-//! Invariant 5 (SPEC.md §4).
+//! Invariant 5 (CONTRACT.md §4).
 
 use super::*;
 
@@ -170,7 +170,7 @@ fn invariant_5_failed_small_free_leaves_zeros() {
 }
 
 /// The same for a punch of a `Split` huge page whose 4 KiB free fails: the
-/// subpage stays present (SPEC.md §2: "a failed 4 KiB free leaves those
+/// subpage stays present (CONTRACT.md §2: "a failed 4 KiB free leaves those
 /// subpages present"), so populate has nothing to un-punch, and the guest
 /// that punched it would read its old content unless the engine zeroes it
 /// when the free fails (as the forced split does).

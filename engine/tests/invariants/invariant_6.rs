@@ -1,4 +1,4 @@
-//! Invariant 6 (SPEC.md §4).
+//! Invariant 6 (CONTRACT.md §4).
 
 use super::*;
 

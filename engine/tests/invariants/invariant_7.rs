@@ -1,4 +1,4 @@
-//! Invariant 7 (SPEC.md §4).
+//! Invariant 7 (CONTRACT.md §4).
 
 use super::*;
 

@@ -1,4 +1,4 @@
-//! Invariant 8 (SPEC.md §4).
+//! Invariant 8 (CONTRACT.md §4).
 
 use super::*;
 
@@ -66,7 +66,7 @@ fn invariant_8_bad_input_changes_nothing() {
     let (e, host) = mixed_file();
     let size = e.size();
     let mut expected_errors = e.stats().errors_invalid_range;
-    // Read-only queries move no counter, even when they fail (SPEC.md §6:
+    // Read-only queries move no counter, even when they fail (CONTRACT.md §6:
     // a VMM may poll them freely); every other call counts its error.
     let mut check = |what: String, res: Result<(), Error>, want: Error| {
         assert_eq!(res, Err(want), "{what}");
@@ -170,7 +170,7 @@ fn invariant_8_torn_down_takes_precedence_and_changes_nothing() {
     host.take_events();
     let base = e.stats();
     let mut n = 0;
-    // Read-only queries move no counter, even when they fail (SPEC.md §6).
+    // Read-only queries move no counter, even when they fail (CONTRACT.md §6).
     let mut check = |what: String, res: Result<(), Error>| {
         assert_eq!(res, Err(Error::TornDown), "{what}");
         assert_eq!(res.unwrap_err().errno(), EIO);
@@ -238,7 +238,7 @@ fn invariant_8_torn_down_takes_precedence_and_changes_nothing() {
     assert_eq!(e.stats(), after);
 }
 
-/// The errno of each error an operation returns (SPEC.md §3).
+/// The errno of each error an operation returns (CONTRACT.md §3).
 #[test]
 fn invariant_8_errno_mapping() {
     let (e, _host) = file(2, 1, Attribute::Shared, true, None, Policy::Reject);

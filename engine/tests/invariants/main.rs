@@ -1,4 +1,4 @@
-//! One focused test per invariant of SPEC.md §4, each named for it, each
+//! One focused test per invariant of CONTRACT.md §4, each named for it, each
 //! asserting on what the host saw (the [`RecordingHost`]'s events,
 //! residency and attributes) and able to fail if the engine broke it.
 //!
@@ -130,7 +130,7 @@ impl Signal {
     }
 }
 
-// One module per invariant of SPEC.md §4, in this one test binary.
+// One module per invariant of CONTRACT.md §4, in this one test binary.
 mod invariant_1;
 mod invariant_2;
 mod invariant_3;
