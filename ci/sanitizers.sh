@@ -32,6 +32,7 @@
 #         stress tests ................................. 35 s
 #   whole script, cold ................................. 188 s (131 s)
 #   whole script, warm ................................. 100 s (52 s)
+#   warm, TSan also on the soundness tests (load 18) ... 115 s (65 s)
 # The TSan report that the suppressions hide: 4 to 11 per run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
