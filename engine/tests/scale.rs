@@ -66,6 +66,26 @@ fn a_terabyte_file_touched_in_a_few_places_costs_a_few_chunks() {
     );
 }
 
+/// Punching never-touched huge pages of an empty file (nothing allocated)
+/// is a no-op that allocates no tracking state either.
+#[test]
+fn punching_an_empty_file_allocates_no_tracking_state() {
+    let (host, _) = counting_host(0, 0);
+    let file = HugePunch::new(Config::new(TIB).empty(), host).unwrap();
+    let before = file.tracking_bytes();
+    for h in [0u64, 1, 300_000, 524_287] {
+        file.punch(h << 21, 4096).unwrap();
+        file.punch(h << 21, 2 << 20).unwrap();
+    }
+    assert_eq!(
+        file.tracking_bytes(),
+        before,
+        "a punch of Absent memory installed chunks"
+    );
+    assert_eq!(file.stats().pending_subpages, 0);
+    assert_eq!(file.stats().punch_calls, 8);
+}
+
 #[test]
 fn a_failed_free_of_an_untouched_huge_page_is_retried_by_the_next_teardown() {
     let (host, whole_frees) = counting_host(123_456, 1);

@@ -124,3 +124,62 @@ fn invariant_2_invalidation_issued_before_punch_returns_under_concurrency() {
         assert_eq!(e.stats().invalidations_immediate, 4 * (per - 1));
     }
 }
+
+/// A partial punch that meets a completion in flight on its huge page (the
+/// completion is blocked in `free`) does not wait for it: if the range may
+/// be private it invalidates it now (invariant 2); if it is shared and no
+/// conversion is marked, it issues nothing (the huge page is being freed
+/// whole, with its own invalidation).
+#[test]
+fn invariant_2_a_punch_meeting_a_completion_invalidates_private_memory_only() {
+    let _watchdog =
+        Watchdog::arm("invariant_2_a_punch_meeting_a_completion_invalidates_private_memory_only");
+    for attr in [Attribute::Private, Attribute::Shared] {
+        let order = 2u8;
+        let size = SUB << order;
+        let inner = RecordingHost::new(size, attr, true);
+        let host = HookedHost::new(inner.clone());
+        let gate = Arc::new(Barrier::new(2));
+        {
+            let gate = gate.clone();
+            host.set(move |e| {
+                if matches!(*e, Event::Free(_, o) if o == order) {
+                    gate.wait(); // the completion is inside `free`
+                    gate.wait(); // let it go
+                }
+                Action::Forward
+            });
+        }
+        let e = Arc::new(HugePunch::new(Config::new(size).order(order), host).unwrap());
+        e.punch(0, 3 * SUB).unwrap();
+        let completer = {
+            let e = e.clone();
+            std::thread::spawn(move || e.punch(3 * SUB, SUB).unwrap())
+        };
+        gate.wait();
+        inner.take_events();
+        let before = e.stats();
+        e.punch(SUB, SUB).unwrap();
+        let during = inner.take_events();
+        let after = e.stats();
+        gate.wait();
+        completer.join().unwrap();
+        let immediate = after.invalidations_immediate - before.invalidations_immediate;
+        let mine = invalidations(&during);
+        match attr {
+            Attribute::Private => {
+                assert_eq!(
+                    mine,
+                    vec![(ByteRange::new(SUB, SUB), hint(0, order))],
+                    "invariant 2: a private punch meeting a completion invalidates now"
+                );
+                assert_eq!(immediate, 1);
+            }
+            Attribute::Shared => {
+                assert_eq!(mine, vec![], "a shared punch meeting a completion defers");
+                assert_eq!(immediate, 0);
+            }
+        }
+        assert_eq!(e.stats().huge_frees, 1);
+    }
+}
