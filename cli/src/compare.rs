@@ -1,9 +1,9 @@
 //! Running one workload (a trace, or a demo workload) on several
 //! strategies, side by side: the rows of the comparison table and its
-//! one-line verdict.
+//! verdict.
 
 use hugepunch::Stats;
-use hugepunch_cli::format::{bytes, count, table};
+use hugepunch_cli::format::{bytes, count, paragraph, table};
 use hugepunch_model::{Figures, Kernel, ModelConfig, Options, StrategyKind, Verification};
 use hugepunch_workload::{run_step, Step};
 use indicatif::ProgressBar;
@@ -39,7 +39,7 @@ pub struct Row {
     pub strategy: StrategyKind,
     /// Its budget, if any.
     pub budget: Option<u64>,
-    /// Its statistics (SPEC.md §6).
+    /// Its statistics (docs/CONTRACT.md §6).
     pub stats: Stats,
     /// The model's figures at the end of the workload (before teardown).
     pub model: Figures,
@@ -198,7 +198,13 @@ pub fn render_table(rows: &[Row]) -> String {
     table(&header, &body)
 }
 
-/// One line saying what the table shows.
+/// `verdict: ...`, wrapped to the output's width.
+pub fn verdict_lines(rows: &[Row]) -> String {
+    paragraph(&format!("verdict: {}", verdict(rows)), 2)
+}
+
+/// What the table shows, in one sentence (for people, [`verdict_lines`]):
+/// every figure in it is one of the table's.
 pub fn verdict(rows: &[Row]) -> String {
     let find = |k: StrategyKind, budget: bool| {
         rows.iter()
@@ -212,14 +218,15 @@ pub fn verdict(rows: &[Row]) -> String {
         if hp.model.bytes_freed_net >= eager.model.bytes_freed_net
             && eager.model.bytes_freed_net > 0
         {
+            // The free calls are the table's column, for both.
             parts.push(format!(
-                "{} frees what eager frees ({}) in {} huge frees and splits {} huge pages, where eager splits {} with {} 4 KiB frees and leaves {} direct-map entries split",
+                "{} frees what eager frees ({}) in {} free calls and splits {} huge pages, where eager splits {} with {} free calls and leaves {} direct-map entries split",
                 hp.label,
                 bytes(hp.model.bytes_freed_net),
-                count(hp.stats.huge_frees),
+                count(hp.stats.free_calls),
                 count(split(hp)),
                 count(split(eager)),
-                count(eager.stats.small_freed_subpages),
+                count(eager.stats.free_calls),
                 count(dm_split(eager)),
             ));
         } else if eager.model.bytes_freed_net > 0 {

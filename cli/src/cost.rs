@@ -55,9 +55,9 @@
 //! each refused case under a time and an address-space limit. A debug
 //! build is several times slower than the estimate.
 
+use hugepunch::Geometry;
 use hugepunch::SUBPAGE_SHIFT;
 use hugepunch_model::rangemap::RangeMap;
-use hugepunch::Geometry;
 use hugepunch_model::StrategyKind;
 use hugepunch_workload::{Op, Trace};
 

@@ -5,14 +5,13 @@
 
 use crate::compare::{self, Contender, Row};
 use crate::{number, progress, svg, write_stdout};
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 use hugepunch::Attribute;
 use hugepunch::Geometry;
-use hugepunch_cli::format::{bytes, count};
+use hugepunch_cli::format::{bytes, count, paragraph};
 use hugepunch_model::{Kernel, ModelConfig, Options, StrategyKind};
 use hugepunch_workload::{demo_window, demo_workloads, run_step, Op, Pattern, Step};
 use serde_json::json;
-use std::fmt::Write as _;
 use std::time::Instant;
 
 /// The demo's options.
@@ -30,14 +29,14 @@ pub struct Args {
     /// Seed of the random patterns.
     #[arg(long, default_value_t = hugepunch_workload::DEFAULT_SEED)]
     seed: u64,
-    /// Only these patterns (comma separated).
-    #[arg(long, value_delimiter = ',', value_parser = crate::pattern_arg)]
+    /// Only these patterns, comma separated [default: all of them]
+    #[arg(long, value_delimiter = ',', value_parser = crate::pattern_arg())]
     only: Vec<Pattern>,
     /// Print one JSON object instead of tables.
     #[arg(long)]
     json: bool,
     /// Write pictures of each strategy's guest memory after one workload
-    /// (the first of --only, or strided).
+    /// (the first of --only, or strided) [default: no pictures]
     #[arg(long, value_name = "FILE")]
     svg: Option<std::path::PathBuf>,
 }
@@ -97,14 +96,20 @@ fn estimate(
 pub fn run(a: Args) -> anyhow::Result<()> {
     let huge_page: u64 = 2 << 20;
     if a.size < 4 * huge_page || !a.size.is_multiple_of(huge_page) {
-        bail!("--size must be a multiple of 2 MiB and at least 8 MiB");
+        return Err(crate::arg_error(
+            "demo",
+            "--size must be a multiple of 2 MiB and at least 8 MiB",
+        ));
     }
     if a.size > MAX_SIZE {
-        bail!(
-            "--size {} is larger than the demo runs ({} at most)",
-            bytes(a.size),
-            bytes(MAX_SIZE)
-        );
+        return Err(crate::arg_error(
+            "demo",
+            format!(
+                "--size {} is larger than the demo runs ({} at most)",
+                bytes(a.size),
+                bytes(MAX_SIZE)
+            ),
+        ));
     }
     let geo = Geometry::new(a.size, 9)?;
     let cfg = ModelConfig {
@@ -145,15 +150,18 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     };
     let (secs, mem) = estimate(geo, a.window, contenders.len(), patterns, a.svg.is_some());
     if secs > MAX_SECONDS || mem > MAX_MEMORY {
-        bail!(
-            "a demo of a {} window of a {} guest would take about {:.0} s and {} of memory, more than this tool allows (about {:.0} s and {}); use a smaller --window or --size, or --only some patterns",
-            bytes(demo_window(geo, a.window)),
-            bytes(a.size),
-            secs,
-            bytes(mem),
-            MAX_SECONDS,
-            bytes(MAX_MEMORY)
-        );
+        return Err(crate::arg_error(
+            "demo",
+            format!(
+                "a demo of a {} window of a {} guest would take about {:.0} s and {} of memory, more than this tool allows (about {:.0} s and {}); use a smaller --window or --size, or --only some patterns",
+                bytes(demo_window(geo, a.window)),
+                bytes(a.size),
+                secs,
+                bytes(mem),
+                MAX_SECONDS,
+                bytes(MAX_MEMORY)
+            ),
+        ));
     }
     let mut workloads = demo_workloads(geo, a.window, a.seed);
     if !a.only.is_empty() {
@@ -166,21 +174,32 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let mut out = String::new();
     let window = workloads.first().map_or(a.window, |w| w.window);
     if !a.json {
-        let _ = writeln!(
-            out,
-            "hugepunch demo: a {} confidential guest (all private, populated with 2 MiB huge pages).\n\
-             Each workload punches a {} window of it (the guest first writes one subpage of every huge page\n\
-             there, so it is mapped), then every written subpage is read back. Strategies:",
-            bytes(a.size),
-            bytes(window)
-        );
+        out.push_str(&paragraph(
+            &format!(
+                "hugepunch demo: a {} confidential guest (all private, populated with 2 MiB huge \
+                 pages). Each workload punches a {} window of it (the guest first writes one \
+                 subpage of every huge page there, so it is mapped), then every written subpage \
+                 is read back. Strategies:",
+                bytes(a.size),
+                bytes(window)
+            ),
+            0,
+        ));
+        let label_width = contenders
+            .iter()
+            .map(|c| c.label().len())
+            .max()
+            .unwrap_or(0);
         for c in &contenders {
             let about = if c.options.budget.is_some() {
                 "the engine with a pending-bytes budget"
             } else {
                 c.kind.describes()
             };
-            let _ = writeln!(out, "  {:<24} {}", c.label(), about);
+            out.push_str(&paragraph(
+                &format!("  {:<label_width$}  {}", c.label(), about),
+                label_width + 4,
+            ));
         }
         write_stdout(&std::mem::take(&mut out))?;
     }
@@ -194,15 +213,18 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 .iter()
                 .filter(|s| matches!(s, Step::Op(Op::Punch { .. })))
                 .count();
-            let _ = writeln!(
-                out,
-                "\n== {}: {} ({} punches)",
-                w.pattern.name(),
-                w.pattern.describes(),
-                count(punches as u64)
-            );
+            out.push('\n');
+            out.push_str(&paragraph(
+                &format!(
+                    "== {}: {} ({} punches)",
+                    w.pattern.name(),
+                    w.pattern.describes(),
+                    count(punches as u64)
+                ),
+                3,
+            ));
             out.push_str(&compare::render_table(&rows));
-            let _ = writeln!(out, "verdict: {}", compare::verdict(&rows));
+            out.push_str(&compare::verdict_lines(&rows));
             // Each table as soon as it is ready, above the progress bar.
             let text = std::mem::take(&mut out);
             pb.suspend(|| write_stdout(&text))?;
@@ -250,15 +272,27 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let all: Vec<&Row> = results.iter().flat_map(|(_, r)| r.iter()).collect();
     let lost: u64 = all.iter().map(|r| r.verification.lost_writes).sum();
     let leaks = all.iter().filter(|r| r.leaked_after_teardown).count();
-    let _ = writeln!(
-        out,
-        "\nfreed (net): bytes returned to the host and not allocated again. never split: huge pages whose folio was\n\
-         never broken into 4 KiB pages. stale: a punched subpage that still reads its old content instead of zeros\n\
-         (SPEC.md invariant 5; the balloon forgets the page it drops without freeing or zeroing it).\n\
-         after each workload every strategy tore the guest down: {}; writes lost: {}. ({:.1} s)",
-        if leaks == 0 { "nothing leaked".to_string() } else { format!("{leaks} runs leaked memory") },
-        lost,
-        secs
-    );
+    out.push('\n');
+    out.push_str(&paragraph(
+        "freed (net): bytes returned to the host and not allocated again. never split: huge \
+         pages whose folio was never broken into 4 KiB pages. stale: a punched subpage that \
+         still reads its old content instead of zeros (docs/CONTRACT.md §4, invariant 5; the \
+         balloon forgets the page it drops without freeing or zeroing it). Sizes: 2 MiB is \
+         exactly 2 MiB, 2.0 MiB is not (one decimal, rounded).",
+        0,
+    ));
+    out.push_str(&paragraph(
+        &format!(
+            "after each workload every strategy tore the guest down: {}; writes lost: {}. ({:.1} s)",
+            if leaks == 0 {
+                "nothing leaked".to_string()
+            } else {
+                format!("{leaks} runs leaked memory")
+            },
+            lost,
+            secs
+        ),
+        0,
+    ));
     write_stdout(&out)
 }

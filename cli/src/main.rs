@@ -10,8 +10,9 @@ mod real;
 mod report;
 mod svg;
 
-use anyhow::{bail, Context as _};
-use clap::{Parser, Subcommand, ValueEnum};
+use anyhow::Context as _;
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use hugepunch::Policy;
 use hugepunch_model::StrategyKind;
 use hugepunch_workload::Pattern;
@@ -37,7 +38,8 @@ struct Cli {
 enum Command {
     /// The demo (what `hugepunch` with no arguments runs).
     Demo(demo::Args),
-    /// Replay a trace (SPEC.md §7) on the simulated kernel.
+    /// Replay a trace (docs/CONTRACT.md §7) on the simulated kernel.
+    #[command(after_help = TRACE_FORMAT)]
     Replay(ReplayArgs),
     /// Write an adversarial trace to stdout (or --output).
     Gen(GenArgs),
@@ -46,6 +48,65 @@ enum Command {
     /// and compare.
     #[cfg(target_os = "linux")]
     Real(real::Args),
+}
+
+/// The trace format in brief, after `replay --help` (docs/CONTRACT.md §7
+/// has it whole).
+const TRACE_FORMAT: &str = "\
+Trace format (docs/CONTRACT.md §7), one line each; # starts a comment:
+  header lines, before the first operation [default]:
+    size N                    file size, a multiple of the huge page size [1G]
+    order N                   huge page order, 1 to 18 (9: 2 MiB huge pages) [9]
+    start populated|empty     every huge page starts allocated, or absent [populated]
+    start private|shared      every subpage's attribute at the start [private]
+  operations (offsets and lengths in bytes, multiples of 4 KiB):
+    punch OFFSET LEN
+    convert OFFSET LEN private|shared
+    populate OFFSET LEN
+    flush OFFSET LEN
+    teardown
+  numbers: decimal digits, or 0x and hex digits, then an optional K, M or G (times 1024,
+    1024^2, 1024^3); no sign, no spaces, no B: 4096, 4K, 0x1000, 2M, 1G.
+A malformed line stops the replay before it starts (`line N: what is wrong`); an operation
+that fails (a bad range, a refused conversion) is counted and the replay goes on.";
+
+/// A mistake in the arguments of a subcommand: the message, and where
+/// that subcommand's help is.
+#[derive(Debug, thiserror::Error)]
+#[error("{message} (see 'hugepunch {command} --help')")]
+struct ArgError {
+    command: &'static str,
+    message: String,
+}
+
+/// An [`ArgError`] of `command` (`demo`, `replay`, `gen`, `real`).
+fn arg_error(command: &'static str, message: impl Into<String>) -> anyhow::Error {
+    ArgError {
+        command,
+        message: message.into(),
+    }
+    .into()
+}
+
+/// The pattern names (`all` too when `all`), each with what it does, for
+/// `--help` and the checking of a value.
+fn pattern_values(all: bool) -> Vec<PossibleValue> {
+    let mut v: Vec<PossibleValue> = Pattern::ALL
+        .iter()
+        .map(|p| PossibleValue::new(p.name()).help(p.describes()))
+        .collect();
+    if all {
+        v.push(PossibleValue::new("all").help("every pattern, one after the other"));
+    }
+    v
+}
+
+/// A pattern name (listed in `--help`).
+fn pattern_arg() -> impl TypedValueParser<Value = Pattern> {
+    PossibleValuesParser::new(pattern_values(false)).map(|s| {
+        s.parse::<Pattern>()
+            .unwrap_or_else(|_| unreachable!("{s} is a listed name"))
+    })
 }
 
 /// The conversion policy, as flags spell it.
@@ -73,16 +134,23 @@ enum StrategyArg {
     All,
 }
 
-fn strategy_arg(s: &str) -> Result<StrategyArg, String> {
-    if s == "all" {
-        return Ok(StrategyArg::All);
-    }
-    s.parse::<StrategyKind>()
-        .map(StrategyArg::One)
-        .map_err(|e| format!("{e}, or all"))
+/// A strategy name or `all` (listed in `--help`).
+fn strategy_arg() -> impl TypedValueParser<Value = StrategyArg> {
+    let mut names: Vec<PossibleValue> = StrategyKind::ALL
+        .iter()
+        .map(|k| PossibleValue::new(k.name()).help(k.describes()))
+        .collect();
+    names.push(PossibleValue::new("all").help("every strategy, side by side"));
+    PossibleValuesParser::new(names).map(|s| match s.as_str() {
+        "all" => StrategyArg::All,
+        s => StrategyArg::One(
+            s.parse()
+                .unwrap_or_else(|_| unreachable!("{s} is a listed name")),
+        ),
+    })
 }
 
-/// A number in the trace syntax (SPEC.md §7): decimal digits, or 0x and
+/// A number in the trace syntax (docs/CONTRACT.md §7.2): decimal digits, or 0x and
 /// hex digits, then an optional K, M or G; no sign, nothing else.
 fn number(s: &str) -> Result<u64, String> {
     hugepunch_workload::number(s).map_err(|e| {
@@ -90,37 +158,32 @@ fn number(s: &str) -> Result<u64, String> {
     })
 }
 
-fn pattern_arg(s: &str) -> Result<Pattern, String> {
-    s.parse()
-        .map_err(|e: hugepunch_workload::UnknownPattern| e.to_string())
-}
-
 #[derive(clap::Args)]
 struct ReplayArgs {
     /// The trace file (- for standard input).
     trace: PathBuf,
-    /// hugepunch, eager, zero-only, single-partial, or all (side by side).
-    #[arg(long, default_value = "hugepunch", value_parser = strategy_arg)]
+    /// The strategy, or all of them side by side.
+    #[arg(long, default_value = "hugepunch", value_parser = strategy_arg())]
     strategy: StrategyArg,
-    /// Conversion policy of the engine.
+    /// Conversion policy of the engine [default: reject]
     #[arg(long, value_enum)]
     policy: Option<PolicyArg>,
-    /// Pending-bytes budget of the engine (e.g. 2M; 0 is a real budget).
+    /// Pending-bytes budget of the engine (e.g. 2M; 0 is a real budget)
+    /// [default: none, no budget]
     #[arg(long, value_parser = number)]
     budget: Option<u64>,
     /// Print one JSON object (statistics under "stats").
     #[arg(long)]
     json: bool,
-    /// Write a picture of the file at the end.
+    /// Write a picture of the file at the end [default: no picture]
     #[arg(long, value_name = "FILE")]
     svg: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
 struct GenArgs {
-    /// ascending, descending, random, strided, round-robin, pin,
-    /// conversion-churn or straddling.
-    #[arg(value_parser = pattern_arg)]
+    /// The pattern.
+    #[arg(value_parser = pattern_arg())]
     pattern: Pattern,
     /// File size (a multiple of the huge page size).
     #[arg(long, default_value = "64M", value_parser = number)]
@@ -131,38 +194,46 @@ struct GenArgs {
     /// Seed of the random patterns.
     #[arg(long, default_value_t = hugepunch_workload::DEFAULT_SEED)]
     seed: u64,
-    /// Write here instead of stdout.
+    /// Write here instead of stdout [default: stdout]
     #[arg(long, short, value_name = "FILE")]
     output: Option<PathBuf>,
 }
 
 fn gen(a: GenArgs) -> anyhow::Result<()> {
     if !(1..=hugepunch::MAX_ORDER).contains(&a.order) {
-        bail!(
-            "--order must be between 1 and {}, got {}",
-            hugepunch::MAX_ORDER,
-            a.order
-        );
+        return Err(arg_error(
+            "gen",
+            format!(
+                "--order must be between 1 and {}, got {}",
+                hugepunch::MAX_ORDER,
+                a.order
+            ),
+        ));
     }
     let huge_page = 4096u64 << a.order;
     if a.size == 0 || !a.size.is_multiple_of(huge_page) {
-        bail!(
-            "--size must be a positive multiple of the huge page size ({} bytes at order {})",
-            huge_page,
-            a.order
-        );
+        return Err(arg_error(
+            "gen",
+            format!(
+                "--size must be a positive multiple of the huge page size ({} bytes at order {})",
+                huge_page, a.order
+            ),
+        ));
     }
     let geo = hugepunch::Geometry::new(a.size, a.order)?;
     // What `replay` reads: a trace it would refuse is not worth writing.
     let ops = a.pattern.operations(geo, a.size);
     let max = hugepunch_cli::replay::MAX_OPERATIONS as u64;
     if ops > max {
-        bail!(
-            "--size {} would make a trace of {} operations, more than replay reads ({}); use a smaller --size",
-            format_size(a.size),
-            hugepunch_cli::format::count(ops),
-            hugepunch_cli::format::count(max)
-        );
+        return Err(arg_error(
+            "gen",
+            format!(
+                "--size {} would make a trace of {} operations, more than replay reads ({}); use a smaller --size",
+                format_size(a.size),
+                hugepunch_cli::format::count(ops),
+                hugepunch_cli::format::count(max)
+            ),
+        ));
     }
     let text = format!(
         "# hugepunch gen {} --size {} --order {} --seed {}\n# {}\n{}",
@@ -196,8 +267,9 @@ fn write_stdout(text: &str) -> anyhow::Result<()> {
 }
 
 /// Clap's whole message on one line: what is wrong (with what clap names:
-/// the missing argument, the bad value, a tip), then the usage.
-fn one_line(rendered: &str) -> String {
+/// the missing argument, the bad value, a tip), then the usage and where
+/// the help of `subcommand` (the first argument, if it names one) is.
+fn one_line(rendered: &str, subcommand: Option<&str>) -> String {
     let mut parts: Vec<String> = Vec::new();
     let mut usage: Vec<String> = Vec::new();
     let mut in_usage = false;
@@ -240,10 +312,17 @@ fn one_line(rendered: &str) -> String {
     } else {
         parts.join("; ")
     };
+    // The help of the subcommand the arguments are for, else the tool's.
+    let help = match subcommand {
+        Some(sub) if Cli::command().find_subcommand(sub).is_some() => {
+            format!("see 'hugepunch {sub} --help'")
+        }
+        _ => "see 'hugepunch --help'".to_string(),
+    };
     if !usage.is_empty() {
-        let _ = write!(msg, " (usage: {}; see --help)", usage.join(" | "));
+        let _ = write!(msg, " (usage: {}; {help})", usage.join(" | "));
     } else {
-        msg.push_str(" (see hugepunch --help)");
+        let _ = write!(msg, " ({help})");
     }
     msg
 }
@@ -257,7 +336,11 @@ fn main() {
                 let _ = e.print();
                 std::process::exit(0);
             }
-            eprintln!("hugepunch: error: {}", one_line(&e.render().to_string()));
+            let sub = std::env::args().nth(1);
+            eprintln!(
+                "hugepunch: error: {}",
+                one_line(&e.render().to_string(), sub.as_deref())
+            );
             std::process::exit(2);
         }
     };

@@ -2,23 +2,23 @@
 //! directly and through the engine (hugepunch-linux does the work).
 
 use anyhow::Context as _;
-use hugepunch_cli::format::bytes;
-use hugepunch_linux::Backend;
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use hugepunch_cli::format::{bytes, count, paragraph, table};
+use hugepunch_linux::{Backend, RealReport};
 use hugepunch_workload::Pattern;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// memfd or guest-memfd (default: guest-memfd where /dev/kvm offers it,
-    /// else memfd).
+    /// memfd or guest-memfd [default: guest-memfd where /dev/kvm offers
+    /// it, else memfd, saying why]
     #[arg(long, value_parser = backend)]
     backend: Option<Backend>,
     /// File size (a multiple of 2 MiB; at most what the machine has
     /// available, less a margin).
     #[arg(long, default_value = "1G", value_parser = crate::number)]
     size: u64,
-    /// ascending, descending, random, strided, round-robin, pin,
-    /// conversion-churn, straddling, or all.
-    #[arg(long, default_value = "ascending", value_parser = patterns)]
+    /// The pattern, or all of them one after the other.
+    #[arg(long, default_value = "ascending", value_parser = patterns())]
     pattern: Patterns,
     /// Seed of the random patterns (the same operations as `gen` writes
     /// for the same pattern, size and seed).
@@ -33,13 +33,13 @@ pub struct Args {
 #[derive(Debug, Clone)]
 struct Patterns(Vec<Pattern>);
 
-fn patterns(s: &str) -> Result<Patterns, String> {
-    if s == "all" {
-        return Ok(Patterns(Pattern::ALL.to_vec()));
-    }
-    s.parse()
-        .map(|p| Patterns(vec![p]))
-        .map_err(|e: hugepunch_workload::UnknownPattern| format!("{e}, or all"))
+fn patterns() -> impl TypedValueParser<Value = Patterns> {
+    PossibleValuesParser::new(crate::pattern_values(true)).map(|s| match s.as_str() {
+        "all" => Patterns(Pattern::ALL.to_vec()),
+        s => Patterns(vec![s
+            .parse()
+            .unwrap_or_else(|_| unreachable!("{s} is a listed name"))]),
+    })
 }
 
 fn backend(s: &str) -> Result<Backend, String> {
@@ -83,19 +83,55 @@ fn check_memory(size: u64, available: Option<u64>) -> anyhow::Result<()> {
     };
     let need = memory_needed(size);
     if need > available {
-        anyhow::bail!(
-            "--size {} needs about {} of memory, more than is available here ({} MemAvailable in /proc/meminfo); use a smaller --size",
-            bytes(size),
-            bytes(need),
-            bytes(available)
-        );
+        return Err(crate::arg_error(
+            "real",
+            format!(
+                "--size {} needs about {} of memory, more than is available here ({} MemAvailable in /proc/meminfo); use a smaller --size",
+                bytes(size),
+                bytes(need),
+                bytes(available)
+            ),
+        ));
     }
     Ok(())
 }
 
+/// The backend to run on: the one asked for, else guest-memfd where it
+/// works here, else memfd with the reason guest-memfd was passed over
+/// (`unavailable` is [`hugepunch_linux::guest_memfd_unavailable`]'s answer).
+fn choose_backend(
+    asked: Option<Backend>,
+    unavailable: impl FnOnce() -> Option<String>,
+) -> (Backend, Option<String>) {
+    match asked {
+        Some(b) => (b, None),
+        None => match unavailable() {
+            None => (Backend::GuestMemfd, None),
+            Some(why) => (
+                Backend::Memfd,
+                Some(format!(
+                    "note: running on memfd, not KVM guest_memfd: {why}. guest_memfd needs \
+                     read and write access to /dev/kvm (root, or the kvm group) and a kernel \
+                     that offers mmap()able guest_memfd (GUEST_MEMFD_FLAG_MMAP and \
+                     GUEST_MEMFD_FLAG_INIT_SHARED); --backend memfd says so and hides this note."
+                )),
+            ),
+        },
+    }
+}
+
 pub fn run(a: Args) -> anyhow::Result<()> {
     check_memory(a.size, mem_available())?;
-    let backend = a.backend.unwrap_or_else(Backend::default_here);
+    let (backend, note) = choose_backend(a.backend, hugepunch_linux::guest_memfd_unavailable);
+    if let Some(note) = note {
+        if a.json {
+            // Standard output is the JSON objects only.
+            eprintln!("hugepunch: {note}");
+        } else {
+            crate::write_stdout(&format!("{}\n", paragraph(&note, 2)))?;
+        }
+    }
+    let mut footnote = false;
     for p in a.pattern.0 {
         let spinner = crate::progress::spinner(!a.json, &format!("real {p} on {backend}"));
         let report = hugepunch_linux::real::run_seeded(backend, a.size, p, a.seed)
@@ -104,15 +140,195 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         if a.json {
             crate::write_stdout(&format!("{}\n", serde_json::to_string(&report)?))?;
         } else {
-            crate::write_stdout(&format!("{}\n", report.table()))?;
+            footnote |= !report.huge_backing_available;
+            crate::write_stdout(&format!("{}\n", render(&report)))?;
         }
     }
+    if footnote {
+        // Once, after every table it applies to.
+        crate::write_stdout(&paragraph(
+            "(no huge page backing here: \"huge pages split\" counts the huge pages a partial \
+             free would split on a huge-page-backed host, from the backend's log of frees)",
+            1,
+        ))?;
+    }
     Ok(())
+}
+
+/// Seconds for people: `1.234 s`, `15.06 ms`, `26.6 us`.
+fn seconds(s: f64) -> String {
+    if s >= 1.0 {
+        format!("{s:.3} s")
+    } else if s >= 1e-3 {
+        format!("{:.2} ms", s * 1e3)
+    } else {
+        format!("{:.1} us", s * 1e6)
+    }
+}
+
+/// `r`x `more` (r >= 1), or 1/r x `less`; `-` when there is no ratio.
+fn times(r: Option<f64>, more: &str, less: &str) -> String {
+    match r {
+        None => "-".into(),
+        Some(r) if r >= 1.0 => format!("{r:.1}x {more}"),
+        Some(r) => format!("{:.1}x {less}", 1.0 / r),
+    }
+}
+
+/// The wall-time ratio, in words: "faster" or "slower" only when both
+/// sides released the same bytes (a side that released less did less of
+/// the work, and one that released nothing did none of it).
+fn wall_time_ratio(r: &RealReport) -> String {
+    let (d, e) = (r.direct.bytes_released, r.engine.bytes_released);
+    if d == e && d > 0 {
+        times(r.ratios.wall_time, "faster", "slower")
+    } else if e == 0 && d > 0 {
+        "not compared: hugepunch released nothing".into()
+    } else if d == 0 && e > 0 {
+        "not compared: direct released nothing".into()
+    } else if d == 0 {
+        "not compared: neither released anything".into()
+    } else {
+        format!("not compared: released {} and {}", bytes(d), bytes(e))
+    }
+}
+
+/// The side-by-side report of one run for people, [`format::width`]
+/// columns at most.
+///
+/// [`format::width`]: hugepunch_cli::format::width
+fn render(r: &RealReport) -> String {
+    let (d, e) = (&r.direct, &r.engine);
+    let mut out = paragraph(
+        &format!(
+            "hugepunch real: pattern {} (seed {}), {} {} ({} operations), kernel {}, {} CPUs{}",
+            r.pattern,
+            r.seed,
+            bytes(r.size),
+            r.backend,
+            count(r.operations),
+            r.kernel,
+            r.cpus,
+            if r.memslot {
+                ", guest_memfd bound to a KVM memslot"
+            } else {
+                ""
+            }
+        ),
+        2,
+    );
+    out += &paragraph(&format!("huge page backing: {}", r.huge_backing), 2);
+    out.push('\n');
+    let row = |name: &str, a: String, b: String, ratio: String| vec![name.to_string(), a, b, ratio];
+    let kept = |k: Option<u64>, n: u64| {
+        k.map_or("none here".to_string(), |k| {
+            format!("{} / {}", count(k), count(n))
+        })
+    };
+    let rows = [
+        row(
+            "wall time",
+            seconds(d.wall_seconds),
+            seconds(e.wall_seconds),
+            wall_time_ratio(r),
+        ),
+        row(
+            "  in fallocate",
+            seconds(d.fallocate_seconds),
+            seconds(e.fallocate_seconds),
+            String::new(),
+        ),
+        row(
+            "  zeroing",
+            seconds(d.zero_seconds),
+            seconds(e.zero_seconds),
+            String::new(),
+        ),
+        row(
+            "  faulting in",
+            seconds(d.fault_seconds),
+            seconds(e.fault_seconds),
+            String::new(),
+        ),
+        row(
+            "  own work",
+            seconds(d.own_seconds),
+            seconds(e.own_seconds),
+            format!(
+                "hugepunch: {:.1}% of its run",
+                r.ratios.engine_own_share * 100.0
+            ),
+        ),
+        row(
+            "fallocate calls",
+            count(d.fallocate_calls),
+            count(e.fallocate_calls),
+            times(r.ratios.fallocate_calls, "fewer", "more"),
+        ),
+        row(
+            "  punches",
+            count(d.punch_calls),
+            count(e.punch_calls),
+            String::new(),
+        ),
+        row(
+            "  allocations",
+            count(d.allocate_calls),
+            count(e.allocate_calls),
+            String::new(),
+        ),
+        row(
+            "bytes released",
+            bytes(d.bytes_released),
+            bytes(e.bytes_released),
+            r.ratios
+                .bytes_released
+                .map_or("-".into(), |x| format!("{x:.3} of direct")),
+        ),
+        row(
+            "still held, deferred",
+            bytes(d.pending_bytes),
+            bytes(e.pending_bytes),
+            String::new(),
+        ),
+        row(
+            "huge pages split",
+            format!("{} / {}", count(d.huge_pages_split), count(d.huge_pages)),
+            format!("{} / {}", count(e.huge_pages_split), count(e.huge_pages)),
+            String::new(),
+        ),
+        row(
+            "huge pages kept intact",
+            kept(d.huge_pages_kept_intact, d.huge_pages),
+            kept(e.huge_pages_kept_intact, e.huge_pages),
+            String::new(),
+        ),
+    ];
+    out += &table(&["", "direct 4 KiB", "hugepunch", "ratio"], &rows);
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A user who cannot open /dev/kvm is told why `real` runs on memfd.
+    #[test]
+    fn the_fallback_to_memfd_says_why() {
+        let why = || Some("open /dev/kvm failed: Permission denied (os error 13)".to_string());
+        let (b, note) = choose_backend(None, why);
+        assert_eq!(b, Backend::Memfd);
+        let note = note.expect("a reason");
+        assert!(
+            note.contains("Permission denied") && note.contains("/dev/kvm"),
+            "{note}"
+        );
+        assert_eq!(choose_backend(None, || None), (Backend::GuestMemfd, None));
+        assert_eq!(
+            choose_backend(Some(Backend::Memfd), || panic!("not asked")),
+            (Backend::Memfd, None)
+        );
+    }
 
     #[test]
     fn sizes_beyond_the_memory_available_are_refused() {

@@ -1,7 +1,7 @@
-//! Replaying a trace (SPEC.md §7) on the simulated kernel, within bounds:
+//! Replaying a trace (docs/CONTRACT.md §7) on the simulated kernel, within bounds:
 //! the input is read one line at a time (a line may not exceed
 //! [`MAX_LINE_BYTES`], the trace [`Limits::max_trace_bytes`]), parsed with
-//! SPEC.md §7's grammar, its cost estimated ([`crate::cost`]) and refused
+//! docs/CONTRACT.md §7's grammar, its cost estimated ([`crate::cost`]) and refused
 //! when over the limits, and only then run. No input makes it panic, run
 //! without end or allocate without bound: [`replay_bytes`] is what a fuzz
 //! target calls.

@@ -5,8 +5,8 @@
 
 use crate::compare::{self, Contender, Row};
 use crate::{progress, svg, write_stdout, ReplayArgs, StrategyArg};
-use anyhow::{bail, Context as _};
-use hugepunch_cli::format::{bytes, count};
+use anyhow::Context as _;
+use hugepunch_cli::format::{bytes, count, paragraph};
 use hugepunch_cli::replay::{self, Outcome, ReplayOptions};
 use hugepunch_model::{Failure, Options, StrategyKind};
 use hugepunch_workload::Trace;
@@ -59,13 +59,20 @@ pub fn run(a: ReplayArgs) -> anyhow::Result<()> {
         e => anyhow::anyhow!("{name}: {e}"),
     })?;
     let huge_pages = checked.trace.size >> (12 + checked.trace.order as u32);
-    let estimate = replay::check(&checked, &opts).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+    let estimate = replay::check(&checked, &opts).map_err(|e| match e {
+        // A flag that does not go with the others.
+        replay::ReplayError::Options(m) if m.starts_with("--") => crate::arg_error("replay", m),
+        e => anyhow::anyhow!("{name}: {e}"),
+    })?;
     if a.svg.is_some() && huge_pages > svg::MAX_PAGES {
-        bail!(
-            "--svg draws files of at most {} huge pages; this one has {}",
-            count(svg::MAX_PAGES),
-            count(huge_pages)
-        );
+        return Err(crate::arg_error(
+            "replay",
+            format!(
+                "--svg draws files of at most {} huge pages; this one has {}",
+                count(svg::MAX_PAGES),
+                count(huge_pages)
+            ),
+        ));
     }
     let ops = checked.trace.ops.len() as u64;
     let pb = progress::bar(ops * opts.strategies.len() as u64, !a.json, "replaying");
@@ -158,22 +165,24 @@ fn json_of(name: &str, trace: &Trace, outcomes: &[Outcome], options: Options, se
 
 fn human(name: &str, trace: &Trace, outcomes: &[Outcome], options: Options, secs: f64) -> String {
     let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "{}: {} operations on a {} file with {} huge pages ({} strateg{}, {:.2} s)",
-        name,
-        count(trace.ops.len() as u64),
-        bytes(trace.size),
-        bytes(4096u64 << trace.order),
-        outcomes.len(),
-        if outcomes.len() == 1 { "y" } else { "ies" },
-        secs
-    );
+    s.push_str(&paragraph(
+        &format!(
+            "{}: {} operations on a {} file with {} huge pages ({} strateg{}, {:.2} s)",
+            name,
+            count(trace.ops.len() as u64),
+            bytes(trace.size),
+            bytes(4096u64 << trace.order),
+            outcomes.len(),
+            if outcomes.len() == 1 { "y" } else { "ies" },
+            secs
+        ),
+        2,
+    ));
     if outcomes.len() > 1 {
         let rows: Vec<Row> = outcomes.iter().map(|o| row_of(o, options)).collect();
         s.push('\n');
         s.push_str(&compare::render_table(&rows));
-        let _ = writeln!(s, "verdict: {}", compare::verdict(&rows));
+        s.push_str(&compare::verdict_lines(&rows));
         for o in outcomes {
             let _ = writeln!(s, "{}: {} operations failed", o.kind, o.failed_operations);
         }
@@ -181,7 +190,7 @@ fn human(name: &str, trace: &Trace, outcomes: &[Outcome], options: Options, secs
     }
     let o = &outcomes[0];
     let stats = serde_json::to_value(o.kernel.stats()).unwrap_or_default();
-    let _ = writeln!(s, "\nstatistics of {} (SPEC.md section 6):", o.kind);
+    let _ = writeln!(s, "\nstatistics of {} (docs/CONTRACT.md §6):", o.kind);
     if let Value::Object(m) = stats {
         for (k, v) in m {
             let _ = writeln!(s, "  {k:<24} {v}");
@@ -214,23 +223,29 @@ fn human(name: &str, trace: &Trace, outcomes: &[Outcome], options: Options, secs
         count(m.direct_map_intact),
         count(m.direct_map_entries)
     );
-    let _ = writeln!(
-        s,
-        "  {:<24} {}",
-        "violations",
-        if f.violations == 0 {
-            "none".to_string()
-        } else {
-            format!("{:?}", f.violations_by_kind)
-        }
-    );
+    let violations = if f.violations == 0 {
+        "none".to_string()
+    } else {
+        f.violations_by_kind
+            .iter()
+            .map(|(k, n)| format!("{k}: {}", count(*n)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    s.push_str(&paragraph(
+        &format!("  {:<24} {violations}", "violations"),
+        27,
+    ));
     let _ = writeln!(
         s,
         "\n{} operations failed (counted; the replay went on)",
         o.failed_operations
     );
     for f in o.failures.iter().take(LISTED_FAILURES) {
-        let _ = writeln!(s, "  line {}: {}: {}", f.line, f.op, f.error);
+        s.push_str(&paragraph(
+            &format!("  line {}: {}: {}", f.line, f.op, f.error),
+            4,
+        ));
     }
     if o.failed_operations > LISTED_FAILURES as u64 {
         let _ = writeln!(

@@ -220,7 +220,7 @@ fn a_trace_larger_than_128_mib_or_with_too_many_operations_is_refused() {
     );
 }
 
-/// SPEC.md §7: digits or 0x and hex digits, an optional K, M or G; no
+/// docs/CONTRACT.md §7.2: digits or 0x and hex digits, an optional K, M or G; no
 /// sign, no other character; fields separated by spaces or tabs.
 #[test]
 fn numbers_outside_the_grammar_are_refused_with_their_line() {
