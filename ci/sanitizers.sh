@@ -61,7 +61,7 @@ done
 cargo +nightly --version
 
 flags="-Cunsafe-allow-abi-mismatch=sanitizer"
-# The tests' watchdog (engine/tests/common/watchdog.rs) aborts a test after
+# The tests' watchdog (hugepunch::testing::watchdog) aborts a test after
 # 120 s; instrumented runs are 5-15 times slower (a TSan stress test takes
 # 10-40 s here, under load), so give them 600 s.
 export HUGEPUNCH_WATCHDOG_SECS="${HUGEPUNCH_WATCHDOG_SECS:-600}"

@@ -217,13 +217,3 @@ fn memfd_two_threads_share_huge_pages() {
     assert_accounting(&host, &engine, "after two threads");
     assert_eq!(host.resident_bytes().unwrap(), 0);
 }
-
-/// This crate's copy of the test watchdog is the engine's, word for word.
-#[test]
-fn watchdog_copy_matches_the_engines() {
-    assert!(
-        include_str!("common/watchdog.rs")
-            == include_str!("../../engine/tests/common/watchdog.rs"),
-        "linux/tests/common/watchdog.rs differs from engine/tests/common/watchdog.rs: keep the copies identical"
-    );
-}

@@ -129,13 +129,3 @@ fn vcpu_races_punches_on_every_baseline() {
         race(kernel(kind, 3, 8, None), 100, 1);
     }
 }
-
-/// This crate's copy of the test watchdog is the engine's, word for word.
-#[test]
-fn watchdog_copy_matches_the_engines() {
-    assert!(
-        include_str!("common/watchdog.rs")
-            == include_str!("../../engine/tests/common/watchdog.rs"),
-        "model/tests/common/watchdog.rs differs from engine/tests/common/watchdog.rs: keep the copies identical"
-    );
-}

@@ -17,6 +17,7 @@ mod hooked;
 mod host;
 mod model;
 mod null;
+pub mod watchdog;
 
 pub use differential::{
     check_state, engine_stats, merge_zeros, normalise, run_case, run_engine, run_model, Mismatch,

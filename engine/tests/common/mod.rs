@@ -1,9 +1,9 @@
 //! Test hosts and helpers shared by the engine's integration tests.
 #![allow(dead_code)]
 
-/// [`watchdog::Watchdog`]: every multi-threaded test arms one, so that a
-/// livelock or deadlock fails the run naming the test instead of hanging.
-pub mod watchdog;
+/// The workspace's test watchdog (`hugepunch::testing::watchdog`).
+#[allow(unused_imports)] // not every test binary arms one
+pub use hugepunch::testing::watchdog;
 
 /// The recording host moved to `hugepunch::testing` (the `test-util`
 /// feature), where the fuzz targets use it too.

@@ -2,9 +2,9 @@
 //! and the checks every pattern test makes.
 #![allow(dead_code)]
 
-/// [`watchdog::Watchdog`]: every multi-threaded test arms one, so that a
-/// livelock or deadlock fails the run naming the test instead of hanging.
-pub mod watchdog;
+/// The workspace's test watchdog (`hugepunch::testing::watchdog`).
+#[allow(unused_imports)] // not every test binary arms one
+pub use hugepunch::testing::watchdog;
 
 use hugepunch::{ByteRange, HugePunch, SubpageState, SUBPAGE_SIZE};
 use hugepunch_linux::pattern::engine_allocated_bytes;

@@ -1,6 +1,6 @@
 //! Helpers shared by the model's integration tests.
 #![allow(dead_code)]
 
-/// [`watchdog::Watchdog`]: every multi-threaded test arms one, so that a
-/// livelock or deadlock fails the run naming the test instead of hanging.
-pub mod watchdog;
+/// The workspace's test watchdog (`hugepunch::testing::watchdog`).
+#[allow(unused_imports)] // not every test binary arms one
+pub use hugepunch::testing::watchdog;

@@ -3,8 +3,7 @@
 //! stalling CI until its global timeout.
 //!
 //! ```ignore
-//! mod common;
-//! use common::watchdog::Watchdog;
+//! use hugepunch::testing::watchdog::Watchdog;
 //!
 //! #[test]
 //! fn two_threads_race() {
@@ -38,10 +37,8 @@
 //! instrumented runs (sanitizers, valgrind) raise it with the environment
 //! variable `HUGEPUNCH_WATCHDOG_SECS` (whole seconds).
 //!
-//! A copy of this file lives in each test crate that needs it
-//! (`engine/tests/common/watchdog.rs`, `linux/tests/common/watchdog.rs`,
-//! `model/tests/common/watchdog.rs`); keep them identical.
-#![allow(dead_code)]
+//! Every test crate of the workspace uses this one (`hugepunch::testing`,
+//! feature `test-util`).
 
 use std::io::Write;
 use std::sync::mpsc::{self, RecvTimeoutError};
