@@ -107,6 +107,10 @@ fn memfd_invalid_punches_rejected_before_any_syscall() {
 
 #[test]
 #[cfg_attr(miri, ignore)]
+#[cfg_attr(
+    hugepunch_no_kvm,
+    ignore = "needs /dev/kvm, which the test build could not open"
+)]
 fn guest_memfd_invalid_punches_rejected_before_any_syscall() {
     check(Backend::GuestMemfd);
 }

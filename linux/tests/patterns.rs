@@ -91,10 +91,11 @@ fn check_pattern(backend: Backend, name: &str) {
 }
 
 macro_rules! pattern_tests {
-    ($($test:ident => ($backend:expr, $name:literal),)*) => {
+    ($($(#[$attr:meta])* $test:ident => ($backend:expr, $name:literal),)*) => {
         $(
             #[test]
             #[cfg_attr(miri, ignore)]
+            $(#[$attr])*
             fn $test() {
                 check_pattern($backend, $name);
             }
@@ -111,13 +112,21 @@ pattern_tests! {
     memfd_pin => (Backend::Memfd, "pin"),
     memfd_conversion_churn => (Backend::Memfd, "conversion-churn"),
     memfd_straddling => (Backend::Memfd, "straddling"),
+    #[cfg_attr(hugepunch_no_kvm, ignore = "needs /dev/kvm, which the test build could not open")]
     guest_memfd_ascending => (Backend::GuestMemfd, "ascending"),
+    #[cfg_attr(hugepunch_no_kvm, ignore = "needs /dev/kvm, which the test build could not open")]
     guest_memfd_descending => (Backend::GuestMemfd, "descending"),
+    #[cfg_attr(hugepunch_no_kvm, ignore = "needs /dev/kvm, which the test build could not open")]
     guest_memfd_random => (Backend::GuestMemfd, "random"),
+    #[cfg_attr(hugepunch_no_kvm, ignore = "needs /dev/kvm, which the test build could not open")]
     guest_memfd_strided => (Backend::GuestMemfd, "strided"),
+    #[cfg_attr(hugepunch_no_kvm, ignore = "needs /dev/kvm, which the test build could not open")]
     guest_memfd_round_robin => (Backend::GuestMemfd, "round-robin"),
+    #[cfg_attr(hugepunch_no_kvm, ignore = "needs /dev/kvm, which the test build could not open")]
     guest_memfd_pin => (Backend::GuestMemfd, "pin"),
+    #[cfg_attr(hugepunch_no_kvm, ignore = "needs /dev/kvm, which the test build could not open")]
     guest_memfd_conversion_churn => (Backend::GuestMemfd, "conversion-churn"),
+    #[cfg_attr(hugepunch_no_kvm, ignore = "needs /dev/kvm, which the test build could not open")]
     guest_memfd_straddling => (Backend::GuestMemfd, "straddling"),
 }
 
@@ -179,6 +188,10 @@ fn memfd_pin_with_budget_splits_and_accounts() {
 
 #[test]
 #[cfg_attr(miri, ignore)]
+#[cfg_attr(
+    hugepunch_no_kvm,
+    ignore = "needs /dev/kvm, which the test build could not open"
+)]
 fn guest_memfd_random_with_budget_splits_and_accounts() {
     check_budget(Backend::GuestMemfd, "random");
 }

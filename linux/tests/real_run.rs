@@ -44,6 +44,10 @@ fn real_run_memfd_ascending() {
 
 #[test]
 #[cfg_attr(miri, ignore)]
+#[cfg_attr(
+    hugepunch_no_kvm,
+    ignore = "needs /dev/kvm, which the test build could not open"
+)]
 fn real_run_guest_memfd_ascending() {
     if let Some(why) = guest_memfd_unavailable() {
         eprintln!("skipped: guest_memfd unavailable here: {why}");
