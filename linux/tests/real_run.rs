@@ -28,12 +28,6 @@ fn check_ascending(backend: Backend) {
     let json = serde_json::to_value(&r).unwrap();
     assert_eq!(json["engine"]["punch_calls"], HUGE_PAGES);
     assert_eq!(json["engine_stats"]["huge_frees"], HUGE_PAGES);
-    let table = r.table();
-    assert!(
-        table.contains("fallocate calls") && table.contains("512.0x fewer"),
-        "{table}"
-    );
-    println!("{table}");
 }
 
 #[test]
