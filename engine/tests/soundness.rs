@@ -203,8 +203,8 @@ fn statistics_of_punches_from_a_thread_local_destructor_are_exact() {
 #[test]
 fn statistics_stay_exact_as_threads_come_and_go() {
     let _watchdog = Watchdog::arm("statistics_stay_exact_as_threads_come_and_go");
-    let host = hooked(64 << 20, Attribute::Shared);
-    let file = file(64 << 20, 9, &host);
+    let host = hooked(256 << 20, Attribute::Shared);
+    let file = file(256 << 20, 9, &host);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reader = {
         let (file, stop) = (file.clone(), stop.clone());
@@ -217,14 +217,25 @@ fn statistics_stay_exact_as_threads_come_and_go() {
             }
         })
     };
-    for round in 0..50u64 {
-        let threads: Vec<_> = (0..4u64)
+    // Eight threads a round start together and each takes over a shard
+    // the previous round released: two threads that took the same shard
+    // would lose counts (its writes are plain loads and stores).
+    const ROUNDS: u64 = 50;
+    const THREADS: u64 = 8;
+    const PUNCHES: u64 = 100;
+    for round in 0..ROUNDS {
+        let start = Arc::new(Barrier::new(THREADS as usize));
+        let threads: Vec<_> = (0..THREADS)
             .map(|t| {
-                let file = file.clone();
+                let (file, start) = (file.clone(), start.clone());
                 std::thread::spawn(move || {
-                    let sub = 1 + round * 4 + t;
-                    file.punch((sub / 500) * (2 << 20) + (sub % 500) * SUB, SUB)
-                        .unwrap();
+                    start.wait();
+                    for i in 0..PUNCHES {
+                        // Never subpage 0 of a huge page: nothing completes.
+                        let n = (round * THREADS + t) * PUNCHES + i;
+                        let sub = (n / 511) * 512 + 1 + n % 511;
+                        file.punch(sub * SUB, SUB).unwrap();
+                    }
                 })
             })
             .collect();
@@ -233,7 +244,8 @@ fn statistics_stay_exact_as_threads_come_and_go() {
     stop.store(true, Ordering::SeqCst);
     reader.join().unwrap();
     let s = file.stats();
-    assert_eq!((s.punch_calls, s.punched_subpages), (200, 200));
+    let n = ROUNDS * THREADS * PUNCHES;
+    assert_eq!((s.punch_calls, s.punched_subpages), (n, n));
     assert_consistent(&file, &host);
 }
 
