@@ -15,6 +15,7 @@
 //! | 2     | `COMPLETING` | a completion owns the huge page (set by one RMW, cleared when it ends) |
 //! | 3     | `BUSY`       | a slow path owns the huge page: a forced split, teardown, an allocation, or any operation on a `SPLIT` huge page |
 //! | 4     | `TORN`       | teardown has visited the huge page; never unset once set |
+//! | 5     | `WANTED`     | the shrinker skipped the huge page (operations were registered); the next exit clears it and runs the shrinker |
 //! | 8-17  | `PUNCHING`   | partial/whole punches between their entry and exit RMWs |
 //! | 18-27 | `UNPUNCHING` | populates (and `CancelAndZero` conversions) between entry and exit |
 //! | 28-37 | `CONVERTING` | conversions to private between their mark and unmark |
@@ -63,6 +64,13 @@
 //! * **slow claim** (`BUSY`): set when neither `COMPLETING` nor `BUSY` is
 //!   set; the owner then waits until nothing is registered before it
 //!   touches bits (new registrations are refused while `BUSY` is set).
+//!   The shrinker claims only an idle huge page (one CAS, no waiting);
+//!   otherwise it sets `WANTED` (an RMW) and skips it.
+//! * **exit and `WANTED`**: every exit clears `WANTED` in its RMW and
+//!   tells its caller, whose operation then runs the shrinker at its end
+//!   (if still over the budget). The RMWs order the two sides: an exit
+//!   before the shrinker's mark is seen by it (nothing registered: it
+//!   claims after all), an exit after it sees the mark.
 //!
 //! # Who wins each race
 //!
@@ -114,6 +122,10 @@ pub(crate) const SPLIT: u64 = 2;
 pub(crate) const COMPLETING: u64 = 1 << 2;
 pub(crate) const BUSY: u64 = 1 << 3;
 pub(crate) const TORN: u64 = 1 << 4;
+/// The shrinker skipped this huge page because operations were registered
+/// on it (it never waits for them): the next exit clears it and runs the
+/// shrinker at the end of its operation.
+pub(crate) const WANTED: u64 = 1 << 5;
 
 const FIELD_BITS: u32 = 10;
 const FIELD_MAX: u64 = (1 << FIELD_BITS) - 1;
@@ -174,6 +186,7 @@ impl std::fmt::Debug for Snapshot {
             .field("completing", &self.is(COMPLETING))
             .field("busy", &self.is(BUSY))
             .field("torn", &self.is(TORN))
+            .field("wanted", &self.is(WANTED))
             .field("punching", &self.punching())
             .field("unpunching", &self.unpunching())
             .field("converting", &self.converting())
@@ -202,6 +215,9 @@ pub(crate) struct Exit {
     pub after: Snapshot,
     /// This exit set `COMPLETING`: the caller must run the completion.
     pub claimed_completion: bool,
+    /// This exit cleared `WANTED`: the caller runs the shrinker at the end
+    /// of its operation (if pending bytes are still over the budget).
+    pub shrink_wanted: bool,
 }
 
 /// A view of one huge page's words.
@@ -365,6 +381,7 @@ impl<'a> Page<'a> {
     pub fn exit(&self, one: u64, delta: i64) -> Exit {
         let full = self.full;
         let mut claimed = false;
+        let mut wanted = false;
         // ORDERING: AcqRel. Release: our bit RMWs happen-before whoever
         // reads this value or a later one (the claiming exit, a slow path
         // waiting for the registrations to drain, a conversion's mark).
@@ -372,9 +389,11 @@ impl<'a> Page<'a> {
         // every exit before it, and a punch deciding on `CONVERTING` must
         // see the attribute change of a conversion that already unmarked.
         let (prev, _) = self.update(Ordering::AcqRel, |s| {
+            wanted = s.is(WANTED);
             let mut new =
                 s.0.wrapping_sub(one)
-                    .wrapping_add((delta as u64).wrapping_mul(COUNT_ONE));
+                    .wrapping_add((delta as u64).wrapping_mul(COUNT_ONE))
+                    & !WANTED;
             claimed = Snapshot(new).complete(full);
             if claimed {
                 new |= COMPLETING;
@@ -384,10 +403,12 @@ impl<'a> Page<'a> {
         let after = prev
             .0
             .wrapping_sub(one)
-            .wrapping_add((delta as u64).wrapping_mul(COUNT_ONE));
+            .wrapping_add((delta as u64).wrapping_mul(COUNT_ONE))
+            & !WANTED;
         Exit {
             after: Snapshot(after | if claimed { COMPLETING } else { 0 }),
             claimed_completion: claimed,
+            shrink_wanted: wanted,
         }
     }
 
@@ -416,6 +437,7 @@ impl<'a> Page<'a> {
         Exit {
             after: Snapshot(after),
             claimed_completion: claimed,
+            shrink_wanted: prev.is(WANTED),
         }
     }
 
@@ -560,6 +582,16 @@ impl<'a> Page<'a> {
             (s.mode() == mode && s.idle() && !s.is(TORN)).then_some(s.0 | BUSY)
         });
         done.then_some(prev)
+    }
+
+    /// The shrinker could not claim this huge page: mark it `WANTED` (the
+    /// next exit runs the shrinker). Returns the state before. If nothing
+    /// was registered by then, the caller may claim it after all.
+    pub fn want_shrink(&self) -> Snapshot {
+        // ORDERING: AcqRel: an RMW on the state word, so it is ordered
+        // against every exit: an exit after it sees `WANTED`; an exit before
+        // it is seen here (nothing registered any more).
+        Snapshot(self.state.fetch_or(WANTED, Ordering::AcqRel))
     }
 
     /// Release `BUSY`, setting the mode, `COUNT` and extra flags.

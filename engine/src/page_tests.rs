@@ -141,7 +141,7 @@ fn snapshot_debug_names_every_field() {
     let s = Snapshot(HUGE | BUSY | (3 << PUNCHING_SHIFT) | CONVERT_ONE | (5 << COUNT_SHIFT));
     assert_eq!(
         format!("{s:?}"),
-        "Snapshot { mode: \"HUGE\", completing: false, busy: true, torn: false, \
+        "Snapshot { mode: \"HUGE\", completing: false, busy: true, torn: false, wanted: false, \
          punching: 3, unpunching: 0, converting: 1, count: 5 }"
     );
 }

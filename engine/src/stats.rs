@@ -93,6 +93,9 @@ pub(crate) struct Delta {
     pub pending: i64,
     /// The operation's host calls go through this (see [`crate::unwind`]).
     pub caught: Caught,
+    /// An exit of this operation found the shrinker had skipped its huge
+    /// page (`WANTED`): run the shrinker at the end if pending bytes are over the budget.
+    pub shrink_wanted: bool,
 }
 
 impl Default for Delta {
@@ -103,6 +106,7 @@ impl Default for Delta {
             touched: 0,
             pending: 0,
             caught: Caught::default(),
+            shrink_wanted: false,
         }
     }
 }

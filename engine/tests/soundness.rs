@@ -719,3 +719,58 @@ fn a_shared_punch_meeting_a_completion_invalidates_when_a_conversion_is_marked()
     );
     assert_eq!(file.stats().invalidations_immediate, 1);
 }
+
+/// SPEC §5: a punch never waits for another operation's registration. A
+/// populate is registered on huge page 0 (blocked in `zero`); a punch of
+/// huge page 1 goes over the budget and runs the shrinker, whose best
+/// victim is huge page 0: it must skip it (and mark it), not wait, and
+/// split huge page 1 instead. When the populate leaves, pending bytes are
+/// within the budget (invariant 7).
+#[test]
+fn the_shrinker_a_punch_runs_never_waits_for_a_registered_operation() {
+    let _watchdog =
+        Watchdog::arm("the_shrinker_a_punch_runs_never_waits_for_a_registered_operation");
+    let host = hooked(2 * TINY, Attribute::Shared);
+    let file = file_with(Config::new(2 * TINY).order(2).budget(2 * SUB), &host);
+    file.punch(SUB, 2 * SUB).unwrap();
+    let g = gate();
+    {
+        let g = g.clone();
+        on(&host, move |c| {
+            if *c == Event::Zero(ByteRange::new(SUB, SUB)) {
+                g.wait();
+                g.wait();
+            }
+        });
+    }
+    let populate = {
+        let file = file.clone();
+        std::thread::spawn(move || file.populate(SUB, SUB).unwrap())
+    };
+    g.wait(); // the populate is registered on huge page 0, inside `zero`
+    let (done, punched) = mpsc::channel();
+    {
+        let file = file.clone();
+        std::thread::spawn(move || done.send(file.punch(TINY + SUB, SUB)).unwrap());
+    }
+    let res = punched.recv_timeout(Duration::from_secs(10));
+    g.wait();
+    populate.join().unwrap();
+    assert_eq!(
+        res,
+        Ok(Ok(())),
+        "a punch over the budget waited for a populate registered on the shrinker's victim"
+    );
+    host.clear();
+    assert_eq!(
+        file.backing(0).unwrap(),
+        Backing::Huge,
+        "skipped, not split"
+    );
+    assert_eq!(file.backing(1).unwrap(), Backing::Split);
+    let s = file.stats();
+    assert_eq!(s.forced_splits, 1);
+    assert!(s.pending_subpages * SUB <= 2 * SUB, "invariant 7: {s:?}");
+    assert_consistent(&file, &host);
+    assert_teardown_frees_all(&file, &host);
+}

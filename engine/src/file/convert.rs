@@ -118,7 +118,9 @@ impl HugePunch {
         while let Some((h, page, k)) = held.pop() {
             match k {
                 Some(k) => {
-                    if page.exit(CANCEL_ONE, -(k as i64)).claimed_completion {
+                    let exit = page.exit(CANCEL_ONE, -(k as i64));
+                    d.shrink_wanted |= exit.shrink_wanted;
+                    if exit.claimed_completion {
                         self.complete(cb, h, page, d);
                     }
                 }

@@ -271,7 +271,7 @@ impl HugePunch {
     /// End of an operation: counters, pending, the shrinker, the peak.
     pub(super) fn finish(&self, cb: &Callbacks, d: &mut Delta, may_shrink: bool) {
         let mut pending = self.counters.apply_pending(d);
-        if may_shrink && self.over_budget(pending) {
+        if (may_shrink || d.shrink_wanted) && self.over_budget(pending) {
             self.shrink(cb, d);
             pending = self.counters.pending();
         }

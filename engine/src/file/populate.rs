@@ -45,6 +45,7 @@ impl HugePunch {
                 Entry::Registered => {
                     let k = self.unpunch(cb, h, page, part, d);
                     let exit = page.exit(POPULATE_ONE, -(k as i64));
+                    d.shrink_wanted |= exit.shrink_wanted;
                     if d.caught.any() {
                         // A `zero` panicked: its subpages stay punched, and
                         // this populate stops here (the panic goes on).

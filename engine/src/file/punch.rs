@@ -31,6 +31,7 @@ impl HugePunch {
                 Entry::Registered => {
                     let newly = page.set_bits(part.first, part.count);
                     let exit = page.exit(PUNCH_ONE, newly as i64);
+                    d.shrink_wanted |= exit.shrink_wanted;
                     d.pending += newly as i64;
                     if !whole {
                         d.add(C::PunchedSubpages, newly as u64);

@@ -7,16 +7,17 @@ use super::*;
 impl HugePunch {
     /// Force out what huge page `h` has pending: free it whole if every
     /// subpage is punched, otherwise invalidate it once and free its punched
-    /// runs as 4 KiB pages, leaving it `SPLIT`. Applies its pending change
-    /// at once. Returns whether anything was freed.
+    /// runs as 4 KiB pages, leaving it `SPLIT`. The caller has claimed the
+    /// huge page (`BUSY`, nothing registered; `s` is its state). Applies its
+    /// pending change at once. Returns whether anything was freed.
     pub(super) fn force_split(
         &self,
         cb: &Callbacks,
         h: u64,
         page: Page<'_>,
+        s: Snapshot,
         d: &mut Delta,
     ) -> bool {
-        let s = page.claim_busy();
         let count = s.count();
         if s.mode() != HUGE || s.is(TORN) || count == 0 || count > page.full() {
             page.release_busy(s.mode(), count, 0);
@@ -115,7 +116,15 @@ impl HugePunch {
                 })
                 .max_by_key(|&(c, h)| (c, std::cmp::Reverse(h)));
             let Some((_, h)) = victim else { break };
-            if !self.force_split(cb, h, self.index.page(h), d) {
+            let page = self.index.page(h);
+            let freed = match claim_without_waiting(page) {
+                Some(s) => self.force_split(cb, h, page, s, d),
+                // Operations are registered on it: not waited for (a punch
+                // never waits for another); the last of their exits sees
+                // `WANTED` and runs the shrinker again.
+                None => false,
+            };
+            if !freed {
                 failed.push(h);
             }
         }
@@ -133,7 +142,9 @@ impl HugePunch {
             for part in self.geo.parts(r) {
                 if let Some(page) = self.index.existing(part.huge_page) {
                     if page.load().mode() == HUGE {
-                        self.force_split(&cb, part.huge_page, page, &mut d);
+                        // `flush` may wait for registered operations.
+                        let s = page.claim_busy();
+                        self.force_split(&cb, part.huge_page, page, s, &mut d);
                     }
                 }
             }
@@ -231,5 +242,21 @@ impl HugePunch {
             }
             _ => page.release_busy(ABSENT, 0, TORN),
         }
+    }
+}
+
+/// Claim huge page `page` for the shrinker if nothing is registered on it,
+/// without waiting: `None` (after marking it `WANTED`) if operations are
+/// registered, or a completion or another slow path owns it.
+fn claim_without_waiting(page: Page<'_>) -> Option<Snapshot> {
+    loop {
+        if let Some(s) = page.try_claim_busy_if(HUGE) {
+            return Some(s);
+        }
+        let before = page.want_shrink();
+        if before.mode() != HUGE || before.is(TORN) || !before.idle() {
+            return None;
+        }
+        // Everything registered left between the two RMWs: try again.
     }
 }
