@@ -749,13 +749,14 @@ fn the_shrinker_a_punch_runs_never_waits_for_a_registered_operation() {
     };
     g.wait(); // the populate is registered on huge page 0, inside `zero`
     let (done, punched) = mpsc::channel();
-    {
+    let puncher = {
         let file = file.clone();
-        std::thread::spawn(move || done.send(file.punch(TINY + SUB, SUB)).unwrap());
-    }
+        std::thread::spawn(move || done.send(file.punch(TINY + SUB, SUB)).unwrap())
+    };
     let res = punched.recv_timeout(Duration::from_secs(10));
     g.wait();
     populate.join().unwrap();
+    puncher.join().unwrap();
     assert_eq!(
         res,
         Ok(Ok(())),
