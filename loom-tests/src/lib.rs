@@ -6,11 +6,11 @@
 //!
 //! # The recording host
 //!
-//! A [`World`] is the host side of one model run: per subpage, is memory
+//! A `World` is the host side of one model run: per subpage, is memory
 //! allocated for it (`resident`), what it holds (`content`), does the guest
 //! have a mapping of it that no invalidation has zapped yet (`mapped`), and
 //! has the guest punched it and not populated it since (`punch_called`).
-//! One or more [`ModelHost`]s (named, so a model can swap host A for host B)
+//! One or more `ModelHost`s (named, so a model can swap host A for host B)
 //! act on one world and log every callback with the host's name and the loom
 //! thread that made it.
 //!
@@ -20,7 +20,7 @@
 //! adds no happens-before edge between the engine's threads. No loom
 //! operation happens while that mutex is held. Each callback and guest
 //! action starts with a Relaxed RMW on one shared loom counter: a schedule
-//! point (see [`World`]'s `schedule`), so loom interleaves other threads
+//! point (see `World`'s `schedule`), so loom interleaves other threads
 //! between an engine step and the host call after it.
 //!
 //! The host itself asserts what must hold at each callback, so a model
@@ -36,8 +36,8 @@
 //! * `allocate` of an allocated subpage: a leak (invariant 6);
 //! * `zero` of a subpage that is not allocated (invariant 4).
 //!
-//! The models call the guest's side themselves: [`World::guest_punch`]
-//! before a punch, [`World::guest_populated`] after a populate returns (it
+//! The models call the guest's side themselves: `World::guest_punch`
+//! before a punch, `World::guest_populated` after a populate returns (it
 //! asserts the subpage is allocated and, where the model knows the punch
 //! came first, reads as zeros; then the guest maps it and writes to it).
 #![cfg(hugepunch_loom)]
@@ -54,7 +54,7 @@ use std::sync::{Mutex, MutexGuard};
 pub const DEFAULT_PREEMPTIONS: usize = 2;
 
 /// Run `f` under loom with the suite's defaults: `LOOM_MAX_PREEMPTIONS`
-/// (default [`DEFAULT_PREEMPTIONS`]) and room for the engine's atomic
+/// (default `DEFAULT_PREEMPTIONS`) and room for the engine's atomic
 /// operations (`LOOM_MAX_BRANCHES`, default 20 000).
 pub fn model<F: Fn() + Sync + Send + 'static>(f: F) {
     let mut b = loom::model::Builder::new();
