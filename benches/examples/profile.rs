@@ -13,6 +13,7 @@ fn main() {
     let reps: usize = args.get(3).map_or(200, |s| s.parse().unwrap());
     let work = workload(pat, 64, 1, Sharing::Disjoint, SEED);
     let n = work[0].len() as f64;
+    println!("ops {}", work[0].len() * reps);
     let mut best = f64::MAX;
     for _ in 0..reps {
         let t = make(imp, 64);

@@ -59,16 +59,38 @@ impl Host for NullHost {
     fn zero(&self, _: ByteRange) {}
 }
 
+/// A host whose memory is all private (every partial punch invalidates
+/// now, the immediate-invalidation path); otherwise the [`NullHost`].
+pub struct PrivateHost;
+
+impl Host for PrivateHost {
+    fn is_shared(&self, _: ByteRange) -> bool {
+        false
+    }
+    fn set_attributes(&self, _: ByteRange, _: Attribute) {}
+    fn invalidate_begin(&self, _: ByteRange, _: Hint) {}
+    fn invalidate_end(&self, _: ByteRange) {}
+    fn allocate(&self, _: ByteRange, _: u8) -> Result<(), HostError> {
+        Ok(())
+    }
+    fn free(&self, _: ByteRange, _: u8) -> Result<(), HostError> {
+        Ok(())
+    }
+    fn zero(&self, _: ByteRange) {}
+}
+
 /// hugepunch itself.
 pub struct Engine(pub HugePunch);
 
 impl Engine {
-    /// A populated file of `huge_pages` 2 MiB huge pages.
+    /// A populated file of `huge_pages` 2 MiB huge pages, all shared.
     pub fn new(huge_pages: u64) -> Self {
-        Engine(
-            HugePunch::new(Config::new(huge_pages << 21), Arc::new(NullHost))
-                .expect("valid config"),
-        )
+        Self::with_host(huge_pages, Arc::new(NullHost))
+    }
+
+    /// The same over `host`.
+    pub fn with_host(huge_pages: u64, host: Arc<dyn Host>) -> Self {
+        Engine(HugePunch::new(Config::new(huge_pages << 21), host).expect("valid config"))
     }
 }
 
@@ -439,6 +461,7 @@ pub fn run(tracker: &dyn Tracker, work: &[Vec<Op>]) -> std::time::Duration {
 pub fn make(name: &str, huge_pages: u64) -> Box<dyn Tracker> {
     match name {
         "hugepunch" => Box::new(Engine::new(huge_pages)),
+        "hugepunch-private" => Box::new(Engine::with_host(huge_pages, Arc::new(PrivateHost))),
         "mutex-map" => Box::new(MutexMap::default()),
         "rwlock-map" => Box::new(RwLockMap::default()),
         "dashmap" => Box::new(DashMapTracker::default()),

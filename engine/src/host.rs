@@ -3,6 +3,7 @@
 
 use crate::error::HostError;
 use crate::range::{ByteRange, Hint};
+use crate::sync::{AtomicPtr, Ordering};
 use serde::{Deserialize, Serialize};
 
 /// A subpage's memory attribute.
@@ -150,116 +151,104 @@ pub(crate) struct Callbacks {
     pub policy: Policy,
 }
 
-pub(crate) use slot::CallbackSlot;
-
-/// The swappable slot. Outside loom it is an `ArcSwap`: a load is a few
-/// uncontended instructions and takes no lock. arc-swap is invisible to
-/// loom, so under `hugepunch_loom` the slot is a stand-in with the same
-/// contract built on a loom `AtomicPtr` (old values are kept until the slot
-/// is dropped, which is what makes a plain pointer load safe).
-#[cfg(not(hugepunch_loom))]
-mod slot {
-    use super::Callbacks;
-    use crate::sync::Arc;
-    use arc_swap::ArcSwap;
-
-    pub(crate) struct CallbackSlot(ArcSwap<Callbacks>);
-
-    /// A loaded set; derefs to the callbacks.
-    pub(crate) struct Loaded(arc_swap::Guard<Arc<Callbacks>>);
-
-    impl std::ops::Deref for Loaded {
-        type Target = Callbacks;
-        fn deref(&self) -> &Callbacks {
-            &self.0
-        }
-    }
-
-    impl CallbackSlot {
-        pub fn new(cb: Callbacks) -> Self {
-            CallbackSlot(ArcSwap::from_pointee(cb))
-        }
-
-        /// One consistent set of callbacks for one operation.
-        pub fn load(&self) -> Loaded {
-            Loaded(self.0.load())
-        }
-
-        /// Replace one part of the set; concurrent updates are not lost.
-        pub fn update(&self, f: impl Fn(&Callbacks) -> Callbacks) {
-            self.0.rcu(|cur| Arc::new(f(cur)));
-        }
-    }
+/// The swappable slot: the set in use is one `AtomicPtr` to an immutable
+/// node, and every set ever installed stays allocated until the slot (the
+/// file) is dropped, on a chain from the newest node back to the first.
+///
+/// So a load is one `Acquire` load of a pointer and hands out a plain
+/// `&Callbacks` for as long as the file is borrowed: no reference count, no
+/// debt slot, no write to a shared cache line (issue 13; the arc-swap load
+/// it replaces cost ~35 instructions and two stores per operation). The
+/// price: a replaced set (its `Arc<dyn Host>` included) lives until the file
+/// is dropped, one node of 40 bytes per `set_host` / `set_policy` call,
+/// which a VMM makes a handful of times in a file's life. The same code
+/// runs under loom (its `AtomicPtr` comes from [`crate::sync`]), so the
+/// models check the slot itself.
+///
+/// A replacement applies to every operation that loads after it in the
+/// pointer's modification order: an operation that starts after
+/// `set_host` returned (on the same thread, or on one that synchronised
+/// with it) loads the new set or a later one (read-write coherence).
+pub(crate) struct CallbackSlot {
+    current: AtomicPtr<SlotNode>,
 }
 
-#[cfg(hugepunch_loom)]
-mod slot {
-    use super::Callbacks;
-    use crate::sync::{AtomicPtr, Mutex, Ordering};
+struct SlotNode {
+    cb: Callbacks,
+    /// The set this one replaced (null for the first); never changed.
+    prev: *mut SlotNode,
+}
 
-    pub(crate) struct CallbackSlot {
-        current: AtomicPtr<Callbacks>,
-        /// Every value ever installed, freed on drop. Touched only by
-        /// `update` (registration is not a punch path).
-        all: Mutex<Vec<*mut Callbacks>>,
+// SAFETY: the raw pointers point to `SlotNode`s owned by the slot, holding
+// `Callbacks` (Send + Sync), written only before they are published and
+// freed only in `drop`, which has exclusive access.
+unsafe impl Send for CallbackSlot {}
+// SAFETY: see `Send`; shared access only reads through the pointers.
+unsafe impl Sync for CallbackSlot {}
+
+impl CallbackSlot {
+    pub fn new(cb: Callbacks) -> Self {
+        let node = Box::into_raw(Box::new(SlotNode {
+            cb,
+            prev: std::ptr::null_mut(),
+        }));
+        CallbackSlot {
+            current: AtomicPtr::new(node),
+        }
     }
 
-    // SAFETY: the raw pointers point to `Callbacks` (Send + Sync) owned by
-    // the slot and freed only in `drop`, which has exclusive access.
-    unsafe impl Send for CallbackSlot {}
-    // SAFETY: see `Send`; shared access only reads through the pointers.
-    unsafe impl Sync for CallbackSlot {}
+    /// One consistent set of callbacks for one operation.
+    #[inline]
+    pub fn load(&self) -> &Callbacks {
+        // ORDERING: Acquire pairs with the Release of `update`'s CAS, so
+        // the node's fields, written before it was published, are seen
+        // whole (never a torn set).
+        let p = self.current.load(Ordering::Acquire);
+        // SAFETY: `p` was published by `new` or `update` from a live Box,
+        // and every node stays allocated until the slot is dropped, which
+        // cannot happen while `&self` is borrowed.
+        unsafe { &(*p).cb }
+    }
 
-    impl CallbackSlot {
-        pub fn new(cb: Callbacks) -> Self {
-            let p = Box::into_raw(Box::new(cb));
-            CallbackSlot {
-                current: AtomicPtr::new(p),
-                all: Mutex::new(vec![p]),
-            }
-        }
-
-        pub fn load(&self) -> Box<Callbacks> {
-            // ORDERING: Acquire pairs with the Release of `update`'s CAS, so
-            // the pointee's fields, written before it was published, are
-            // seen whole: the stand-in's "never a torn set".
-            let p = self.current.load(Ordering::Acquire);
-            // SAFETY: `p` was published by `new` or `update` from a live
-            // Box and is freed only when the slot is dropped, which cannot
-            // happen while `&self` is borrowed.
-            Box::new(unsafe { (*p).clone() })
-        }
-
-        pub fn update(&self, f: impl Fn(&Callbacks) -> Callbacks) {
-            loop {
-                // ORDERING: Acquire, as in `load`: we read the fields of the
-                // current set to build the next.
-                let cur = self.current.load(Ordering::Acquire);
-                // SAFETY: as in `load`.
-                let next = Box::into_raw(Box::new(f(unsafe { &*cur })));
-                self.all.lock().unwrap().push(next);
-                // ORDERING: Release publishes `next`'s fields to `load`'s
-                // Acquire; AcqRel on success so a later update reading
-                // through the result is ordered; Relaxed on failure: we
-                // retry with a fresh Acquire load.
-                if self
-                    .current
-                    .compare_exchange(cur, next, Ordering::AcqRel, Ordering::Relaxed)
-                    .is_ok()
-                {
-                    return;
+    /// Replace one part of the set; concurrent updates are not lost.
+    pub fn update(&self, f: impl Fn(&Callbacks) -> Callbacks) {
+        // ORDERING: Acquire, as in `load`: we read the current set's fields
+        // to build the next.
+        let mut cur = self.current.load(Ordering::Acquire);
+        loop {
+            // SAFETY: as in `load`.
+            let current = unsafe { &(*cur).cb };
+            let next = Box::into_raw(Box::new(SlotNode {
+                cb: f(current),
+                prev: cur,
+            }));
+            // ORDERING: Release (in AcqRel) publishes `next`'s fields to
+            // `load`'s Acquire; Acquire on failure: we read the set that
+            // won to build ours again.
+            match self
+                .current
+                .compare_exchange(cur, next, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return,
+                Err(now) => {
+                    // SAFETY: `next` was never published; we own it.
+                    drop(unsafe { Box::from_raw(next) });
+                    cur = now;
                 }
             }
         }
     }
+}
 
-    impl Drop for CallbackSlot {
-        fn drop(&mut self) {
-            for p in self.all.lock().unwrap().drain(..) {
-                // SAFETY: each pointer came from Box::into_raw exactly once
-                // and is dropped exactly once, here, with exclusive access.
-                drop(unsafe { Box::from_raw(p) });
-            }
+impl Drop for CallbackSlot {
+    fn drop(&mut self) {
+        // ORDERING: Relaxed: `&mut self`, no other thread.
+        let mut at = self.current.load(Ordering::Relaxed);
+        while !at.is_null() {
+            // SAFETY: each node came from Box::into_raw exactly once, is on
+            // the chain exactly once, and is freed exactly once, here.
+            let node = unsafe { Box::from_raw(at) };
+            at = node.prev;
         }
     }
 }

@@ -11,6 +11,11 @@
 //! one of them, and lives until the file is dropped (nothing is freed while
 //! the file is shared, so no reclamation scheme is needed).
 //!
+//! Both levels are flat arrays of thin pointers (issue 13): a directory
+//! pointer leads straight to its chunk pointers, a chunk pointer straight to
+//! the chunk's first word, so finding a huge page's words is two dependent
+//! loads and no bounds-checked fat pointer.
+//!
 //! Teardown **closes** every chunk slot that is still empty by installing
 //! a shared sentinel chunk whose huge pages are all `ABSENT | TORN`: an operation
 //! that was already in flight and reaches such a slot finds its huge pages
@@ -26,13 +31,9 @@ const CHUNK_WORDS: usize = 4096;
 const DIR_SHIFT: u32 = 12;
 const DIR_CHUNKS: usize = 1 << DIR_SHIFT;
 
-struct Chunk {
-    words: Box<[AtomicU64]>,
-}
-
-struct Dir {
-    chunks: Box<[AtomicPtr<Chunk>]>,
-}
+/// A chunk: a thin pointer to the first of its `chunk_words()` words (from
+/// `Box<[AtomicU64]>::into_raw`).
+type ChunkPtr = *mut AtomicU64;
 
 pub(crate) struct Index {
     full: u32,
@@ -43,9 +44,9 @@ pub(crate) struct Index {
     initial: u64,
     huge_pages: u64,
     n_chunks: usize,
-    dirs: Box<[AtomicPtr<Dir>]>,
+    dirs: Box<[AtomicPtr<AtomicPtr<AtomicU64>>]>,
     /// Teardown's sentinel chunk (null until the first teardown).
-    torn_chunk: AtomicPtr<Chunk>,
+    torn_chunk: AtomicPtr<AtomicU64>,
 }
 
 /// What teardown found in one chunk slot.
@@ -62,6 +63,21 @@ pub(crate) enum Slot {
 /// Is `p` a real chunk (neither null nor the sentinel)?
 fn is_real<T>(p: *mut T, sentinel: *mut T) -> bool {
     !p.is_null() && p != sentinel
+}
+
+/// Leak a boxed slice as a thin pointer to its first element.
+fn into_thin<T>(b: Box<[T]>) -> *mut T {
+    Box::into_raw(b).cast::<T>()
+}
+
+/// Take back a slice leaked by `into_thin` with its length.
+///
+/// # Safety
+/// `p` came from `into_thin` of a slice of exactly `len` elements, and is
+/// taken back once.
+unsafe fn from_thin<T>(p: *mut T, len: usize) -> Box<[T]> {
+    // SAFETY: per the contract, `p .. p + len` is the leaked slice.
+    unsafe { Box::from_raw(ptr::slice_from_raw_parts_mut(p, len)) }
 }
 
 impl Index {
@@ -103,8 +119,12 @@ impl Index {
         Snapshot(self.initial)
     }
 
-    fn chunk_of(&self, state: impl Fn(u64) -> u64) -> Box<Chunk> {
-        let words = (0..self.chunk_pages as usize * self.stride)
+    fn chunk_words(&self) -> usize {
+        self.chunk_pages as usize * self.stride
+    }
+
+    fn chunk_of(&self, state: impl Fn(u64) -> u64) -> ChunkPtr {
+        let words: Box<[AtomicU64]> = (0..self.chunk_words())
             .map(|i| {
                 AtomicU64::new(if i % self.stride == 0 {
                     state(i as u64)
@@ -113,54 +133,66 @@ impl Index {
                 })
             })
             .collect();
-        Box::new(Chunk { words })
+        into_thin(words)
     }
 
     fn dir_len(&self, d: usize) -> usize {
         (self.n_chunks - d * DIR_CHUNKS).min(DIR_CHUNKS)
     }
 
-    /// Load `slot`, installing `make()` if it is null.
-    fn get_or_install<T>(slot: &AtomicPtr<T>, make: impl FnOnce() -> Box<T>) -> &T {
+    /// Load `slot`, installing `make()` if it is null; `free` drops an
+    /// unpublished `make()` when another thread installed first.
+    fn get_or_install<T>(
+        slot: &AtomicPtr<T>,
+        make: impl FnOnce() -> *mut T,
+        free: impl FnOnce(*mut T),
+    ) -> *mut T {
         // ORDERING: Acquire pairs with the Release of the installing CAS:
         // the installed object's initial contents are seen.
         let p = slot.load(Ordering::Acquire);
         if !p.is_null() {
-            // SAFETY: a non-null pointer was installed from Box::into_raw
-            // (or is a sentinel) and is freed only in `drop`, which needs
-            // `&mut self`.
-            return unsafe { &*p };
+            return p;
         }
-        let fresh = Box::into_raw(make());
+        let fresh = make();
         // ORDERING: AcqRel on success: Release publishes the contents.
         // Acquire on failure: we use the winner's object and must see it.
         match slot.compare_exchange(ptr::null_mut(), fresh, Ordering::AcqRel, Ordering::Acquire) {
-            // SAFETY: we just installed `fresh`; it lives until `drop`.
-            Ok(_) => unsafe { &*fresh },
+            Ok(_) => fresh,
             Err(winner) => {
-                // SAFETY: `fresh` was never shared; we own it.
-                drop(unsafe { Box::from_raw(fresh) });
-                // SAFETY: as for `p` above.
-                unsafe { &*winner }
+                free(fresh);
+                winner
             }
         }
     }
 
-    fn dir(&self, d: usize) -> &Dir {
+    /// Directory `d`'s chunk pointers, installing the directory if needed.
+    fn dir(&self, d: usize) -> &[AtomicPtr<AtomicU64>] {
         let len = self.dir_len(d);
-        Self::get_or_install(&self.dirs[d], || {
-            Box::new(Dir {
-                chunks: (0..len).map(|_| AtomicPtr::new(ptr::null_mut())).collect(),
-            })
-        })
+        let p = Self::get_or_install(
+            &self.dirs[d],
+            || into_thin((0..len).map(|_| AtomicPtr::new(ptr::null_mut())).collect()),
+            // SAFETY: `fresh` was never shared; it has `len` pointers.
+            |fresh| drop(unsafe { from_thin(fresh, len) }),
+        );
+        // SAFETY: a directory is installed from a slice of `dir_len(d)`
+        // pointers and freed only in `drop`, which needs `&mut self`.
+        unsafe { std::slice::from_raw_parts(p, len) }
+    }
+
+    /// The chunk slot `c`, its directory installed if needed.
+    fn chunk_slot(&self, c: usize) -> &AtomicPtr<AtomicU64> {
+        &self.dir(c >> DIR_SHIFT)[c & (DIR_CHUNKS - 1)]
     }
 
     /// The chunk `c`, installing it (and its directory) if needed.
-    fn chunk(&self, c: usize) -> &Chunk {
-        let dir = self.dir(c >> DIR_SHIFT);
-        Self::get_or_install(&dir.chunks[c & (DIR_CHUNKS - 1)], || {
-            self.chunk_of(|_| self.initial)
-        })
+    fn chunk(&self, c: usize) -> ChunkPtr {
+        let words = self.chunk_words();
+        Self::get_or_install(
+            self.chunk_slot(c),
+            || self.chunk_of(|_| self.initial),
+            // SAFETY: `fresh` was never shared; it has `words` words.
+            |fresh| drop(unsafe { from_thin(fresh, words) }),
+        )
     }
 
     fn locate(&self, h: u64) -> (usize, usize) {
@@ -170,36 +202,63 @@ impl Index {
         )
     }
 
-    fn page_in<'a>(&self, chunk: &'a Chunk, at: usize) -> Page<'a> {
-        let words = &chunk.words[at..at + self.stride];
-        Page::new(&words[0], &words[1..], self.full)
+    /// The huge page whose words start `at` words into `chunk`.
+    ///
+    /// # Safety
+    /// `chunk` is a real chunk or a sentinel of this index (it has
+    /// `chunk_words()` words, and lives until the index is dropped), and
+    /// `at + stride <= chunk_words()`.
+    #[inline]
+    unsafe fn page_in(&self, chunk: ChunkPtr, at: usize) -> Page<'_> {
+        // SAFETY: per the contract, words `at .. at + stride` of the chunk
+        // exist and live as long as `&self`.
+        unsafe {
+            Page::new(
+                &*chunk.add(at),
+                std::slice::from_raw_parts(chunk.add(at + 1), self.stride - 1),
+                self.full,
+            )
+        }
     }
 
-    /// Huge page `h`, installing its chunk if needed.
+    /// Huge page `h` (< the number of huge pages), installing its chunk if
+    /// needed.
     pub fn page(&self, h: u64) -> Page<'_> {
+        assert!(h < self.huge_pages, "huge page {h} out of range");
         let (c, at) = self.locate(h);
-        self.page_in(self.chunk(c), at)
+        // SAFETY: `chunk` returns a real chunk or the sentinel; `at` is
+        // below `chunk_pages * stride` by `locate`.
+        unsafe { self.page_in(self.chunk(c), at) }
     }
 
     /// The installed chunk `c`, if any (a sentinel counts).
-    fn existing_chunk(&self, c: usize) -> Option<&Chunk> {
+    #[inline]
+    fn existing_chunk(&self, c: usize) -> Option<ChunkPtr> {
+        if c >= self.n_chunks {
+            return None;
+        }
         // ORDERING: Acquire, as in `get_or_install`.
         let d = self.dirs[c >> DIR_SHIFT].load(Ordering::Acquire);
         if d.is_null() {
             return None;
         }
-        // SAFETY: as in `get_or_install`.
-        let dir: &Dir = unsafe { &*d };
+        // SAFETY: a directory has `dir_len` pointers, and `c < n_chunks`
+        // puts `c & (DIR_CHUNKS - 1)` below it; it lives until `drop`.
+        let slot = unsafe { &*d.add(c & (DIR_CHUNKS - 1)) };
         // ORDERING: Acquire, as in `get_or_install`.
-        let p = dir.chunks[c & (DIR_CHUNKS - 1)].load(Ordering::Acquire);
-        // SAFETY: as in `get_or_install`.
-        (!p.is_null()).then(|| unsafe { &*p })
+        let p = slot.load(Ordering::Acquire);
+        (!p.is_null()).then_some(p)
     }
 
-    /// Huge page `h` if its chunk exists (`None`: it is in the initial state).
+    /// Huge page `h` if its chunk exists (`None`: it is in the initial
+    /// state, or `h` is out of range).
+    #[inline]
     pub fn existing(&self, h: u64) -> Option<Page<'_>> {
         let (c, at) = self.locate(h);
-        self.existing_chunk(c).map(|chunk| self.page_in(chunk, at))
+        let chunk = self.existing_chunk(c)?;
+        // SAFETY: an installed chunk (or sentinel) of this index; `at` is
+        // below `chunk_pages * stride` by `locate`.
+        Some(unsafe { self.page_in(chunk, at) })
     }
 
     fn pages_of(&self, c: usize) -> std::ops::Range<u64> {
@@ -213,23 +272,29 @@ impl Index {
         // re-loads with Acquire before reading words.
         let sentinel = self.torn_chunk.load(Ordering::Relaxed);
         (0..self.n_chunks)
-            .filter(move |&c| {
-                self.existing_chunk(c)
-                    .is_some_and(|p| !ptr::eq(p, sentinel))
-            })
+            .filter(move |&c| self.existing_chunk(c).is_some_and(|p| p != sentinel))
             .flat_map(|c| self.pages_of(c))
+    }
+
+    /// The sentinel chunk, installed by the first teardown.
+    fn torn(&self) -> ChunkPtr {
+        let words = self.chunk_words();
+        Self::get_or_install(
+            &self.torn_chunk,
+            || self.chunk_of(|_| ABSENT | TORN),
+            // SAFETY: `fresh` was never shared; it has `words` words.
+            |fresh| drop(unsafe { from_thin(fresh, words) }),
+        )
     }
 
     /// Teardown, under the file's slow-path lock: close chunk slot `c` if
     /// it is empty, and say what it held.
     pub fn close(&self, c: usize) -> Slot {
-        let torn_chunk = Self::get_or_install(&self.torn_chunk, || self.chunk_of(|_| ABSENT | TORN))
-            as *const Chunk as *mut Chunk;
-        let dir = self.dir(c >> DIR_SHIFT);
+        let torn_chunk = self.torn();
         // ORDERING: AcqRel on success publishes the sentinel (whose words
         // were published by its own install); Acquire on failure: we then
         // read the chunk that is there.
-        match dir.chunks[c & (DIR_CHUNKS - 1)].compare_exchange(
+        match self.chunk_slot(c).compare_exchange(
             ptr::null_mut(),
             torn_chunk,
             Ordering::AcqRel,
@@ -248,17 +313,16 @@ impl Index {
     pub fn reopen(&self, c: usize, still_huge: &[u64]) {
         let first = c as u64 * self.chunk_pages;
         let stride = self.stride as u64;
-        let chunk = Box::into_raw(self.chunk_of(|i| {
+        let chunk = self.chunk_of(|i| {
             if still_huge.contains(&(first + i / stride)) {
                 HUGE | TORN
             } else {
                 ABSENT | TORN
             }
-        }));
-        let dir = self.dir(c >> DIR_SHIFT);
+        });
         // ORDERING: Release publishes the chunk's words to readers' Acquire
         // loads; the sentinel it replaces is shared and stays alive.
-        dir.chunks[c & (DIR_CHUNKS - 1)].store(chunk, Ordering::Release);
+        self.chunk_slot(c).store(chunk, Ordering::Release);
     }
 
     /// Number of chunks.
@@ -269,7 +333,7 @@ impl Index {
     /// Bytes of tracking state allocated now (index, directories, chunks;
     /// teardown's sentinels excluded).
     pub fn tracking_bytes(&self) -> usize {
-        let per_chunk = std::mem::size_of::<Chunk>() + self.chunk_pages as usize * self.stride * 8;
+        let per_chunk = self.chunk_words() * 8;
         // ORDERING: Relaxed: a statistic.
         let tc = self.torn_chunk.load(Ordering::Relaxed);
         let mut bytes = std::mem::size_of_val(&*self.dirs);
@@ -280,12 +344,12 @@ impl Index {
             if p.is_null() {
                 continue;
             }
-            bytes += std::mem::size_of::<Dir>() + self.dir_len(d) * 8;
-            // SAFETY: as in `get_or_install`.
-            let dir: &Dir = unsafe { &*p };
+            let len = self.dir_len(d);
+            bytes += len * 8;
+            // SAFETY: as in `dir`.
+            let dir = unsafe { std::slice::from_raw_parts(p, len) };
             // ORDERING: Relaxed: a statistic.
             bytes += dir
-                .chunks
                 .iter()
                 .filter(|c| is_real(c.load(Ordering::Relaxed), tc))
                 .count()
@@ -297,26 +361,29 @@ impl Index {
 
 impl Drop for Index {
     fn drop(&mut self) {
+        let words = self.chunk_words();
         // ORDERING: Relaxed everywhere: `&mut self`, no other thread.
         let tc = self.torn_chunk.load(Ordering::Relaxed);
-        for slot in self.dirs.iter() {
-            let d = slot.load(Ordering::Relaxed);
-            if d.is_null() {
+        for (d, slot) in self.dirs.iter().enumerate() {
+            let p = slot.load(Ordering::Relaxed);
+            if p.is_null() {
                 continue;
             }
-            // SAFETY: installed from Box::into_raw once; dropped once here.
-            let dir = unsafe { Box::from_raw(d) };
-            for c in dir.chunks.iter() {
+            // SAFETY: installed by `dir` from `dir_len(d)` pointers, once;
+            // taken back once, here.
+            let dir = unsafe { from_thin(p, self.dir_len(d)) };
+            for c in dir.iter() {
                 let p = c.load(Ordering::Relaxed);
                 if is_real(p, tc) {
-                    // SAFETY: installed from Box::into_raw once; dropped once.
-                    drop(unsafe { Box::from_raw(p) });
+                    // SAFETY: installed from a slice of `words` words once
+                    // (by `chunk` or `reopen`); taken back once, here.
+                    drop(unsafe { from_thin(p, words) });
                 }
             }
         }
         if !tc.is_null() {
-            // SAFETY: the sentinel chunk, installed once, dropped once.
-            drop(unsafe { Box::from_raw(tc) });
+            // SAFETY: the sentinel chunk, installed once, taken back once.
+            drop(unsafe { from_thin(tc, words) });
         }
     }
 }

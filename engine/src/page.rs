@@ -316,6 +316,7 @@ impl<'a> Page<'a> {
     /// One CAS loop on the state word: `f` maps the current value to the new
     /// one, or to `None` to leave it. Returns the previous value and
     /// whether it was replaced.
+    #[inline(always)]
     fn update(
         &self,
         success: Ordering,
@@ -344,6 +345,7 @@ impl<'a> Page<'a> {
     /// Register as a punch (`PUNCHING + 1`) or an un-punch (`UNPUNCHING + 1`,
     /// plus `CONVERTING + 1` for a `CancelAndZero` conversion). Waits only
     /// while a slow path owns the huge page (`BUSY`) or a field is saturated.
+    #[inline]
     pub fn enter(&self, one: u64) -> Entry {
         let mut spins = 0;
         loop {
@@ -378,6 +380,7 @@ impl<'a> Page<'a> {
     /// (`+n` for a punch, `-k` for an un-punch). Claims the completion if
     /// the result is complete.
     #[cfg(not(hugepunch_broken = "completion"))]
+    #[inline]
     pub fn exit(&self, one: u64, delta: i64) -> Exit {
         let full = self.full;
         let mut claimed = false;
@@ -454,6 +457,16 @@ impl<'a> Page<'a> {
             newly += ones(mask & !prev);
         }
         newly
+    }
+
+    /// Set the bit of subpage `sub`; returns 1 if this call set it, else 0.
+    /// Caller is registered. (The 4 KiB case of `set_bits`.)
+    #[inline]
+    pub fn set_bit(&self, sub: u32) -> u32 {
+        let mask = 1u64 << (sub % 64);
+        // ORDERING: Release, as in `set_bits`.
+        let prev = self.words[(sub / 64) as usize].fetch_or(mask, Ordering::Release);
+        (prev & mask == 0) as u32
     }
 
     /// Clear the bits of `first .. first + count`; returns the (word, bits)

@@ -2,9 +2,21 @@
 //!
 //! Monotone counters live in per-thread shards (`CachePadded`, one writer
 //! each, on a lock-free list per file), so threads punching different huge
-//! pages never share a counter's cache line and an update is a plain store. Pending subpages are one global counter: the budget
-//! needs its exact value after every punch, and `pending_bytes_peak` is the
-//! largest value it had at the end of an operation.
+//! pages never share a counter's cache line and an update is a plain store.
+//!
+//! Pending subpages: with a budget, one global counter, moved by one RMW
+//! per operation that changes it (the budget needs its exact value after
+//! every punch). Without one (issue 13), each thread batches its changes in
+//! a *residue* in its own shard and moves the global counter only when the
+//! residue reaches ±[`BATCH`] subpages (and when the thread exits), so
+//! threads on different huge pages share no written cache line.
+//! `pending_subpages` (the global count plus every residue) stays exact at
+//! quiescent points. `pending_bytes_peak` is the largest of the values each
+//! thread saw at the end of its operations, the global count plus its own
+//! residue: exact when one thread at a time works on the file (the threads
+//! before it have exited, flushing their residues), and otherwise off by
+//! less than `BATCH` subpages (256 KiB) per other thread with a residue,
+//! either way (see `docs/CONTRACT.md` §6).
 
 use crate::sync::{AtomicI64, AtomicU64, Ordering};
 use crate::unwind::Caught;
@@ -124,14 +136,45 @@ impl Delta {
 
 pub(crate) struct Counters {
     shards: shards::Shards,
-    pending: CachePadded<AtomicI64>,
-    peak: CachePadded<AtomicU64>,
+    /// Pending changes go to the global count by RMW at once (a budget is
+    /// set), or through each thread's residue (none is).
+    exact: bool,
 }
 
-type Shard = CachePadded<[AtomicU64; N]>;
+/// Residues of this many subpages (either way) move the global count.
+pub(crate) const BATCH: i64 = 64;
+/// Slot of a shard holding its thread's pending residue (an `i64` stored
+/// as its bits).
+const RESIDUE: usize = N;
+/// Slot of a shard holding the largest pending bytes its threads saw.
+const PEAK: usize = N + 1;
+
+type Shard = CachePadded<[AtomicU64; N + 2]>;
 
 fn new_shard() -> Shard {
     CachePadded::new(std::array::from_fn(|_| AtomicU64::new(0)))
+}
+
+/// The global pending count, shared by the file and by the shards (a
+/// thread's residue is flushed into it when the thread exits).
+type Global = CachePadded<AtomicI64>;
+
+/// What the sum of the shards says.
+pub(crate) struct Sum {
+    counts: [u64; N],
+    pending: i64,
+    peak: u64,
+}
+
+/// Record `bytes` in a shard's peak slot if larger (its owner only writes it).
+#[inline]
+fn raise_peak(slot: &AtomicU64, pending: i64) {
+    let bytes = pending.max(0) as u64 * crate::range::SUBPAGE_SIZE;
+    // ORDERING: Relaxed load and store: one writer per shard (see
+    // `Shards::flush`); a statistic.
+    if bytes > slot.load(Ordering::Relaxed) {
+        slot.store(bytes, Ordering::Relaxed);
+    }
 }
 
 /// Per-thread shards: each thread that changes the statistics of a file
@@ -161,8 +204,9 @@ fn new_shard() -> Shard {
 ///   file's `orphans` shard with atomic adds: nothing is lost.
 #[cfg(not(hugepunch_loom))]
 mod shards {
-    use super::{new_shard, Delta, Shard, N};
-    use crate::sync::{Arc, AtomicBool, AtomicPtr, AtomicU64, Ordering};
+    use super::{new_shard, raise_peak, Delta, Global, Shard, Sum, BATCH, N, PEAK, RESIDUE};
+    use crate::sync::{Arc, AtomicBool, AtomicI64, AtomicPtr, AtomicU64, Ordering};
+    use crossbeam_utils::CachePadded;
     use std::cell::{Cell, RefCell};
     use std::ptr;
 
@@ -177,6 +221,10 @@ mod shards {
         /// The node pushed before this one; set before the node is
         /// published, never changed after.
         next: AtomicPtr<Node>,
+        /// The file's global pending count, where the owner's residue goes
+        /// when it releases the shard (an `Arc`: the thread may outlive the
+        /// file).
+        global: Arc<Global>,
     }
 
     /// This thread's shards: (file id, node). Its destructor clears `LAST`
@@ -188,6 +236,13 @@ mod shards {
         fn drop(&mut self) {
             LAST.set(EMPTY);
             for (_, node) in &self.0 {
+                // ORDERING: Relaxed: this thread is the shard's only writer.
+                let residue = node.shard[RESIDUE].swap(0, Ordering::Relaxed) as i64;
+                if residue != 0 {
+                    // ORDERING: Relaxed: a counter; exact at quiescent
+                    // points (the exiting thread is joined before).
+                    node.global.fetch_add(residue, Ordering::Relaxed);
+                }
                 // ORDERING: Release: this thread's last stores to the shard
                 // happen-before the claim (Acquire) of the thread that
                 // takes it over and goes on from those values.
@@ -210,6 +265,11 @@ mod shards {
 
     pub(crate) struct Shards {
         id: u64,
+        /// The global pending count.
+        global: Arc<Global>,
+        /// The largest pending bytes seen by operations that ran without a
+        /// shard (orphans, see below).
+        peak: AtomicU64,
         /// The newest node of the file's list (each holds one `Arc`
         /// reference, from `Arc::into_raw`, released in `Drop`).
         head: AtomicPtr<Node>,
@@ -224,6 +284,8 @@ mod shards {
             // ORDERING: Relaxed: a unique number is all we need.
             Shards {
                 id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+                global: Arc::new(CachePadded::new(AtomicI64::new(0))),
+                peak: AtomicU64::new(0),
                 head: AtomicPtr::new(ptr::null_mut()),
                 orphans: new_shard(),
             }
@@ -273,6 +335,7 @@ mod shards {
                 shard: new_shard(),
                 owned: AtomicBool::new(true),
                 next: AtomicPtr::new(ptr::null_mut()),
+                global: self.global.clone(),
             });
             let raw = Arc::into_raw(node.clone()).cast_mut();
             // ORDERING: Relaxed first read: the CAS below decides.
@@ -297,11 +360,19 @@ mod shards {
         /// This thread's shard of this file, or `None` once this thread's
         /// `MINE` is destroyed (or borrowed: never, no callback runs under
         /// the borrow).
+        #[inline(always)]
         fn mine(&self) -> Option<*const Shard> {
             let (id, ptr) = LAST.get();
             if id == self.id {
                 return Some(ptr);
             }
+            self.mine_slow()
+        }
+
+        /// `mine` when `LAST` names another file (or none).
+        #[cold]
+        #[inline(never)]
+        fn mine_slow(&self) -> Option<*const Shard> {
             let ptr = MINE
                 .try_with(|mine| {
                     let mut mine = mine.try_borrow_mut().ok()?;
@@ -321,17 +392,121 @@ mod shards {
             Some(ptr)
         }
 
-        pub fn flush(&self, d: &mut Delta) {
-            let Some(ptr) = self.mine() else {
-                return self.flush_orphan(d);
-            };
+        /// This thread's shard, valid while `self` is borrowed and this
+        /// thread runs no thread-local destructor of the engine's.
+        #[inline(always)]
+        fn shard(&self) -> Option<&Shard> {
+            let ptr = self.mine()?;
             // SAFETY: `ptr` came from `LAST` under this file's id or from
             // `MINE` just now, so this thread's `MINE` holds an `Arc` of the
             // shard's node: `MINE` drops it only in its destructor, which
             // clears `LAST` first, or when this file is gone, which it is
-            // not (`self` is borrowed). Nothing below can run that
-            // destructor or drop the file.
-            let shard: &Shard = unsafe { &*ptr };
+            // not (`self` is borrowed). The reference is used only by the
+            // current operation, which runs no thread-local destructor (it
+            // calls host code only outside the shard's use: each use below
+            // re-fetches it).
+            Some(unsafe { &*ptr })
+        }
+
+        /// Apply `p` pending subpages; returns the pending count as this
+        /// thread sees it (exact when `exact`: by RMW on the global count).
+        #[inline]
+        pub fn add_pending(&self, p: i64, exact: bool) -> i64 {
+            if exact {
+                // ORDERING: Relaxed: a counter; the RMW gives this
+                // operation the exact value after its own change, which is
+                // all the budget needs.
+                return if p == 0 {
+                    self.global.load(Ordering::Relaxed)
+                } else {
+                    self.global.fetch_add(p, Ordering::Relaxed) + p
+                };
+            }
+            let Some(shard) = self.shard() else {
+                // ORDERING: Relaxed: as above (no shard: straight to the
+                // global count).
+                return self.global.fetch_add(p, Ordering::Relaxed) + p;
+            };
+            // ORDERING: Relaxed load and store: this thread is the only
+            // writer of its shard's residue.
+            let mut residue = shard[RESIDUE].load(Ordering::Relaxed) as i64 + p;
+            let global = if residue >= BATCH || residue <= -BATCH {
+                // ORDERING: Relaxed: a counter (exact at quiescent points).
+                let g = self.global.fetch_add(residue, Ordering::Relaxed) + residue;
+                residue = 0;
+                g
+            } else {
+                // ORDERING: Relaxed: a statistic (the peak's estimate).
+                self.global.load(Ordering::Relaxed)
+            };
+            // ORDERING: Relaxed: see the load above.
+            shard[RESIDUE].store(residue as u64, Ordering::Relaxed);
+            global + residue
+        }
+
+        /// The exact pending count now (with a budget: no residues).
+        pub fn global(&self) -> i64 {
+            // ORDERING: Relaxed: a counter.
+            self.global.load(Ordering::Relaxed)
+        }
+
+        /// Record `pending` as seen at the end of an operation.
+        #[inline]
+        pub fn observe_peak(&self, pending: i64) {
+            match self.shard() {
+                Some(shard) => raise_peak(&shard[PEAK], pending),
+                None => {
+                    let bytes = pending.max(0) as u64 * crate::range::SUBPAGE_SIZE;
+                    // ORDERING: Relaxed: a statistic; fetch_max is exact.
+                    self.peak.fetch_max(bytes, Ordering::Relaxed);
+                }
+            }
+        }
+
+        /// The fast path of a deferred 4 KiB punch (issue 13): its counts
+        /// (`punch_calls`, `punched_subpages`, and `inval` immediate
+        /// invalidations), its pending change and the peak, with one
+        /// look-up of this thread's shard and no RMW unless the residue
+        /// fills. `None`: no shard (the caller takes the general path).
+        #[inline(always)]
+        pub fn punch_one(&self, newly: u64, inval: u64) -> Option<()> {
+            use super::C;
+            let shard = self.shard()?;
+            // ORDERING: Relaxed loads and stores: this thread is the
+            // shard's only writer (see `flush`).
+            let bump = |c: usize, n: u64| {
+                let v = shard[c].load(Ordering::Relaxed);
+                shard[c].store(v.wrapping_add(n), Ordering::Relaxed);
+            };
+            bump(C::PunchCalls as usize, 1);
+            if newly != 0 {
+                bump(C::PunchedSubpages as usize, newly);
+            }
+            if inval != 0 {
+                bump(C::Invalidations as usize, inval);
+                bump(C::InvalidationsImmediate as usize, inval);
+            }
+            // ORDERING: Relaxed: as above.
+            let mut residue = shard[RESIDUE].load(Ordering::Relaxed) as i64 + newly as i64;
+            let global = if residue >= BATCH {
+                // ORDERING: Relaxed: a counter (exact at quiescent points).
+                let g = self.global.fetch_add(residue, Ordering::Relaxed) + residue;
+                residue = 0;
+                g
+            } else {
+                // ORDERING: Relaxed: a statistic (the peak's estimate).
+                self.global.load(Ordering::Relaxed)
+            };
+            // ORDERING: Relaxed: as above.
+            shard[RESIDUE].store(residue as u64, Ordering::Relaxed);
+            raise_peak(&shard[PEAK], global + residue);
+            Some(())
+        }
+
+        pub fn flush(&self, d: &mut Delta) {
+            let Some(shard) = self.shard() else {
+                return self.flush_orphan(d);
+            };
             while d.touched != 0 {
                 let i = d.touched.trailing_zeros() as usize;
                 d.touched &= d.touched - 1;
@@ -356,15 +531,27 @@ mod shards {
             }
         }
 
-        pub fn sum(&self) -> [u64; N] {
-            let mut c = [0; N];
+        pub fn sum(&self) -> Sum {
+            let mut counts = [0; N];
+            // ORDERING: Relaxed: statistics (exact at quiescent points).
+            let mut pending = self.global.load(Ordering::Relaxed);
+            // ORDERING: Relaxed: as above.
+            let mut peak = self.peak.load(Ordering::Relaxed);
             for s in self.nodes().map(|n| &n.shard).chain([&self.orphans]) {
-                for (t, v) in c.iter_mut().zip(s.iter()) {
+                for (t, v) in counts.iter_mut().zip(s.iter()) {
                     // ORDERING: Relaxed: see `flush`.
                     *t += v.load(Ordering::Relaxed);
                 }
+                // ORDERING: Relaxed: as above.
+                pending += s[RESIDUE].load(Ordering::Relaxed) as i64;
+                // ORDERING: Relaxed: as above.
+                peak = peak.max(s[PEAK].load(Ordering::Relaxed));
             }
-            c
+            Sum {
+                counts,
+                pending,
+                peak,
+            }
         }
     }
 
@@ -388,14 +575,36 @@ mod shards {
 /// registry add nothing the models need to explore).
 #[cfg(hugepunch_loom)]
 mod shards {
-    use super::{new_shard, Delta, Shard, N};
-    use crate::sync::Ordering;
+    use super::{new_shard, Delta, Shard, Sum, N};
+    use crate::sync::{AtomicI64, AtomicU64, Ordering};
 
-    pub(crate) struct Shards(Shard);
+    pub(crate) struct Shards(Shard, AtomicI64, AtomicU64);
 
     impl Shards {
         pub fn new() -> Self {
-            Shards(new_shard())
+            Shards(new_shard(), AtomicI64::new(0), AtomicU64::new(0))
+        }
+
+        /// Under loom the pending count is always exact (one RMW).
+        pub fn add_pending(&self, p: i64, _exact: bool) -> i64 {
+            // ORDERING: Relaxed: a counter.
+            self.1.fetch_add(p, Ordering::Relaxed) + p
+        }
+
+        pub fn global(&self) -> i64 {
+            // ORDERING: Relaxed: a counter.
+            self.1.load(Ordering::Relaxed)
+        }
+
+        pub fn observe_peak(&self, pending: i64) {
+            let bytes = pending.max(0) as u64 * crate::range::SUBPAGE_SIZE;
+            // ORDERING: Relaxed: a statistic.
+            self.2.fetch_max(bytes, Ordering::Relaxed);
+        }
+
+        /// No fast path under loom: the general one (`None`).
+        pub fn punch_one(&self, _newly: u64, _inval: u64) -> Option<()> {
+            None
         }
 
         pub fn flush(&self, d: &mut Delta) {
@@ -407,19 +616,25 @@ mod shards {
             }
         }
 
-        pub fn sum(&self) -> [u64; N] {
-            // ORDERING: Relaxed: counters carry no synchronisation.
-            std::array::from_fn(|i| self.0[i].load(Ordering::Relaxed))
+        pub fn sum(&self) -> Sum {
+            Sum {
+                // ORDERING: Relaxed: counters carry no synchronisation.
+                counts: std::array::from_fn(|i| self.0[i].load(Ordering::Relaxed)),
+                pending: self.global(),
+                // ORDERING: Relaxed: a statistic.
+                peak: self.2.load(Ordering::Relaxed),
+            }
         }
     }
 }
 
 impl Counters {
-    pub fn new() -> Self {
+    /// `exact`: a budget is set, so pending changes go to the global count
+    /// at once.
+    pub fn new(exact: bool) -> Self {
         Counters {
             shards: shards::Shards::new(),
-            pending: CachePadded::new(AtomicI64::new(0)),
-            peak: CachePadded::new(AtomicU64::new(0)),
+            exact,
         }
     }
 
@@ -430,47 +645,44 @@ impl Counters {
         }
     }
 
-    /// Apply `d.pending` to the global pending count; returns the new value.
+    /// Apply `d.pending`; returns the pending count as this thread sees it
+    /// (exact with a budget; see the module doc otherwise).
     pub fn apply_pending(&self, d: &mut Delta) -> i64 {
         let p = std::mem::take(&mut d.pending);
-        if p == 0 {
-            // ORDERING: Relaxed: a statistic (the budget re-reads under its
-            // own lock).
-            return self.pending.load(Ordering::Relaxed);
-        }
-        // ORDERING: Relaxed: a counter; the RMW gives this operation the
-        // exact value after its own change, which is all the budget needs.
-        self.pending.fetch_add(p, Ordering::Relaxed) + p
+        self.shards.add_pending(p, self.exact)
     }
 
-    /// Pending subpages now.
+    /// Pending subpages now, exact with a budget (the shrinker's measure).
     pub fn pending(&self) -> i64 {
-        // ORDERING: Relaxed: a statistic.
-        self.pending.load(Ordering::Relaxed)
+        self.shards.global()
     }
 
     /// Record `pending` subpages as seen at the end of an operation.
     pub fn observe_peak(&self, pending_subpages: i64) {
-        let bytes = pending_subpages.max(0) as u64 * crate::range::SUBPAGE_SIZE;
-        // ORDERING: Relaxed: a statistic; the load avoids writing the shared
-        // line when the peak does not move.
-        if bytes > self.peak.load(Ordering::Relaxed) {
-            // ORDERING: Relaxed: fetch_max is exact whatever the order.
-            self.peak.fetch_max(bytes, Ordering::Relaxed);
+        self.shards.observe_peak(pending_subpages);
+    }
+
+    /// The statistics of a deferred 4 KiB punch without a budget, in one
+    /// go (see `Shards::punch_one`); `None`: take the general path.
+    #[inline]
+    pub fn punch_one(&self, newly: u64, inval: u64) -> Option<()> {
+        if self.exact {
+            return None;
         }
+        self.shards.punch_one(newly, inval)
     }
 
     pub fn snapshot(&self) -> Stats {
-        let c = self.shards.sum();
+        let sum = self.shards.sum();
+        let c = sum.counts;
         let g = |k: C| c[k as usize];
         Stats {
             punch_calls: g(C::PunchCalls),
             convert_calls: g(C::ConvertCalls),
             populate_calls: g(C::PopulateCalls),
             punched_subpages: g(C::PunchedSubpages),
-            pending_subpages: self.pending().max(0) as u64,
-            // ORDERING: Relaxed: a statistic.
-            pending_bytes_peak: self.peak.load(Ordering::Relaxed),
+            pending_subpages: sum.pending.max(0) as u64,
+            pending_bytes_peak: sum.peak,
             huge_frees: g(C::HugeFrees),
             teardown_frees: g(C::TeardownFrees),
             small_freed_subpages: g(C::SmallFreedSubpages),

@@ -33,7 +33,7 @@ pub(crate) struct Caught(Option<Box<dyn Any + Send>>);
 
 impl Caught {
     /// Call a host callback; `None` if it panicked (the panic is kept).
-    #[inline]
+    #[inline(always)]
     pub fn call<R>(&mut self, f: impl FnOnce() -> R) -> Option<R> {
         // `AssertUnwindSafe`: a panic is not observed half-way; the caller
         // treats the call as failed and carries on through its ordinary

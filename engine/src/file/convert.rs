@@ -20,8 +20,8 @@ impl HugePunch {
                     .call(|| cb.host.set_attributes(r, Attribute::Shared));
                 Ok(())
             }
-            (Attribute::Private, Policy::Reject) => self.convert_reject(&cb, r, &mut d),
-            (Attribute::Private, Policy::CancelAndZero) => self.convert_cancel(&cb, r, &mut d),
+            (Attribute::Private, Policy::Reject) => self.convert_reject(cb, r, &mut d),
+            (Attribute::Private, Policy::CancelAndZero) => self.convert_cancel(cb, r, &mut d),
         };
         d.add(
             if res.is_ok() {
@@ -31,7 +31,7 @@ impl HugePunch {
             },
             1,
         );
-        self.finish(&cb, &mut d, false);
+        self.finish(cb, &mut d, false);
         res
     }
 

@@ -28,9 +28,10 @@ use crate::page::{
     self, runs, Entry, Page, Snapshot, ABSENT, BUSY, COMPLETING, CONVERT_ONE, HUGE, PUNCH_ONE,
     SPLIT, TORN, UNPUNCH_ONE,
 };
-use crate::range::{ByteRange, Geometry, Hint, PagePart, SUBPAGE_SIZE};
+use crate::range::{ByteRange, Geometry, Hint, PagePart, SUBPAGE_SHIFT, SUBPAGE_SIZE};
 use crate::stats::{Counters, Delta, Stats, C};
 use crate::sync::{backoff, lock, AtomicBool, AtomicU64, Mutex, Ordering};
+use crate::unwind::Caught;
 use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
 
@@ -150,7 +151,7 @@ impl HugePunch {
                 host,
                 policy: config.policy,
             }),
-            counters: Counters::new(),
+            counters: Counters::new(config.budget.is_some()),
             budget: config.budget,
             slow: Mutex::new(()),
             shrink_requests: AtomicU64::new(0),

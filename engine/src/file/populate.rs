@@ -15,7 +15,7 @@ impl HugePunch {
         d.add(C::PopulateCalls, 1);
         let mut res = Ok(());
         for part in self.geo.parts(r) {
-            res = self.populate_part(&cb, part, &mut d);
+            res = self.populate_part(cb, part, &mut d);
             if res.is_err() {
                 break;
             }
@@ -25,7 +25,7 @@ impl HugePunch {
             // huge page: a call (counted above) that ends torn down.
             d.add(C::ErrorsTornDown, 1);
         }
-        self.finish(&cb, &mut d, false);
+        self.finish(cb, &mut d, false);
         res
     }
 

@@ -6,14 +6,110 @@ impl HugePunch {
     /// Punch `offset .. offset + len`: defer what can be deferred, free what
     /// must be freed, invalidate what may be private (CONTRACT.md §3).
     pub fn punch(&self, offset: u64, len: u64) -> Result<(), Error> {
+        if len == SUBPAGE_SIZE
+            && offset % SUBPAGE_SIZE == 0
+            && offset < self.geo.size()
+            && self.punch_one(offset)
+        {
+            return Ok(());
+        }
+        self.punch_general(offset, len)
+    }
+
+    /// The fast path (issue 13): one valid 4 KiB subpage of a `HUGE` huge
+    /// page whose chunk exists, on a live file. The same protocol as
+    /// `punch_part` (entry, one bit, exit, the shared-state check after the
+    /// exit), without the range split, the per-operation `Delta` or the
+    /// statistics list walk: the counts go straight to this thread's shard.
+    /// Returns `false`, having changed nothing, when the general path must
+    /// run instead (torn down, no chunk yet, the huge page not `HUGE` or a
+    /// completion in flight).
+    #[inline(always)]
+    fn punch_one(&self, offset: u64) -> bool {
+        if self.live().is_err() {
+            return false;
+        }
+        let h = self.geo.huge_page_of(offset);
+        let Some(page) = self.index.existing(h) else {
+            return false;
+        };
+        let sub = (offset >> SUBPAGE_SHIFT) as u32 & (page.full() - 1);
+        let cb = self.callbacks.load();
+        if page.enter(PUNCH_ONE) != Entry::Registered {
+            // Nothing changed: the general path decides (it enters again).
+            return false;
+        }
+        let newly = page.set_bit(sub);
+        let exit = page.exit(PUNCH_ONE, newly as i64);
+        let r = ByteRange::new(offset, SUBPAGE_SIZE);
+        let mut caught = Caught::default();
+        // The shared-state check after the exit, as in `punch_part`.
+        #[cfg(not(hugepunch_broken = "conversion"))]
+        let converting = exit.after.converting() > 0;
+        // BROKEN on purpose, test-only: as in `punch_part`.
+        #[cfg(hugepunch_broken = "conversion")]
+        let converting = false;
+        let mut inval = 0;
+        if converting || !caught.call(|| cb.host.is_shared(r)).unwrap_or(false) {
+            let hint = self.hint(h);
+            if caught.call(|| cb.host.invalidate_begin(r, hint)).is_some() {
+                // A panicking end: the invalidation happened all the same.
+                let _ = caught.call(|| cb.host.invalidate_end(r));
+                inval = 1;
+            }
+        }
+        if !(exit.claimed_completion || exit.shrink_wanted || caught.any())
+            && self.counters.punch_one(newly as u64, inval).is_some()
+        {
+            return true;
+        }
+        self.punch_one_rest(cb, h, page, newly, inval, exit, caught);
+        true
+    }
+
+    /// The rest of a fast-path punch that needs the general machinery: a
+    /// completion to run, the shrinker, a caught panic, a budget, or no
+    /// statistics shard.
+    #[cold]
+    #[inline(never)]
+    #[allow(clippy::too_many_arguments)]
+    fn punch_one_rest(
+        &self,
+        cb: &Callbacks,
+        h: u64,
+        page: Page<'_>,
+        newly: u32,
+        inval: u64,
+        exit: crate::page::Exit,
+        caught: Caught,
+    ) {
+        let mut d = Delta::default();
+        d.caught = caught;
+        d.add(C::PunchCalls, 1);
+        d.add(C::PunchedSubpages, newly as u64);
+        d.pending += newly as i64;
+        if inval != 0 {
+            d.add(C::Invalidations, inval);
+            d.add(C::InvalidationsImmediate, inval);
+        }
+        d.shrink_wanted |= exit.shrink_wanted;
+        if exit.claimed_completion {
+            self.complete(cb, h, page, &mut d);
+        }
+        self.finish(cb, &mut d, true);
+    }
+
+    /// Every other punch: validation, the split per huge page, `punch_part`.
+    #[inline(never)]
+    fn punch_general(&self, offset: u64, len: u64) -> Result<(), Error> {
         let r = self.check(offset, len)?;
         let cb = self.callbacks.load();
         let mut d = Delta::default();
         d.add(C::PunchCalls, 1);
         for part in self.geo.parts(r) {
-            self.punch_part(&cb, part, &mut d);
+            self.punch_part(cb, part, &mut d);
         }
-        self.finish(&cb, &mut d, true);
+        self.finish(cb, &mut d, true);
         Ok(())
     }
 

@@ -144,12 +144,12 @@ impl HugePunch {
                     if page.load().mode() == HUGE {
                         // `flush` may wait for registered operations.
                         let s = page.claim_busy();
-                        self.force_split(&cb, part.huge_page, page, s, &mut d);
+                        self.force_split(cb, part.huge_page, page, s, &mut d);
                     }
                 }
             }
         }
-        self.finish(&cb, &mut d, false);
+        self.finish(cb, &mut d, false);
         Ok(())
     }
 
@@ -173,7 +173,7 @@ impl HugePunch {
                     Slot::Closed(pages) if self.index.initial().mode() == HUGE => {
                         let mut unfreed = Vec::new();
                         for h in pages {
-                            if self.free_whole(&cb, h, &mut d) {
+                            if self.free_whole(cb, h, &mut d) {
                                 d.add(C::TeardownFrees, 1);
                             } else {
                                 unfreed.push(h);
@@ -187,13 +187,13 @@ impl HugePunch {
                     Slot::Closed(_) | Slot::Gone => {}
                     Slot::Live(pages) => {
                         for h in pages {
-                            self.teardown_page(&cb, h, &mut d, &mut report);
+                            self.teardown_page(cb, h, &mut d, &mut report);
                         }
                     }
                 }
             }
         }
-        self.finish(&cb, &mut d, false);
+        self.finish(cb, &mut d, false);
         report
     }
 
