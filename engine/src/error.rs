@@ -19,6 +19,19 @@ pub enum Error {
         /// The length the caller passed.
         len: u64,
     },
+    /// Range number `index` of a [`punch_many`](crate::HugePunch::punch_many)
+    /// batch is not valid (as for `InvalidRange`; EINVAL). The whole batch
+    /// was refused before anything changed: nothing changed but
+    /// `errors_invalid_range` (by one).
+    #[error("invalid range at index {index} of the batch: offset {offset:#x}, len {len:#x} (must be 4 KiB aligned, non-empty and inside the file)")]
+    InvalidRangeInBatch {
+        /// Where the range is in the batch (from 0).
+        index: usize,
+        /// The offset the caller passed.
+        offset: u64,
+        /// The length the caller passed.
+        len: u64,
+    },
     /// A conversion to private was refused because the subpage at `offset`
     /// has a pending punch (EAGAIN). Populate the range and retry. Nothing
     /// changed but `convert_calls` and `conversions_rejected`.
@@ -77,7 +90,9 @@ impl Error {
     /// The errno a kernel would return for this error.
     pub fn errno(&self) -> i32 {
         match self {
-            Error::InvalidRange { .. } | Error::InvalidGeometry { .. } => EINVAL,
+            Error::InvalidRange { .. }
+            | Error::InvalidRangeInBatch { .. }
+            | Error::InvalidGeometry { .. } => EINVAL,
             Error::PendingPunch { .. } => EAGAIN,
             Error::TornDown => EIO,
             Error::AllocationFailed { errno, .. } => *errno,

@@ -149,6 +149,37 @@ pub(crate) struct Callbacks {
     #[allow(clippy::disallowed_types)] // the public API's `Arc`: std's, also under loom
     pub host: std::sync::Arc<dyn Host>,
     pub policy: Policy,
+    /// `Arc::as_ptr(&host)`, computed once: calling through it skips the
+    /// pointer arithmetic from the `Arc`'s allocation to the host on every
+    /// callback (issue 13).
+    direct: *const dyn Host,
+}
+
+// SAFETY: `direct` points into `host`'s allocation, which is `Send + Sync`
+// (`Host: Send + Sync`) and kept alive by `host` for as long as the set is.
+unsafe impl Send for Callbacks {}
+// SAFETY: as for `Send`: shared access only calls `&self` methods of the host.
+unsafe impl Sync for Callbacks {}
+
+impl Callbacks {
+    #[allow(clippy::disallowed_types)] // the public API's `Arc`: std's, also under loom
+    pub fn new(host: std::sync::Arc<dyn Host>, policy: Policy) -> Self {
+        let direct = std::sync::Arc::as_ptr(&host);
+        Callbacks {
+            host,
+            policy,
+            direct,
+        }
+    }
+
+    /// The host.
+    #[inline(always)]
+    pub fn host(&self) -> &dyn Host {
+        // SAFETY: `direct` is `Arc::as_ptr(&self.host)` (clones copy both
+        // together), and `self.host` keeps that allocation alive while
+        // `self` is borrowed.
+        unsafe { &*self.direct }
+    }
 }
 
 /// The swappable slot: the set in use is one `AtomicPtr` to an immutable

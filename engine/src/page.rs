@@ -376,6 +376,59 @@ impl<'a> Page<'a> {
         }
     }
 
+    /// The punch entry of the 4 KiB fast path (issue 13): `enter(PUNCH_ONE)`
+    /// with its one decision made by one mask compare, and no waiting:
+    /// `false` when the huge page is not `HUGE`, is owned (`COMPLETING`,
+    /// `BUSY`), torn down or has `PUNCHING` saturated (the caller then takes
+    /// the general path, which calls `enter`). Nothing changed on `false`.
+    #[inline(always)]
+    pub fn try_enter_punch(&self) -> bool {
+        const GATE: u64 = MODE_MASK | COMPLETING | BUSY | TORN | (FIELD_MAX << PUNCHING_SHIFT);
+        // ORDERING: Acquire, as in `enter`; `update`'s Acquire load and
+        // failed CAS, as there.
+        let (_, done) = self.update(Ordering::Acquire, |s| {
+            // `HUGE`, no owner, not torn, and `PUNCHING` below its maximum
+            // (`PUNCHING == FIELD_MAX` would carry into the next field).
+            let g = s.0 & GATE;
+            (g & !(FIELD_MAX << PUNCHING_SHIFT) == HUGE && g < FIELD_MAX << PUNCHING_SHIFT)
+                .then_some(s.0 + PUNCH_ONE)
+        });
+        done
+    }
+
+    /// The punch exit of the 4 KiB fast path: `exit(PUNCH_ONE, newly)`, the
+    /// same single RMW with the completion decided by one mask compare.
+    #[cfg(not(hugepunch_broken = "completion"))]
+    #[inline(always)]
+    pub fn exit_punch(&self, newly: u32) -> Exit {
+        // `complete`: `HUGE`, nothing registered, no owner, `COUNT == full`.
+        const CHECK: u64 = MODE_MASK | COMPLETING | BUSY | REGISTERED | (u64::MAX << COUNT_SHIFT);
+        let complete = HUGE | ((self.full as u64) << COUNT_SHIFT);
+        let step = (newly as u64) * COUNT_ONE - PUNCH_ONE;
+        // ORDERING: AcqRel, as in `exit`.
+        let (prev, _) = self.update(Ordering::AcqRel, |s| {
+            let new = s.0.wrapping_add(step) & !WANTED;
+            Some(if new & CHECK == complete {
+                new | COMPLETING
+            } else {
+                new
+            })
+        });
+        let new = prev.0.wrapping_add(step) & !WANTED;
+        let claimed = new & CHECK == complete;
+        Exit {
+            after: Snapshot(if claimed { new | COMPLETING } else { new }),
+            claimed_completion: claimed,
+            shrink_wanted: prev.is(WANTED),
+        }
+    }
+
+    /// The planted bug's exit (see the other `exit`), for the fast path.
+    #[cfg(hugepunch_broken = "completion")]
+    pub fn exit_punch(&self, newly: u32) -> Exit {
+        self.exit(PUNCH_ONE, newly as i64)
+    }
+
     /// Leave a registration taken with `one`, committing `delta` to `COUNT`
     /// (`+n` for a punch, `-k` for an un-punch). Claims the completion if
     /// the result is complete.
@@ -467,6 +520,16 @@ impl<'a> Page<'a> {
         // ORDERING: Release, as in `set_bits`.
         let prev = self.words[(sub / 64) as usize].fetch_or(mask, Ordering::Release);
         (prev & mask == 0) as u32
+    }
+
+    /// Set the bits `mask` of bitmap word `w`; returns how many this call
+    /// set, and the word before. Caller is registered (a `punch_many`
+    /// group).
+    #[inline]
+    pub fn or_word(&self, w: usize, mask: u64) -> (u32, u64) {
+        // ORDERING: Release, as in `set_bits`.
+        let prev = self.words[w].fetch_or(mask, Ordering::Release);
+        (ones(mask & !prev), prev)
     }
 
     /// Clear the bits of `first .. first + count`; returns the (word, bits)

@@ -17,7 +17,7 @@ impl HugePunch {
             (Attribute::Shared, _) => {
                 let _ = d
                     .caught
-                    .call(|| cb.host.set_attributes(r, Attribute::Shared));
+                    .call(|| cb.host().set_attributes(r, Attribute::Shared));
                 Ok(())
             }
             (Attribute::Private, Policy::Reject) => self.convert_reject(cb, r, &mut d),
@@ -62,7 +62,7 @@ impl HugePunch {
         if refused.is_none() {
             let _ = d
                 .caught
-                .call(|| cb.host.set_attributes(r, Attribute::Private));
+                .call(|| cb.host().set_attributes(r, Attribute::Private));
         }
         marked.iter().for_each(|p| p.unmark_converting());
         match refused {
@@ -113,7 +113,7 @@ impl HugePunch {
         if !refused {
             let _ = d
                 .caught
-                .call(|| cb.host.set_attributes(r, Attribute::Private));
+                .call(|| cb.host().set_attributes(r, Attribute::Private));
         }
         while let Some((h, page, k)) = held.pop() {
             match k {

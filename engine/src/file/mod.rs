@@ -15,6 +15,7 @@
 //! file itself, validation, accounting, and the host calls (each through
 //! [`crate::unwind`]: a panicking callback counts as a failed call).
 
+mod batch;
 mod convert;
 mod populate;
 mod punch;
@@ -147,10 +148,7 @@ impl HugePunch {
         Ok(HugePunch {
             geo,
             index: Index::new(geo, config.populated),
-            callbacks: CallbackSlot::new(Callbacks {
-                host,
-                policy: config.policy,
-            }),
+            callbacks: CallbackSlot::new(Callbacks::new(host, config.policy)),
             counters: Counters::new(config.budget.is_some()),
             budget: config.budget,
             slow: Mutex::new(()),
@@ -189,18 +187,14 @@ impl HugePunch {
     /// callbacks they loaded; later ones use the new host.
     #[allow(clippy::disallowed_types)] // the public API's `Arc`: std's, also under loom
     pub fn set_host(&self, host: std::sync::Arc<dyn Host>) {
-        self.callbacks.update(|cur| Callbacks {
-            host: host.clone(),
-            policy: cur.policy,
-        });
+        self.callbacks
+            .update(|cur| Callbacks::new(host.clone(), cur.policy));
     }
 
     /// Replace the conversion policy (same rules as [`set_host`](Self::set_host)).
     pub fn set_policy(&self, policy: Policy) {
-        self.callbacks.update(|cur| Callbacks {
-            host: cur.host.clone(),
-            policy,
-        });
+        self.callbacks
+            .update(|cur| Callbacks::new(cur.host.clone(), policy));
     }
 
     /// A snapshot of the statistics.
@@ -286,7 +280,7 @@ impl HugePunch {
 
     /// The shared-state check; a panic counts as "not shared".
     pub(super) fn is_shared(&self, cb: &Callbacks, r: ByteRange, d: &mut Delta) -> bool {
-        d.caught.call(|| cb.host.is_shared(r)).unwrap_or(false)
+        d.caught.call(|| cb.host().is_shared(r)).unwrap_or(false)
     }
 
     /// One invalidation of `r`. Returns `false` when `invalidate_begin`
@@ -295,21 +289,21 @@ impl HugePunch {
     pub(super) fn invalidate(&self, cb: &Callbacks, r: ByteRange, h: u64, d: &mut Delta) -> bool {
         let hint = self.hint(h);
         if d.caught
-            .call(|| cb.host.invalidate_begin(r, hint))
+            .call(|| cb.host().invalidate_begin(r, hint))
             .is_none()
         {
             return false;
         }
         d.add(C::Invalidations, 1);
         // A panicking end: the invalidation happened all the same.
-        let _ = d.caught.call(|| cb.host.invalidate_end(r));
+        let _ = d.caught.call(|| cb.host().invalidate_end(r));
         true
     }
 
     /// Free one run and count it; `true` if it was freed.
     pub(super) fn free(&self, cb: &Callbacks, r: ByteRange, order: u8, d: &mut Delta) -> bool {
         d.add(C::FreeCalls, 1);
-        let freed = matches!(d.caught.call(|| cb.host.free(r, order)), Some(Ok(())));
+        let freed = matches!(d.caught.call(|| cb.host().free(r, order)), Some(Ok(())));
         if !freed {
             d.add(C::FreeErrors, 1);
         }
@@ -323,20 +317,20 @@ impl HugePunch {
         let whole = self.geo.huge_page_range(h);
         let hint = self.hint(h);
         if d.caught
-            .call(|| cb.host.invalidate_begin(whole, hint))
+            .call(|| cb.host().invalidate_begin(whole, hint))
             .is_none()
         {
             return false;
         }
         let freed = self.free(cb, whole, self.geo.order(), d);
-        let _ = d.caught.call(|| cb.host.invalidate_end(whole));
+        let _ = d.caught.call(|| cb.host().invalidate_end(whole));
         d.add(C::Invalidations, 1);
         freed
     }
 
     /// Zero `r`; `false` if `zero` panicked (the subpages were not zeroed).
     pub(super) fn zero(&self, cb: &Callbacks, r: ByteRange, d: &mut Delta) -> bool {
-        d.caught.call(|| cb.host.zero(r)).is_some()
+        d.caught.call(|| cb.host().zero(r)).is_some()
     }
 }
 
@@ -348,7 +342,7 @@ pub(super) fn allocate(
     d: &mut Delta,
 ) -> Result<(), HostError> {
     d.caught
-        .call(|| cb.host.allocate(r, order))
+        .call(|| cb.host().allocate(r, order))
         .unwrap_or(Err(HostError { errno: crate::EIO }))
 }
 

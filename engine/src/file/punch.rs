@@ -35,12 +35,12 @@ impl HugePunch {
         };
         let sub = (offset >> SUBPAGE_SHIFT) as u32 & (page.full() - 1);
         let cb = self.callbacks.load();
-        if page.enter(PUNCH_ONE) != Entry::Registered {
+        if !page.try_enter_punch() {
             // Nothing changed: the general path decides (it enters again).
             return false;
         }
         let newly = page.set_bit(sub);
-        let exit = page.exit(PUNCH_ONE, newly as i64);
+        let exit = page.exit_punch(newly);
         let r = ByteRange::new(offset, SUBPAGE_SIZE);
         let mut caught = Caught::default();
         // The shared-state check after the exit, as in `punch_part`.
@@ -50,11 +50,14 @@ impl HugePunch {
         #[cfg(hugepunch_broken = "conversion")]
         let converting = false;
         let mut inval = 0;
-        if converting || !caught.call(|| cb.host.is_shared(r)).unwrap_or(false) {
+        if converting || !caught.call(|| cb.host().is_shared(r)).unwrap_or(false) {
             let hint = self.hint(h);
-            if caught.call(|| cb.host.invalidate_begin(r, hint)).is_some() {
+            if caught
+                .call(|| cb.host().invalidate_begin(r, hint))
+                .is_some()
+            {
                 // A panicking end: the invalidation happened all the same.
-                let _ = caught.call(|| cb.host.invalidate_end(r));
+                let _ = caught.call(|| cb.host().invalidate_end(r));
                 inval = 1;
             }
         }

@@ -1,0 +1,284 @@
+//! `punch_many`: a batch of punches as one operation (issue 13).
+//!
+//! A batch validates every range first (one invalid range refuses the whole
+//! batch, naming its index, before anything changes), loads the callbacks
+//! once, and applies its statistics and runs the shrinker once, at its end.
+//! Consecutive ranges that each lie inside one huge page, without covering
+//! all of it, form a *group*: their subpages are gathered in a mask, and
+//! the group follows the punch protocol once — one entry, one `fetch_or`
+//! per bitmap word the group touches, one exit, one shared-state check and
+//! at most one immediate invalidation (of the span from the group's first
+//! to its last subpage, which covers every subpage it punched). Every other
+//! range (a whole huge page, or one crossing huge pages) runs as `punch`
+//! runs it, and so does a group whose huge page is `SPLIT` (range by range:
+//! its 4 KiB frees, and their count, are those of the ranges in order).
+//!
+//! Why a group is the same as its ranges one after the other: on a `HUGE`
+//! huge page they set the same bits (the union), so `punched_subpages` and
+//! the pending count move by the same amount, and the huge page completes
+//! exactly when the union fills it (a range after the one that completed it
+//! finds the huge page `ABSENT` and does nothing, as the group's extra bits
+//! were already set). What differs, as CONTRACT.md §3 allows for batches:
+//! fewer invalidations (one per group, and none repeated for re-punched
+//! private subpages), the budget checked once, `pending_bytes_peak`
+//! observed once (at the end of the batch, which is one operation), and a
+//! completion whose free fails is retried once per group, not once per
+//! range that re-punches it.
+
+use super::*;
+
+/// Bitmap words a group gathers: huge pages of order 9 (2 MiB) or less;
+/// larger orders take each range on its own.
+const GROUP_WORDS: usize = 8;
+
+/// Consecutive ranges `start .. end` of the batch, all inside huge page `h`.
+#[derive(Clone, Copy)]
+struct Group {
+    h: u64,
+    start: usize,
+    end: usize,
+    mask: [u64; GROUP_WORDS],
+    /// First subpage of the group and one past its last.
+    lo: u32,
+    hi: u32,
+}
+
+impl Group {
+    fn new(h: u64, start: usize) -> Self {
+        Group {
+            h,
+            start,
+            end: start,
+            mask: [0; GROUP_WORDS],
+            lo: u32::MAX,
+            hi: 0,
+        }
+    }
+
+    #[inline(always)]
+    fn add(&mut self, first: u32, count: u32) {
+        if count == 1 {
+            self.mask[(first / 64) as usize % GROUP_WORDS] |= 1 << (first % 64);
+        } else {
+            for (w, m) in page::word_masks(first, count) {
+                self.mask[w % GROUP_WORDS] |= m;
+            }
+        }
+        self.lo = self.lo.min(first);
+        self.hi = self.hi.max(first + count);
+    }
+}
+
+impl HugePunch {
+    /// Punch every range of `ranges`, as one operation: the same bits,
+    /// completions, frees and statistics as [`punch`](Self::punch) called
+    /// for each range in order, except that a batch may issue fewer
+    /// invalidations (one per huge page it touches, per run of consecutive
+    /// ranges on that huge page, covering the span of what they punched),
+    /// checks the budget once at its end, and records `pending_bytes_peak`
+    /// once, at its end. `punch_calls` counts every range.
+    ///
+    /// A batch with an invalid range fails whole, before anything changes,
+    /// with [`Error::InvalidRangeInBatch`] naming the first invalid range's
+    /// index (`errors_invalid_range` moves by one); a torn-down file fails
+    /// with [`Error::TornDown`]. An empty batch does nothing.
+    ///
+    /// virtio-balloon hands over up to 256 page frames per request; free
+    /// page reporting and conversions arrive as lists of ranges: a batch
+    /// touches each huge page's words once per run of ranges on it.
+    ///
+    /// ```
+    /// # use hugepunch::{ByteRange, Config, HugePunch, Error};
+    /// # use std::sync::Arc;
+    /// # let file = HugePunch::new(Config::new(4 << 20), Arc::new(hugepunch::testing::NullHost)).unwrap();
+    /// let batch = [ByteRange::new(0, 4096), ByteRange::new(0x3000, 8192)];
+    /// file.punch_many(&batch)?;
+    /// assert_eq!(file.stats().pending_subpages, 3);
+    /// let bad = [ByteRange::new(0, 4096), ByteRange::new(0x10, 4096)];
+    /// assert!(matches!(file.punch_many(&bad), Err(Error::InvalidRangeInBatch { index: 1, .. })));
+    /// # Ok::<(), Error>(())
+    /// ```
+    pub fn punch_many(&self, ranges: &[ByteRange]) -> Result<(), Error> {
+        if let Err(e) = self.live() {
+            self.count_error(C::ErrorsTornDown);
+            return Err(e);
+        }
+        for (index, r) in ranges.iter().enumerate() {
+            if self.geo.validate(r.offset, r.len).is_none() {
+                self.count_error(C::ErrorsInvalidRange);
+                return Err(Error::InvalidRangeInBatch {
+                    index,
+                    offset: r.offset,
+                    len: r.len,
+                });
+            }
+        }
+        if ranges.is_empty() {
+            return Ok(());
+        }
+        let cb = self.callbacks.load();
+        let mut d = Delta::default();
+        d.add(C::PunchCalls, ranges.len() as u64);
+        let order = self.geo.order() as u32;
+        if order as usize > GROUP_WORDS.ilog2() as usize + 6 {
+            for r in ranges {
+                for part in self.geo.parts(*r) {
+                    self.punch_part(cb, part, &mut d);
+                }
+            }
+        } else {
+            let shift = SUBPAGE_SHIFT + order;
+            let full = 1u64 << order;
+            let mut g = Group::new(u64::MAX, 0);
+            for (i, r) in ranges.iter().enumerate() {
+                let h = r.offset >> shift;
+                let first = (r.offset >> SUBPAGE_SHIFT) & (full - 1);
+                let count = r.len >> SUBPAGE_SHIFT;
+                if first + count <= full && count < full {
+                    if h != g.h {
+                        self.punch_group(cb, &g, ranges, &mut d);
+                        g = Group::new(h, i);
+                    }
+                    g.add(first as u32, count as u32);
+                    g.end = i + 1;
+                } else {
+                    self.punch_group(cb, &g, ranges, &mut d);
+                    g = Group::new(u64::MAX, i + 1);
+                    for part in self.geo.parts(*r) {
+                        self.punch_part(cb, part, &mut d);
+                    }
+                }
+            }
+            self.punch_group(cb, &g, ranges, &mut d);
+        }
+        self.finish(cb, &mut d, true);
+        Ok(())
+    }
+
+    /// One group: the protocol of `punch_part` once for all its subpages.
+    fn punch_group(&self, cb: &Callbacks, g: &Group, ranges: &[ByteRange], d: &mut Delta) {
+        if g.start == g.end {
+            return;
+        }
+        let h = g.h;
+        let page = match self.index.existing(h) {
+            Some(page) => page,
+            None if self.index.initial().mode() == ABSENT => return,
+            None => self.index.page(h),
+        };
+        let r = self.geo.part_range(h, g.lo, g.hi - g.lo);
+        match page.enter(PUNCH_ONE) {
+            Entry::Registered => {
+                let words = page.full().div_ceil(64) as usize;
+                let mut newly = 0;
+                let mut before = [0u64; GROUP_WORDS];
+                for (w, &m) in g.mask[..words].iter().enumerate() {
+                    if m != 0 {
+                        let (n, prev) = page.or_word(w, m);
+                        newly += n;
+                        before[w] = prev;
+                    }
+                }
+                let exit = page.exit(PUNCH_ONE, newly as i64);
+                d.shrink_wanted |= exit.shrink_wanted;
+                d.pending += newly as i64;
+                d.add(C::PunchedSubpages, newly as u64);
+                // The shared-state check after the exit, as in `punch_part`.
+                #[cfg(not(hugepunch_broken = "conversion"))]
+                let converting = exit.after.converting() > 0;
+                // BROKEN on purpose, test-only: as in `punch_part`.
+                #[cfg(hugepunch_broken = "conversion")]
+                let converting = false;
+                // A group that completes the huge page: the ranges after
+                // the one that completed it would have found it `ABSENT`,
+                // so only those up to it are asked about.
+                let asked = if exit.claimed_completion {
+                    self.up_to_completion(g, &before, words, ranges)
+                } else {
+                    *g
+                };
+                if (converting || self.group_private(cb, &asked, words, r, d))
+                    && self.invalidate(cb, r, h, d)
+                {
+                    d.add(C::InvalidationsImmediate, 1);
+                }
+                if exit.claimed_completion {
+                    self.complete(cb, h, page, d);
+                }
+            }
+            Entry::Completing => {
+                // As in `punch_part`: no waiting for the completion; the
+                // span is invalidated now if it may be private.
+                let words = page.full().div_ceil(64) as usize;
+                if (self.group_private(cb, g, words, r, d) || page.load_rmw().converting() > 0)
+                    && self.invalidate(cb, r, h, d)
+                {
+                    d.add(C::InvalidationsImmediate, 1);
+                }
+            }
+            Entry::NotHuge(s) if s.is(TORN) || s.mode() == ABSENT => {}
+            Entry::NotHuge(_) => {
+                // `SPLIT`: range by range, as `punch` frees them.
+                for r in &ranges[g.start..g.end] {
+                    for part in self.geo.parts(*r) {
+                        self.punch_part(cb, part, d);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Does the shared-state check say that some subpage the group punched
+    /// may be private? One call over the span `r` when it is all shared
+    /// (the common case); otherwise one per run of punched subpages until a
+    /// run answers no, so that a private subpage the group did not punch
+    /// (in a gap of the span) causes no invalidation the ranges one by one
+    /// would not have caused.
+    fn group_private(
+        &self,
+        cb: &Callbacks,
+        g: &Group,
+        words: usize,
+        r: ByteRange,
+        d: &mut Delta,
+    ) -> bool {
+        if self.is_shared(cb, r, d) {
+            return false;
+        }
+        runs(g.mask[..words].iter().copied().enumerate())
+            .into_iter()
+            .any(|(first, count)| !self.is_shared(cb, self.geo.part_range(g.h, first, count), d))
+    }
+
+    /// The part of group `g` up to the range that completed its huge page,
+    /// given the bitmap words `before` the group set its bits (the rare
+    /// path: once per completion).
+    fn up_to_completion(
+        &self,
+        g: &Group,
+        before: &[u64; GROUP_WORDS],
+        words: usize,
+        ranges: &[ByteRange],
+    ) -> Group {
+        let full = self.geo.subpages_per_huge_page();
+        let mut acc = *before;
+        let mut upto = Group::new(g.h, g.start);
+        for r in &ranges[g.start..g.end] {
+            let first = (r.first_subpage() & (full as u64 - 1)) as u32;
+            let count = r.subpages() as u32;
+            upto.add(first, count);
+            upto.end += 1;
+            for (w, m) in page::word_masks(first, count) {
+                acc[w] |= m;
+            }
+            let filled = acc[..words]
+                .iter()
+                .enumerate()
+                .all(|(w, &b)| b == page::word_masks(0, full).nth(w).map_or(0, |(_, m)| m));
+            if filled {
+                break;
+            }
+        }
+        upto
+    }
+}
