@@ -4,15 +4,27 @@
 use anyhow::Context as _;
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 use hugepunch_cli::format::{bytes, count, paragraph, table};
-use hugepunch_linux::{Backend, RealReport};
+use hugepunch_linux::{Backend, RealReport, RunOptions};
 use hugepunch_workload::Pattern;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// memfd or guest-memfd [default: guest-memfd where /dev/kvm offers
-    /// it, else memfd, saying why]
-    #[arg(long, value_parser = backend)]
-    backend: Option<Backend>,
+    /// memfd, guest-memfd, thp (a private huge=always tmpfs mounted for
+    /// the run: real transparent huge pages, root only, nothing left
+    /// behind) or file (a file in --path, as QEMU's mem-path=) [default:
+    /// guest-memfd where /dev/kvm offers it, else memfd, saying why]
+    #[arg(long, value_parser = PossibleValuesParser::new(Backend::NAMES))]
+    backend: Option<String>,
+    /// The directory of --backend file: a tmpfs mounted with -o huge=,
+    /// hugetlbfs, or any other filesystem; the huge page size is read from
+    /// it [default: none; --backend file needs it]
+    #[arg(long, value_name = "DIR")]
+    path: Option<std::path::PathBuf>,
+    /// The engine's pending-memory budget (bytes, e.g. 64M): over it the
+    /// engine frees pending punches 4 KiB at a time, splitting huge pages as
+    /// direct punching does [default: none]
+    #[arg(long, value_parser = crate::number)]
+    budget: Option<u64>,
     /// File size (a multiple of 2 MiB; at most what the machine has
     /// available, less a margin).
     #[arg(long, default_value = "1G", value_parser = crate::number)]
@@ -42,8 +54,29 @@ fn patterns() -> impl TypedValueParser<Value = Patterns> {
     })
 }
 
-fn backend(s: &str) -> Result<Backend, String> {
-    s.parse::<Backend>().map_err(|e| e.to_string())
+/// `--backend` and `--path` together: `file` needs a directory, and only
+/// `file` takes one.
+fn backend(name: Option<&str>, path: Option<&std::path::Path>) -> anyhow::Result<Option<Backend>> {
+    match (name, path) {
+        (Some("file"), Some(dir)) => Ok(Some(Backend::File(dir.to_path_buf()))),
+        (Some("file"), None) => Err(crate::arg_error(
+            "real",
+            "--backend file needs --path DIR: the directory to make the file in (a tmpfs \
+             mounted with -o huge=always, or hugetlbfs)"
+                .to_string(),
+        )),
+        (name, Some(_)) => Err(crate::arg_error(
+            "real",
+            format!(
+                "--path is for --backend file, not {}",
+                name.unwrap_or("the default backend")
+            ),
+        )),
+        (Some(name), None) => Ok(Some(name.parse().map_err(
+            |e: hugepunch_linux::SetupError| crate::arg_error("real", e.to_string()),
+        )?)),
+        (None, None) => Ok(None),
+    }
 }
 
 /// Bytes of bookkeeping per subpage of the file besides the file itself
@@ -122,7 +155,8 @@ fn choose_backend(
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     check_memory(a.size, mem_available())?;
-    let (backend, note) = choose_backend(a.backend, hugepunch_linux::guest_memfd_unavailable);
+    let asked = backend(a.backend.as_deref(), a.path.as_deref())?;
+    let (backend, note) = choose_backend(asked, hugepunch_linux::guest_memfd_unavailable);
     if let Some(note) = note {
         if a.json {
             // Standard output is the JSON objects only.
@@ -132,15 +166,23 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
     }
     let mut footnote = false;
+    let mut kernel_note = false;
     for p in a.pattern.0 {
         let spinner = crate::progress::spinner(!a.json, &format!("real {p} on {backend}"));
-        let report = hugepunch_linux::real::run_seeded(backend, a.size, p, a.seed)
-            .with_context(|| format!("real {p} on {backend}"))?;
+        let report = hugepunch_linux::real::run_with(&RunOptions {
+            backend: backend.clone(),
+            size: a.size,
+            pattern: p,
+            seed: a.seed,
+            budget: a.budget,
+        })
+        .with_context(|| format!("real {p} on {backend}"))?;
         spinner.finish_and_clear();
         if a.json {
             crate::write_stdout(&format!("{}\n", serde_json::to_string(&report)?))?;
         } else {
             footnote |= !report.huge_backing_available;
+            kernel_note |= report.direct.kernel.is_some();
             crate::write_stdout(&format!("{}\n", render(&report)))?;
         }
     }
@@ -148,7 +190,16 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         // Once, after every table it applies to.
         crate::write_stdout(&paragraph(
             "(no huge page backing here: \"huge pages split\" counts the huge pages a partial \
-             free would split on a huge-page-backed host, from the backend's log of frees)",
+             free would split on a huge-page-backed host, from the backend's log of frees; \
+             --backend thp runs on real transparent huge pages)",
+            1,
+        ))?;
+    } else if kernel_note {
+        crate::write_stdout(&paragraph(
+            "(kernel: /proc/meminfo ShmemHugePages or HugePages in use, and /proc/vmstat \
+             thp_split_page, read before and after each side and sampled every millisecond \
+             during it; system-wide counters, so the figures are the run's while nothing else \
+             on the machine makes or splits huge pages)",
             1,
         ))?;
     }
@@ -193,6 +244,15 @@ fn wall_time_ratio(r: &RealReport) -> String {
     }
 }
 
+/// Subpages kept with their data / given back and read as zeros.
+fn data(s: &hugepunch_linux::real::Side) -> String {
+    format!(
+        "{} / {}",
+        count(s.data.kept_subpages),
+        count(s.data.zeroed_subpages)
+    )
+}
+
 /// The side-by-side report of one run for people, [`format::width`]
 /// columns at most.
 ///
@@ -217,15 +277,25 @@ fn render(r: &RealReport) -> String {
         ),
         2,
     );
-    out += &paragraph(&format!("huge page backing: {}", r.huge_backing), 2);
+    out += &paragraph(
+        &format!(
+            "huge page backing: {}{}{}",
+            r.huge_backing,
+            if r.huge_page_size != 2 << 20 {
+                format!(", {} pages", bytes(r.huge_page_size))
+            } else {
+                String::new()
+            },
+            r.budget.map_or(String::new(), |b| format!(
+                "; hugepunch budget {}",
+                bytes(b)
+            ))
+        ),
+        2,
+    );
     out.push('\n');
     let row = |name: &str, a: String, b: String, ratio: String| vec![name.to_string(), a, b, ratio];
-    let kept = |k: Option<u64>, n: u64| {
-        k.map_or("none here".to_string(), |k| {
-            format!("{} / {}", count(k), count(n))
-        })
-    };
-    let rows = [
+    let mut rows = vec![
         row(
             "wall time",
             seconds(d.wall_seconds),
@@ -291,19 +361,53 @@ fn render(r: &RealReport) -> String {
             bytes(e.pending_bytes),
             String::new(),
         ),
-        row(
+        row("data kept / zeroed", data(d), data(e), "checked".into()),
+    ];
+    match (&d.kernel, &e.kernel) {
+        (Some(dk), Some(ek)) => {
+            let n = |k: &hugepunch_linux::kernel::KernelHuge, v: u64| {
+                format!("{} / {}", count(v), count(k.whole_at_start))
+            };
+            rows.extend([
+                row(
+                    "kernel: huge pages whole at start",
+                    count(dk.whole_at_start),
+                    count(ek.whole_at_start),
+                    format!("of {}", count(d.huge_pages)),
+                ),
+                row(
+                    "  split (thp_split_page)",
+                    n(dk, dk.split),
+                    n(ek, ek.split),
+                    format!("pattern touches {}", count(r.huge_pages_touched)),
+                ),
+                row(
+                    "  most split at once",
+                    count(dk.most_split_at_once),
+                    count(ek.most_split_at_once),
+                    format!("{} + {} samples", count(dk.samples), count(ek.samples)),
+                ),
+                row(
+                    "  freed whole",
+                    n(dk, dk.freed_whole),
+                    n(ek, ek.freed_whole),
+                    String::new(),
+                ),
+                row(
+                    "  still whole at the end",
+                    n(dk, dk.whole_at_end),
+                    n(ek, ek.whole_at_end),
+                    String::new(),
+                ),
+            ]);
+        }
+        _ => rows.push(row(
             "huge pages split",
             format!("{} / {}", count(d.huge_pages_split), count(d.huge_pages)),
             format!("{} / {}", count(e.huge_pages_split), count(e.huge_pages)),
-            String::new(),
-        ),
-        row(
-            "huge pages kept intact",
-            kept(d.huge_pages_kept_intact, d.huge_pages),
-            kept(e.huge_pages_kept_intact, e.huge_pages),
-            String::new(),
-        ),
-    ];
+            "backend's log".into(),
+        )),
+    }
     out += &table(&["", "direct 4 KiB", "hugepunch", "ratio"], &rows);
     out
 }

@@ -101,7 +101,9 @@ fn refused(args: &[&str], stdin: Option<Vec<u8>>) -> String {
 }
 
 fn tmp(name: &str, text: &[u8]) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("hugepunch-bad-input-{}", std::process::id()));
+    // Under target/tmp (cargo's scratch space for tests), not /tmp.
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("bad-input-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let p = dir.join(name);
     std::fs::write(&p, text).unwrap();

@@ -18,7 +18,10 @@ fn examples() -> PathBuf {
 }
 
 fn tmp(name: &str, text: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("hugepunch-cli-tests-{}", std::process::id()));
+    // Under target/tmp (cargo's scratch space for tests), not /tmp: nothing is
+    // left behind on the machine.
+    let dir =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("cli-tests-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let p = dir.join(name);
     std::fs::write(&p, text).unwrap();
@@ -345,7 +348,8 @@ fn gen_writes_traces_replay_reads() {
 
 #[test]
 fn svg_pictures_the_file() {
-    let dir = std::env::temp_dir().join(format!("hugepunch-cli-svg-{}", std::process::id()));
+    let dir =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("cli-svg-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let svg = dir.join("pin.svg");
     let t = examples().join("pin-with-budget.trace");
@@ -599,5 +603,91 @@ fn real_rejects_an_unknown_backend_in_one_line() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.contains("unknown backend"), "{err}");
+    assert!(
+        err.contains("invalid value 'nope'") && err.contains("thp, file"),
+        "{err}"
+    );
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn real_file_backend_needs_its_directory_and_only_it_takes_one() {
+    for (args, want) in [
+        (&["real", "--backend", "file"][..], "needs --path DIR"),
+        (
+            &["real", "--backend", "memfd", "--path", "/tmp"][..],
+            "--path is for --backend file",
+        ),
+    ] {
+        let out = run(args);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    let out = run(&[
+        "real",
+        "--backend",
+        "file",
+        "--path",
+        "/nonexistent/dir",
+        "--size",
+        "4M",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("/nonexistent/dir") && err.contains("No such file"),
+        "{err}"
+    );
+}
+
+/// A file in a plain directory: 4 KiB pages, both sides run, nothing left
+/// in the directory.
+#[cfg(target_os = "linux")]
+#[test]
+fn real_runs_on_a_file_in_a_directory() {
+    let dir = std::env::temp_dir().join(format!("hugepunch-cli-file-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = run(&[
+        "real",
+        "--backend",
+        "file",
+        "--path",
+        dir.to_str().unwrap(),
+        "--size",
+        "4M",
+        "--json",
+    ]);
+    let v = json(&out);
+    assert_eq!(v["backend"], format!("file:{}", dir.display()));
+    assert_eq!(v["engine"]["bytes_released"].as_u64(), Some(4 << 20));
+    assert_eq!(v["engine"]["fallocate_calls"].as_u64(), Some(2));
+    assert!(
+        v["engine"]["kernel"].is_null(),
+        "no huge pages in a plain directory"
+    );
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "no file left");
+    std::fs::remove_dir(&dir).unwrap();
+}
+
+/// `--backend thp` on real transparent huge pages, where this process may
+/// mount: the kernel's figures are in the JSON, the engine splits nothing.
+#[cfg(target_os = "linux")]
+#[test]
+fn real_thp_reports_what_the_kernel_counted() {
+    if let Err(why) = hugepunch_linux::LinuxHost::thp(2 << 20) {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let out = run(&["real", "--backend", "thp", "--size", "8M", "--json"]);
+    let v = json(&out);
+    let k = &v["engine"]["kernel"];
+    assert_eq!(k["whole_at_start"].as_u64(), Some(4), "{k}");
+    assert_eq!(k["split"].as_u64(), Some(0), "{k}");
+    assert_eq!(k["freed_whole"].as_u64(), Some(4), "{k}");
+    assert!(v["direct"]["kernel"]["split"].as_u64().unwrap() >= 4);
+    let out = run(&["real", "--backend", "thp", "--size", "8M"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("split (thp_split_page)"), "{text}");
 }

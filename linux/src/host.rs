@@ -1,6 +1,9 @@
 //! [`LinuxHost`]: the engine's [`Host`] over a real file descriptor — a
 //! memfd (shmem, or hugetlbfs / THP shmem where the host already offers
-//! them) or a KVM guest_memfd.
+//! them), a KVM guest_memfd, a file in a directory the user names (a tmpfs
+//! mounted `huge=`, hugetlbfs, or any other filesystem, as QEMU's
+//! `memory-backend-file,mem-path=` makes one), or a file on a private
+//! `huge=always` tmpfs made for the run ([`Backend::Thp`]).
 //!
 //! # What each callback does
 //!
@@ -65,13 +68,21 @@ use std::time::Instant;
 pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
 
 /// Which kind of file backs the host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Backend {
     /// `memfd_create` (shmem; hugetlbfs or THP shmem where offered).
     Memfd,
     /// KVM `guest_memfd` of a type-0 VM, mmap()able.
     GuestMemfd,
+    /// A file on a tmpfs mounted with `huge=always` for this file alone and
+    /// never attached to any mount namespace ([`sys::thp_tmpfs_file`]):
+    /// real transparent huge pages with no set-up, nothing left behind.
+    /// Needs the right to mount (root).
+    Thp,
+    /// An unnamed file in this directory (`O_TMPFILE`, or a name unlinked
+    /// at once), with the huge page size its filesystem reports: hugetlbfs
+    /// its page size, a tmpfs its `huge=` mount option.
+    File(std::path::PathBuf),
 }
 
 impl Backend {
@@ -85,18 +96,33 @@ impl Backend {
         }
     }
 
-    /// `memfd` or `guest-memfd`.
-    pub fn name(self) -> &'static str {
+    /// `memfd`, `guest-memfd`, `thp` or `file`.
+    pub fn name(&self) -> &'static str {
         match self {
             Backend::Memfd => "memfd",
             Backend::GuestMemfd => "guest-memfd",
+            Backend::Thp => "thp",
+            Backend::File(_) => "file",
         }
     }
+
+    /// The backend names a user may give (`file` takes a directory, as
+    /// `file:DIR` here or `--backend file --path DIR` in the tool).
+    pub const NAMES: [&'static str; 4] = ["memfd", "guest-memfd", "thp", "file"];
 }
 
 impl std::fmt::Display for Backend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
+        match self {
+            Backend::File(dir) => write!(f, "file:{}", dir.display()),
+            other => f.write_str(other.name()),
+        }
+    }
+}
+
+impl Serialize for Backend {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
     }
 }
 
@@ -106,7 +132,12 @@ impl std::str::FromStr for Backend {
         match s {
             "memfd" => Ok(Backend::Memfd),
             "guest-memfd" | "guest_memfd" | "gmem" => Ok(Backend::GuestMemfd),
-            other => Err(SetupError::UnknownBackend(other.to_string())),
+            "thp" => Ok(Backend::Thp),
+            "file" => Err(SetupError::FileNeedsPath),
+            other => match other.strip_prefix("file:") {
+                Some(dir) if !dir.is_empty() => Ok(Backend::File(dir.into())),
+                _ => Err(SetupError::UnknownBackend(other.to_string())),
+            },
         }
     }
 }
@@ -114,12 +145,43 @@ impl std::str::FromStr for Backend {
 /// Why a host could not be built.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SetupError {
-    /// Not `memfd` or `guest-memfd`.
-    #[error("unknown backend {0:?} (memfd or guest-memfd)")]
+    /// Not `memfd`, `guest-memfd`, `thp` or `file:DIR`.
+    #[error("unknown backend {0:?} (memfd, guest-memfd, thp, or file with a directory)")]
     UnknownBackend(String),
-    /// The size is not a positive multiple of 2 MiB.
-    #[error("size {0:#x} must be a positive multiple of 2 MiB")]
-    BadSize(u64),
+    /// `file` without a directory.
+    #[error("the file backend needs a directory: file:DIR (the tool: --backend file --path DIR)")]
+    FileNeedsPath,
+    /// The size is not a positive multiple of the huge page size.
+    #[error(
+        "size {size:#x} must be a positive multiple of the huge page size ({huge_page_size:#x})"
+    )]
+    BadSize {
+        /// The size asked for.
+        size: u64,
+        /// The file's huge page size.
+        huge_page_size: u64,
+    },
+    /// The directory of a file backend could not take the file.
+    #[error("{dir}: {step} failed: {}", std::io::Error::from_raw_os_error(*errno))]
+    File {
+        /// The directory.
+        dir: std::path::PathBuf,
+        /// What was being done.
+        step: &'static str,
+        /// The errno.
+        errno: i32,
+    },
+    /// The THP backend could not mount its tmpfs; the message says why and
+    /// what to run instead.
+    #[error("cannot mount a private huge=always tmpfs: {step} failed: {}; {advice}", std::io::Error::from_raw_os_error(*errno))]
+    CannotMount {
+        /// The step that failed.
+        step: &'static str,
+        /// The errno.
+        errno: i32,
+        /// What to run instead.
+        advice: &'static str,
+    },
     /// A syscall failed.
     #[error("{step} failed: {}", std::io::Error::from_raw_os_error(*errno))]
     Syscall {
@@ -222,6 +284,72 @@ pub fn memfd_huge_backing(size: u64) -> HugeBacking {
     HugeBacking::None(format!("{desc}, {free} free 2 MiB hugetlb pages"))
 }
 
+/// The huge page backing of a file on filesystem `fs` in `dir`, and its
+/// huge page size.
+fn file_backing(dir: &std::path::Path, fs: &sys::FsOf) -> (HugeBacking, u64) {
+    let at = dir.display();
+    match fs.magic {
+        sys::HUGETLBFS_MAGIC => (
+            HugeBacking::Hugetlb(format!(
+                "hugetlbfs at {at}, {} pages",
+                bytesize_exact(fs.block_size)
+            )),
+            fs.block_size,
+        ),
+        sys::TMPFS_MAGIC => {
+            let huge = mount_options(fs.dev)
+                .and_then(|opts| tmpfs_huge_option(&opts).map(str::to_string))
+                .unwrap_or_else(|| "never".to_string());
+            let desc = format!("tmpfs at {at}, mounted huge={huge}");
+            let backing = match huge.as_str() {
+                "always" | "within_size" | "advise" => HugeBacking::Thp(desc),
+                _ => HugeBacking::None(desc),
+            };
+            (backing, HUGE_PAGE_SIZE)
+        }
+        other => (
+            HugeBacking::None(format!(
+                "{at} is on a filesystem of type {other:#x}, not tmpfs or hugetlbfs: 4 KiB pages"
+            )),
+            HUGE_PAGE_SIZE,
+        ),
+    }
+}
+
+/// `2 MiB`, `1 GiB`, else bytes.
+fn bytesize_exact(b: u64) -> String {
+    match b {
+        b if b >= 1 << 30 && b.is_multiple_of(1 << 30) => format!("{} GiB", b >> 30),
+        b if b >= 1 << 20 && b.is_multiple_of(1 << 20) => format!("{} MiB", b >> 20),
+        b => format!("{b} bytes"),
+    }
+}
+
+/// The super options (after the ` - fstype source` separator) of the mount
+/// whose superblock is `dev` in the calling thread's mountinfo (a thread
+/// may have a mount namespace of its own: /proc/self is the process's
+/// first thread).
+fn mount_options(dev: (u32, u32)) -> Option<String> {
+    let info = std::fs::read_to_string("/proc/thread-self/mountinfo")
+        .or_else(|_| std::fs::read_to_string("/proc/self/mountinfo"))
+        .ok()?;
+    let want = format!("{}:{}", dev.0, dev.1);
+    info.lines()
+        .filter(|l| l.split(' ').nth(2) == Some(want.as_str()))
+        .find_map(|l| super_options(l).map(str::to_string))
+}
+
+/// The super options of one /proc/self/mountinfo line.
+fn super_options(line: &str) -> Option<&str> {
+    let (_, after) = line.split_once(" - ")?;
+    after.split(' ').nth(2)
+}
+
+/// The value of `huge=` in a tmpfs mount's options, if given.
+fn tmpfs_huge_option(opts: &str) -> Option<&str> {
+    opts.split(',').find_map(|o| o.strip_prefix("huge="))
+}
+
 /// Counts of what the backend did (exact when no call is in flight).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Counts {
@@ -302,6 +430,9 @@ pub struct FileInfo {
     pub guest_memfd_flags: u64,
     /// Whether a KVM memslot is bound to the guest_memfd.
     pub memslot: bool,
+    /// The huge page size the file's memory comes in (and the engine's
+    /// geometry): 2 MiB, or what hugetlbfs reports.
+    pub huge_page_size: u64,
 }
 
 /// The engine's host over a real file: see the module documentation.
@@ -355,7 +486,7 @@ impl LinuxHost {
             shared: (0..subpages.div_ceil(64))
                 .map(|_| AtomicU64::new(0))
                 .collect(),
-            split: (0..(info.size / HUGE_PAGE_SIZE).div_ceil(64))
+            split: (0..(info.size / info.huge_page_size).div_ceil(64))
                 .map(|_| AtomicU64::new(0))
                 .collect(),
             counters: Counters::default(),
@@ -367,9 +498,12 @@ impl LinuxHost {
         Ok(host)
     }
 
-    fn check_size(size: u64) -> Result<(), SetupError> {
-        if size == 0 || !size.is_multiple_of(HUGE_PAGE_SIZE) || usize::try_from(size).is_err() {
-            return Err(SetupError::BadSize(size));
+    fn check_size(size: u64, huge_page_size: u64) -> Result<(), SetupError> {
+        if size == 0 || !size.is_multiple_of(huge_page_size) || usize::try_from(size).is_err() {
+            return Err(SetupError::BadSize {
+                size,
+                huge_page_size,
+            });
         }
         Ok(())
     }
@@ -377,7 +511,7 @@ impl LinuxHost {
     /// A memfd of `size` bytes (a multiple of 2 MiB), empty, every subpage
     /// private.
     pub fn memfd(size: u64, opts: MemfdOptions) -> Result<Self, SetupError> {
-        Self::check_size(size)?;
+        Self::check_size(size, HUGE_PAGE_SIZE)?;
         let huge = if opts.use_huge_pages {
             memfd_huge_backing(size)
         } else {
@@ -394,6 +528,7 @@ impl LinuxHost {
             huge_backing: huge,
             guest_memfd_flags: 0,
             memslot: false,
+            huge_page_size: HUGE_PAGE_SIZE,
         };
         let host = Self::build(fd, None, info)?;
         if matches!(host.info.huge_backing, HugeBacking::Thp(_)) {
@@ -410,7 +545,7 @@ impl LinuxHost {
     /// to memslot 0 when the kernel accepts it (`FileInfo::memslot`). Empty,
     /// every subpage private in the backend's tracking.
     pub fn guest_memfd(size: u64) -> Result<Self, SetupError> {
-        Self::check_size(size)?;
+        Self::check_size(size, HUGE_PAGE_SIZE)?;
         let kvm = sys::Kvm::open().map_err(|e| SetupError::GuestMemfdUnavailable(e.to_string()))?;
         let want = sys::GUEST_MEMFD_FLAG_MMAP | sys::GUEST_MEMFD_FLAG_INIT_SHARED;
         if kvm.guest_memfd_flags & want != want {
@@ -430,13 +565,92 @@ impl LinuxHost {
             ),
             guest_memfd_flags: want,
             memslot: false,
+            huge_page_size: HUGE_PAGE_SIZE,
         };
         Self::build(fd, Some(kvm), info)
     }
 
+    /// A file of `size` bytes on a private tmpfs mounted with `huge=always`
+    /// for it alone ([`Backend::Thp`], [`sys::thp_tmpfs_file`]): real
+    /// transparent huge pages with nothing to set up and nothing left
+    /// behind. Where the process may not mount, the error says why and
+    /// what to run instead.
+    pub fn thp(size: u64) -> Result<Self, SetupError> {
+        Self::check_size(size, HUGE_PAGE_SIZE)?;
+        let fd = sys::thp_tmpfs_file(size).map_err(|e| SetupError::CannotMount {
+            step: e.step,
+            errno: e.errno,
+            advice: if e.errno == libc::EPERM {
+                "mounting needs CAP_SYS_ADMIN (run as root); or mount a tmpfs with \
+                 -o huge=always yourself and use --backend file --path DIR on it"
+            } else {
+                "this kernel may lack the mount API (fsopen, Linux 5.2) or tmpfs huge= \
+                 (CONFIG_TRANSPARENT_HUGEPAGE); use --backend file --path DIR on a tmpfs \
+                 mounted with -o huge=always"
+            },
+        })?;
+        let info = FileInfo {
+            backend: Backend::Thp,
+            size,
+            huge_backing: HugeBacking::Thp(
+                "a private tmpfs, huge=always, never attached to a mount point".into(),
+            ),
+            guest_memfd_flags: 0,
+            memslot: false,
+            huge_page_size: HUGE_PAGE_SIZE,
+        };
+        Self::build(fd, None, info)
+    }
+
+    /// An unnamed file of `size` bytes in `dir` ([`Backend::File`]), with
+    /// the huge page size its filesystem reports: hugetlbfs its page size
+    /// (`statfs`), a tmpfs the `huge=` option of its mount (read from
+    /// /proc/self/mountinfo), any other filesystem 4 KiB pages in the
+    /// engine's 2 MiB geometry. `size` must be a positive multiple of that
+    /// huge page size.
+    pub fn file(dir: &std::path::Path, size: u64) -> Result<Self, SetupError> {
+        let file_err = |e: sys::StepError| SetupError::File {
+            dir: dir.to_path_buf(),
+            step: e.step,
+            errno: e.errno,
+        };
+        // Sized after the filesystem is known: hugetlbfs refuses a size
+        // that is not a multiple of its page size.
+        let fd = sys::file_in(dir, 0).map_err(file_err)?;
+        let fs = sys::fs_of(&fd).map_err(|errno| {
+            file_err(sys::StepError {
+                step: "fstatfs",
+                errno,
+            })
+        })?;
+        let (huge_backing, huge_page_size) = file_backing(dir, &fs);
+        Self::check_size(size, huge_page_size)?;
+        rustix::fs::ftruncate(&fd, size).map_err(|e| {
+            file_err(sys::StepError {
+                step: "ftruncate",
+                errno: sys::errno(e),
+            })
+        })?;
+        let info = FileInfo {
+            backend: Backend::File(dir.to_path_buf()),
+            size,
+            huge_backing,
+            guest_memfd_flags: 0,
+            memslot: false,
+            huge_page_size,
+        };
+        let host = Self::build(fd, None, info)?;
+        if matches!(&host.info.huge_backing, HugeBacking::Thp(d) if d.contains("advise")) {
+            let _ = host.map.advise_hugepage();
+        }
+        Ok(host)
+    }
+
     /// A host of `backend`; memfd uses huge pages where the host offers them.
-    pub fn open(backend: Backend, size: u64) -> Result<Self, SetupError> {
+    pub fn open(backend: &Backend, size: u64) -> Result<Self, SetupError> {
         match backend {
+            Backend::Thp => Self::thp(size),
+            Backend::File(dir) => Self::file(dir, size),
             Backend::Memfd => Self::memfd(
                 size,
                 MemfdOptions {
@@ -457,6 +671,24 @@ impl LinuxHost {
         self.info.size
     }
 
+    /// The huge page size of the file's memory (the engine's geometry).
+    pub fn huge_page_size(&self) -> u64 {
+        self.info.huge_page_size
+    }
+
+    /// The engine configuration for this file: its size and its huge page
+    /// order.
+    pub fn config(&self) -> hugepunch::Config {
+        hugepunch::Config::new(self.info.size)
+            .order((self.info.huge_page_size / SUBPAGE_SIZE).trailing_zeros() as u8)
+    }
+
+    /// `st_blocks * 512` of the file (`fstat`), whatever the backend (always
+    /// 0 for guest_memfd).
+    pub fn allocated_bytes(&self) -> Result<u64, i32> {
+        sys::allocated_bytes(&self.fd)
+    }
+
     /// Allocate the whole file (the engine's default "populated" start),
     /// not counted in [`counts`](Self::counts), then read one byte of each
     /// 4 KiB page through the backend's mapping: the whole file ends up
@@ -466,9 +698,9 @@ impl LinuxHost {
     /// since a fallocate allocation takes no advice.
     pub fn populate_all(&self) -> Result<(), HostError> {
         if matches!(&self.info.huge_backing, HugeBacking::Thp(d) if d.contains("advise")) {
-            for h in 0..self.info.size / HUGE_PAGE_SIZE {
-                self.map
-                    .zero(ByteRange::new(h * HUGE_PAGE_SIZE, SUBPAGE_SIZE));
+            let hp = self.info.huge_page_size;
+            for h in 0..self.info.size / hp {
+                self.map.zero(ByteRange::new(h * hp, SUBPAGE_SIZE));
             }
         }
         sys::allocate(&self.fd, 0, self.info.size).map_err(|errno| HostError { errno })?;
@@ -532,8 +764,8 @@ impl LinuxHost {
     /// `st_blocks` is always 0).
     pub fn resident_bytes(&self) -> Result<u64, i32> {
         match self.info.backend {
-            Backend::Memfd => sys::allocated_bytes(&self.fd),
             Backend::GuestMemfd => self.resident_bytes_in(ByteRange::new(0, self.info.size)),
+            _ => sys::allocated_bytes(&self.fd),
         }
     }
 
@@ -547,7 +779,9 @@ impl LinuxHost {
     /// where resident (a hole reads as zeros and is not touched).
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), i32> {
         match self.info.backend {
-            Backend::Memfd => sys::pread_exact(&self.fd, buf, offset),
+            Backend::Memfd | Backend::Thp | Backend::File(_) => {
+                sys::pread_exact(&self.fd, buf, offset)
+            }
             Backend::GuestMemfd => {
                 for (i, chunk) in buf.chunks_mut(SUBPAGE_SIZE as usize).enumerate() {
                     let at = offset + i as u64 * SUBPAGE_SIZE;
@@ -610,9 +844,10 @@ impl LinuxHost {
         let end = offset.saturating_add(len).min(self.info.size);
         let mut at = offset;
         while at < end {
-            let h = at / HUGE_PAGE_SIZE;
-            let page_end = (h + 1) * HUGE_PAGE_SIZE;
-            let whole = at == h * HUGE_PAGE_SIZE && end >= page_end;
+            let hp = self.info.huge_page_size;
+            let h = at / hp;
+            let page_end = (h + 1) * hp;
+            let whole = at == h * hp && end >= page_end;
             let bit = 1u64 << (h % 64);
             let w = &self.split[(h / 64) as usize];
             // ORDERING: Relaxed: a statistic (see `counts`).
@@ -742,9 +977,48 @@ mod tests {
 
     #[test]
     fn backend_names_round_trip() {
-        for b in [Backend::Memfd, Backend::GuestMemfd] {
-            assert_eq!(b.name().parse::<Backend>().unwrap(), b);
+        for b in [
+            Backend::Memfd,
+            Backend::GuestMemfd,
+            Backend::Thp,
+            Backend::File("/dev/hugepages".into()),
+        ] {
+            assert_eq!(b.to_string().parse::<Backend>().unwrap(), b);
         }
         assert!("tmpfs".parse::<Backend>().is_err());
+        assert_eq!("file".parse::<Backend>(), Err(SetupError::FileNeedsPath));
+        assert!("file:".parse::<Backend>().is_err());
+    }
+
+    #[test]
+    fn mountinfo_super_options_are_read() {
+        let line = "63 43 0:39 / /mnt rw,relatime shared:1 - tmpfs tmpfs rw,size=8192k,huge=always";
+        assert_eq!(super_options(line), Some("rw,size=8192k,huge=always"));
+        assert_eq!(
+            tmpfs_huge_option("rw,size=8192k,huge=always"),
+            Some("always")
+        );
+        assert_eq!(
+            tmpfs_huge_option("rw,huge=within_size"),
+            Some("within_size")
+        );
+        assert_eq!(tmpfs_huge_option("rw,relatime"), None);
+        assert_eq!(super_options("no separator here"), None);
+    }
+
+    #[test]
+    fn a_file_on_a_plain_directory_has_no_huge_pages() {
+        let dir = std::env::temp_dir();
+        let host = LinuxHost::file(&dir, 2 << 20).expect("a file in the temp dir");
+        assert_eq!(host.huge_page_size(), HUGE_PAGE_SIZE);
+        host.populate_all().unwrap();
+        assert_eq!(host.resident_bytes().unwrap(), 2 << 20);
+        // No name is left in the directory.
+        let left = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".hugepunch-"))
+            .count();
+        assert_eq!(left, 0);
     }
 }

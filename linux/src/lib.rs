@@ -48,6 +48,7 @@
 #![warn(missing_docs)]
 
 mod host;
+pub mod kernel;
 pub mod pattern;
 pub mod real;
 mod sync;
@@ -57,4 +58,4 @@ pub use host::{
     guest_memfd_unavailable, memfd_huge_backing, Backend, Counts, FileInfo, HugeBacking, LinuxHost,
     MemfdOptions, SetupError, HUGE_PAGE_SIZE,
 };
-pub use real::{RealError, RealReport};
+pub use real::{RealError, RealReport, RunOptions};

@@ -20,8 +20,13 @@ pub const PATTERNS: [&str; 8] = Pattern::NAMES;
 /// multiple of 2 MiB.
 pub fn ops(pattern: Pattern, size: u64, seed: u64) -> Result<Vec<Op>, hugepunch::Error> {
     let order = (HUGE_PAGE_SIZE / SUBPAGE_SIZE).trailing_zeros() as u8;
-    let geo = Geometry::new(size, order)?;
-    Ok(pattern.ops(geo, 0, size, seed))
+    Ok(ops_in(pattern, Geometry::new(size, order)?, seed))
+}
+
+/// The operations of `pattern` with `seed` over a whole file of geometry
+/// `geo` (its size and huge page size; [`ops`] is this for 2 MiB pages).
+pub fn ops_in(pattern: Pattern, geo: Geometry, seed: u64) -> Vec<Op> {
+    pattern.ops(geo, 0, geo.size(), seed)
 }
 
 /// The operations of the pattern named `name` over a whole file of `size`

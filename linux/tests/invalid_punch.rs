@@ -53,7 +53,7 @@ fn matrix(size: u64) -> Vec<(u64, u64, i32, i32)> {
 }
 
 fn check(backend: Backend) {
-    let Some(host) = host(backend, SIZE) else {
+    let Some(host) = host(backend.clone(), SIZE) else {
         return;
     };
     let host = Arc::new(host);

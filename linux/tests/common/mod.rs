@@ -32,6 +32,14 @@ pub fn host(backend: Backend, size: u64) -> Option<LinuxHost> {
             }
             LinuxHost::guest_memfd(size).expect("guest_memfd")
         }
+        Backend::Thp => match LinuxHost::thp(size) {
+            Ok(host) => host,
+            Err(why) => {
+                eprintln!("skipped: no THP backend here: {why}");
+                return None;
+            }
+        },
+        Backend::File(ref dir) => LinuxHost::file(dir, size).expect("a file in the directory"),
     };
     host.populate_all().expect("populate");
     host.fill(ByteRange::new(0, size), DATA);
