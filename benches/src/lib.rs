@@ -424,6 +424,37 @@ pub fn workload(
     }
 }
 
+/// Every subpage of `huge_pages` 2 MiB huge pages as batches of `per`
+/// scattered 4 KiB ranges, each batch inside one huge page (a
+/// virtio-balloon request of `per` page frames), the subpages of each huge
+/// page in a seeded random order.
+pub fn balloon_batches(huge_pages: u64, per: usize, seed: u64) -> Vec<Vec<ByteRange>> {
+    let mut x = seed | 1;
+    let mut next = move || {
+        // xorshift64: a fixed, seeded order.
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut out = Vec::new();
+    for h in 0..huge_pages {
+        let mut subs: Vec<u64> = (0..512).collect();
+        for i in (1..subs.len()).rev() {
+            subs.swap(i, (next() % (i as u64 + 1)) as usize);
+        }
+        for chunk in subs.chunks(per) {
+            out.push(
+                chunk
+                    .iter()
+                    .map(|&s| ByteRange::new((h * 512 + s) * SUB, SUB))
+                    .collect(),
+            );
+        }
+    }
+    out
+}
+
 /// Huge pages a workload's file needs.
 pub fn file_huge_pages(huge_pages: u64, threads: usize, sharing: Sharing) -> u64 {
     match sharing {

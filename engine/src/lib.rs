@@ -122,3 +122,11 @@ pub use range::{
     ByteRange, Geometry, Hint, PagePart, MAX_ORDER, MAX_SIZE, SUBPAGE_SHIFT, SUBPAGE_SIZE,
 };
 pub use stats::Stats;
+
+/// Atomic read-modify-writes the calling thread has made in the engine so
+/// far (feature `rmw-count`, for tests: every atomic of the engine then
+/// counts its RMWs; see `engine/tests/rmw_count.rs`).
+#[cfg(all(feature = "rmw-count", not(hugepunch_loom)))]
+pub fn rmw_count() -> u64 {
+    sync::rmw_count()
+}

@@ -404,7 +404,7 @@ impl<'a> Page<'a> {
         // `complete`: `HUGE`, nothing registered, no owner, `COUNT == full`.
         const CHECK: u64 = MODE_MASK | COMPLETING | BUSY | REGISTERED | (u64::MAX << COUNT_SHIFT);
         let complete = HUGE | ((self.full as u64) << COUNT_SHIFT);
-        let step = (newly as u64) * COUNT_ONE - PUNCH_ONE;
+        let step = ((newly as u64) * COUNT_ONE).wrapping_sub(PUNCH_ONE);
         // ORDERING: AcqRel, as in `exit`.
         let (prev, _) = self.update(Ordering::AcqRel, |s| {
             let new = s.0.wrapping_add(step) & !WANTED;

@@ -31,16 +31,14 @@ use super::*;
 /// larger orders take each range on its own.
 const GROUP_WORDS: usize = 8;
 
-/// Consecutive ranges `start .. end` of the batch, all inside huge page `h`.
+/// Consecutive ranges `start .. end` of the batch, all inside huge page `h`,
+/// and the subpages they punch.
 #[derive(Clone, Copy)]
 struct Group {
     h: u64,
     start: usize,
     end: usize,
     mask: [u64; GROUP_WORDS],
-    /// First subpage of the group and one past its last.
-    lo: u32,
-    hi: u32,
 }
 
 impl Group {
@@ -50,22 +48,25 @@ impl Group {
             start,
             end: start,
             mask: [0; GROUP_WORDS],
-            lo: u32::MAX,
-            hi: 0,
         }
     }
 
     #[inline(always)]
     fn add(&mut self, first: u32, count: u32) {
-        if count == 1 {
-            self.mask[(first / 64) as usize % GROUP_WORDS] |= 1 << (first % 64);
-        } else {
-            for (w, m) in page::word_masks(first, count) {
-                self.mask[w % GROUP_WORDS] |= m;
-            }
+        for (w, m) in page::word_masks(first, count) {
+            self.mask[w % GROUP_WORDS] |= m;
         }
-        self.lo = self.lo.min(first);
-        self.hi = self.hi.max(first + count);
+    }
+
+    /// First subpage of the group and one past its last (the mask is not
+    /// empty).
+    fn span(&self) -> (u32, u32) {
+        let lo = self.mask.iter().position(|&m| m != 0).unwrap_or(0);
+        let hi = self.mask.iter().rposition(|&m| m != 0).unwrap_or(0);
+        (
+            lo as u32 * 64 + self.mask[lo].trailing_zeros(),
+            hi as u32 * 64 + 64 - self.mask[hi].leading_zeros(),
+        )
     }
 }
 
@@ -103,7 +104,18 @@ impl HugePunch {
             self.count_error(C::ErrorsTornDown);
             return Err(e);
         }
-        for (index, r) in ranges.iter().enumerate() {
+        // One branch-free pass over the batch; the slow one below names the
+        // first invalid range only when there is one.
+        let size = self.geo.size();
+        let mut bad = false;
+        for r in ranges {
+            let end = r.offset.wrapping_add(r.len);
+            bad |= ((r.offset | r.len) % SUBPAGE_SIZE != 0)
+                | (r.len == 0)
+                | (end < r.offset)
+                | (end > size);
+        }
+        for (index, r) in ranges.iter().enumerate().filter(|_| bad) {
             if self.geo.validate(r.offset, r.len).is_none() {
                 self.count_error(C::ErrorsInvalidRange);
                 return Err(Error::InvalidRangeInBatch {
@@ -132,16 +144,23 @@ impl HugePunch {
             let mut g = Group::new(u64::MAX, 0);
             for (i, r) in ranges.iter().enumerate() {
                 let h = r.offset >> shift;
+                if r.len == SUBPAGE_SIZE && h == g.h {
+                    // The common 4 KiB range: one bit of the group's mask.
+                    let sub = (r.offset >> SUBPAGE_SHIFT) & (full - 1);
+                    g.mask[(sub / 64) as usize % GROUP_WORDS] |= 1 << (sub % 64);
+                    continue;
+                }
                 let first = (r.offset >> SUBPAGE_SHIFT) & (full - 1);
                 let count = r.len >> SUBPAGE_SHIFT;
                 if first + count <= full && count < full {
                     if h != g.h {
+                        g.end = i;
                         self.punch_group(cb, &g, ranges, &mut d);
                         g = Group::new(h, i);
                     }
                     g.add(first as u32, count as u32);
-                    g.end = i + 1;
                 } else {
+                    g.end = i;
                     self.punch_group(cb, &g, ranges, &mut d);
                     g = Group::new(u64::MAX, i + 1);
                     for part in self.geo.parts(*r) {
@@ -149,6 +168,7 @@ impl HugePunch {
                     }
                 }
             }
+            g.end = ranges.len();
             self.punch_group(cb, &g, ranges, &mut d);
         }
         self.finish(cb, &mut d, true);
@@ -166,7 +186,8 @@ impl HugePunch {
             None if self.index.initial().mode() == ABSENT => return,
             None => self.index.page(h),
         };
-        let r = self.geo.part_range(h, g.lo, g.hi - g.lo);
+        let (lo, hi) = g.span();
+        let r = self.geo.part_range(h, lo, hi - lo);
         match page.enter(PUNCH_ONE) {
             Entry::Registered => {
                 let words = page.full().div_ceil(64) as usize;
@@ -189,17 +210,20 @@ impl HugePunch {
                 // BROKEN on purpose, test-only: as in `punch_part`.
                 #[cfg(hugepunch_broken = "conversion")]
                 let converting = false;
-                // A group that completes the huge page: the ranges after
-                // the one that completed it would have found it `ABSENT`,
-                // so only those up to it are asked about.
-                let asked = if exit.claimed_completion {
-                    self.up_to_completion(g, &before, words, ranges)
-                } else {
-                    *g
-                };
-                if (converting || self.group_private(cb, &asked, words, r, d))
-                    && self.invalidate(cb, r, h, d)
-                {
+                // One shared-state check over the span when it is all
+                // shared (the common case). Otherwise only the ranges up to
+                // the one that completed the huge page (those after it
+                // would have found it `ABSENT`) are asked about, run by run.
+                let private = converting
+                    || (!self.is_shared(cb, r, d) && {
+                        let asked = if exit.claimed_completion {
+                            self.up_to_completion(g, &before, ranges)
+                        } else {
+                            *g
+                        };
+                        self.runs_private(cb, &asked, words, d)
+                    });
+                if private && self.invalidate(cb, r, h, d) {
                     d.add(C::InvalidationsImmediate, 1);
                 }
                 if exit.claimed_completion {
@@ -210,9 +234,8 @@ impl HugePunch {
                 // As in `punch_part`: no waiting for the completion; the
                 // span is invalidated now if it may be private.
                 let words = page.full().div_ceil(64) as usize;
-                if (self.group_private(cb, g, words, r, d) || page.load_rmw().converting() > 0)
-                    && self.invalidate(cb, r, h, d)
-                {
+                let private = !self.is_shared(cb, r, d) && self.runs_private(cb, g, words, d);
+                if (private || page.load_rmw().converting() > 0) && self.invalidate(cb, r, h, d) {
                     d.add(C::InvalidationsImmediate, 1);
                 }
             }
@@ -228,23 +251,12 @@ impl HugePunch {
         }
     }
 
-    /// Does the shared-state check say that some subpage the group punched
-    /// may be private? One call over the span `r` when it is all shared
-    /// (the common case); otherwise one per run of punched subpages until a
-    /// run answers no, so that a private subpage the group did not punch
-    /// (in a gap of the span) causes no invalidation the ranges one by one
-    /// would not have caused.
-    fn group_private(
-        &self,
-        cb: &Callbacks,
-        g: &Group,
-        words: usize,
-        r: ByteRange,
-        d: &mut Delta,
-    ) -> bool {
-        if self.is_shared(cb, r, d) {
-            return false;
-        }
+    /// Does the shared-state check say that some run of subpages the group
+    /// punched may be private? (Asked after the span as a whole was not
+    /// found shared: one call per run until a run answers no, so that a
+    /// private subpage the group did not punch, in a gap of the span,
+    /// causes no invalidation the ranges one by one would not have caused.)
+    fn runs_private(&self, cb: &Callbacks, g: &Group, words: usize, d: &mut Delta) -> bool {
         runs(g.mask[..words].iter().copied().enumerate())
             .into_iter()
             .any(|(first, count)| !self.is_shared(cb, self.geo.part_range(g.h, first, count), d))
@@ -252,33 +264,30 @@ impl HugePunch {
 
     /// The part of group `g` up to the range that completed its huge page,
     /// given the bitmap words `before` the group set its bits (the rare
-    /// path: once per completion).
+    /// path: a completion of possibly-private memory).
     fn up_to_completion(
         &self,
         g: &Group,
         before: &[u64; GROUP_WORDS],
-        words: usize,
         ranges: &[ByteRange],
     ) -> Group {
         let full = self.geo.subpages_per_huge_page();
         let mut acc = *before;
+        let mut missing = full - acc.iter().map(|w| w.count_ones()).sum::<u32>();
         let mut upto = Group::new(g.h, g.start);
         for r in &ranges[g.start..g.end] {
             let first = (r.first_subpage() & (full as u64 - 1)) as u32;
             let count = r.subpages() as u32;
             upto.add(first, count);
-            upto.end += 1;
             for (w, m) in page::word_masks(first, count) {
+                missing -= (m & !acc[w]).count_ones();
                 acc[w] |= m;
             }
-            let filled = acc[..words]
-                .iter()
-                .enumerate()
-                .all(|(w, &b)| b == page::word_masks(0, full).nth(w).map_or(0, |(_, m)| m));
-            if filled {
+            if missing == 0 {
                 break;
             }
         }
+        upto.end = g.end;
         upto
     }
 }
