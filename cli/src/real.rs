@@ -382,9 +382,9 @@ fn render(r: &RealReport) -> String {
                     format!("pattern touches {}", count(r.huge_pages_touched)),
                 ),
                 row(
-                    "  most split at once",
-                    count(dk.most_split_at_once),
-                    count(ek.most_split_at_once),
+                    "  split, unreleased (sampled, >=)",
+                    count(dk.split_unreleased_peak),
+                    count(ek.split_unreleased_peak),
                     format!("{} + {} samples", count(dk.samples), count(ek.samples)),
                 ),
                 row(

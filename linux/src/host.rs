@@ -646,6 +646,28 @@ impl LinuxHost {
         Ok(host)
     }
 
+    /// The huge page size a file of `backend` would have: what the
+    /// filesystem of a [`Backend::File`] directory reports (a file is made
+    /// there and dropped to ask), 2 MiB for the others.
+    pub fn huge_page_size_of(backend: &Backend) -> Result<u64, SetupError> {
+        let Backend::File(dir) = backend else {
+            return Ok(HUGE_PAGE_SIZE);
+        };
+        let file_err = |e: sys::StepError| SetupError::File {
+            dir: dir.to_path_buf(),
+            step: e.step,
+            errno: e.errno,
+        };
+        let fd = sys::file_in(dir, 0).map_err(file_err)?;
+        let fs = sys::fs_of(&fd).map_err(|errno| {
+            file_err(sys::StepError {
+                step: "fstatfs",
+                errno,
+            })
+        })?;
+        Ok(file_backing(dir, &fs).1)
+    }
+
     /// A host of `backend`; memfd uses huge pages where the host offers them.
     pub fn open(backend: &Backend, size: u64) -> Result<Self, SetupError> {
         match backend {

@@ -90,10 +90,12 @@ pub struct KernelHuge {
     pub split: u64,
     /// Huge pages freed whole: gone from the counter and never split.
     pub freed_whole: u64,
-    /// The most huge pages split and not yet fully punched at one moment,
-    /// from the samples (a lower bound: splits between two samples may be
-    /// missed).
-    pub most_split_at_once: u64,
+    /// The most huge pages split and not yet released at one sample: huge
+    /// pages gone from `ShmemHugePages` beyond what the file's released
+    /// bytes account for (a lower bound: a huge page split and then punched
+    /// all but one subpage counts as released here, and splits between two
+    /// samples may be missed).
+    pub split_unreleased_peak: u64,
     /// Samples taken during the run.
     pub samples: u64,
 }
@@ -123,7 +125,7 @@ impl KernelHuge {
             whole_at_end,
             split,
             freed_whole: gone.saturating_sub(split),
-            most_split_at_once: samples.most_split_at_once,
+            split_unreleased_peak: samples.split_unreleased_peak,
             samples: samples.count,
         })
     }
@@ -134,8 +136,9 @@ impl KernelHuge {
 pub struct Samples {
     /// Samples taken.
     pub count: u64,
-    /// The most huge pages split and not yet fully punched at one sample.
-    pub most_split_at_once: u64,
+    /// The most huge pages split and not yet released at one sample (see
+    /// [`KernelHuge::split_unreleased_peak`]).
+    pub split_unreleased_peak: u64,
 }
 
 /// A thread sampling `ShmemHugePages` and the file's `st_blocks` about
@@ -169,8 +172,8 @@ impl Sampler {
                             / huge_page_size;
                         let freed = bytes0.saturating_sub(bytes) / huge_page_size;
                         seen.count += 1;
-                        seen.most_split_at_once =
-                            seen.most_split_at_once.max(lost.saturating_sub(freed));
+                        seen.split_unreleased_peak =
+                            seen.split_unreleased_peak.max(lost.saturating_sub(freed));
                     }
                     std::thread::sleep(Duration::from_millis(1));
                 }

@@ -1,10 +1,28 @@
 //! hugepunch over real Linux memory.
 //!
 //! [`LinuxHost`] is the engine's [`Host`](hugepunch::Host) over a real file
-//! descriptor: a memfd or a KVM guest_memfd whose memory is returned with
-//! `fallocate(PUNCH_HOLE)`. [`real::run`] replays a pattern on real files
+//! descriptor whose memory is returned with `fallocate(PUNCH_HOLE)`: a
+//! memfd, a KVM guest_memfd, a file in a directory the user names (a tmpfs
+//! mounted `huge=`, hugetlbfs: [`Backend::File`]), or a file on a private
+//! `huge=always` tmpfs made for it ([`Backend::Thp`]: real transparent huge
+//! pages with no set-up). [`real::run`] replays a pattern on real files
 //! twice, directly and through the engine, and reports what each cost and
-//! released.
+//! released; [`kernel`] reads what the kernel says about huge pages.
+//!
+//! # The THP backend leaves nothing behind
+//!
+//! [`Backend::Thp`] makes its tmpfs with the kernel's mount API
+//! (`fsopen("tmpfs")`, `fsconfig` `huge=always,size=`, `fsmount`) as a
+//! detached mount that is never attached to any mount point, creates the
+//! file in it with `O_TMPFILE`, and closes the mount's descriptor before
+//! returning: no name and no mount exists anywhere at any moment, and the
+//! file's descriptor is the only reference to the tmpfs. Whatever ends the
+//! process — success, error, panic, Ctrl-C, SIGKILL — the kernel frees the
+//! file and its filesystem with the last descriptor. It needs
+//! `CAP_SYS_ADMIN` (root); elsewhere its error says what to run instead
+//! (`--backend file --path` on an existing `huge=always` tmpfs). No system
+//! setting is read-modify-written: `shmem_enabled` may stay `never`, since a
+//! tmpfs's own `huge=` option decides for its files.
 //!
 //! ```no_run
 //! use hugepunch::{Config, HugePunch};

@@ -437,19 +437,7 @@ pub fn run_seeded(
 /// Run the pattern on two fresh files of the backend: directly, then
 /// through the engine. See the module documentation for the method.
 pub fn run_with(opts: &RunOptions) -> Result<RealReport, RealError> {
-    // The huge page size is the file's: make (and drop) a probe file of
-    // the smallest size first only when the backend could have pages
-    // other than 2 MiB (a file backend on hugetlbfs).
-    let hp = match &opts.backend {
-        Backend::File(dir) => LinuxHost::file(dir, 0)
-            .err()
-            .and_then(|e| match e {
-                SetupError::BadSize { huge_page_size, .. } => Some(huge_page_size),
-                _ => None,
-            })
-            .unwrap_or(crate::HUGE_PAGE_SIZE),
-        _ => crate::HUGE_PAGE_SIZE,
-    };
+    let hp = LinuxHost::huge_page_size_of(&opts.backend)?;
     let order = (hp / SUBPAGE_SIZE).trailing_zeros() as u8;
     let geo = Geometry::new(opts.size, order).map_err(|_| SetupError::BadSize {
         size: opts.size,
