@@ -302,7 +302,10 @@ fn in_private_mount<T: Send + 'static>(
 ) -> Result<T, String> {
     use rustix::mount::{mount, mount_change, MountFlags, MountPropagationFlags};
     use rustix::thread::UnshareFlags;
-    let dir = std::env::temp_dir().join(format!("hugepunch-{fstype}-{}", std::process::id()));
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    // ORDERING: Relaxed: only a unique number is wanted.
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("hugepunch-{fstype}-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let at = dir.clone();
     let result = std::thread::spawn(move || {
@@ -427,4 +430,43 @@ fn file_backend_on_hugetlbfs_releases_what_direct_punching_cannot() {
         "4 KiB punches free nothing on hugetlbfs"
     );
     assert_eq!(r.engine.bytes_released, SIZE);
+}
+
+/// The file backend reads the huge page size from hugetlbfs itself (its
+/// `statfs` block size), for each page size the kernel offers. Needs no
+/// reserved page: only the unnamed file is made, not mapped.
+#[test]
+#[cfg_attr(miri, ignore)]
+fn file_backend_reads_the_hugetlbfs_page_size() {
+    let sizes: Vec<u64> = std::fs::read_dir("/sys/kernel/mm/hugepages")
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter_map(|e| {
+                    let name = e.file_name().into_string().ok()?;
+                    let kib: u64 = name
+                        .strip_prefix("hugepages-")?
+                        .strip_suffix("kB")?
+                        .parse()
+                        .ok()?;
+                    Some(kib * 1024)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if sizes.is_empty() {
+        eprintln!("skipped: this kernel offers no hugetlb page size (/sys/kernel/mm/hugepages)");
+        return;
+    }
+    for size in sizes {
+        let run = in_private_mount("hugetlbfs", format!("pagesize={}K", size / 1024), |dir| {
+            LinuxHost::huge_page_size_of(&Backend::File(dir.to_path_buf()))
+        });
+        match run {
+            Ok(found) => assert_eq!(found.unwrap(), size),
+            Err(why) => {
+                eprintln!("skipped: cannot mount a private hugetlbfs here: {why}");
+                return;
+            }
+        }
+    }
 }
