@@ -45,9 +45,23 @@ pub(crate) struct Index {
     huge_pages: u64,
     n_chunks: usize,
     dirs: Box<[AtomicPtr<AtomicPtr<AtomicU64>>]>,
+    /// Directory 0, installed when the index is built (at most 32 KiB: the
+    /// chunk pointers of the first 4096 chunks), so that finding a huge page
+    /// of a file of up to 4096 chunks (2 TiB of 2 MiB huge pages) is one
+    /// load of a chunk pointer.
+    dir0: *const AtomicPtr<AtomicU64>,
+    /// Chunks whose pointers are in `dir0`.
+    dir0_len: usize,
     /// Teardown's sentinel chunk (null until the first teardown).
     torn_chunk: AtomicPtr<AtomicU64>,
 }
+
+// SAFETY: `dir0` points to directory 0's `AtomicPtr`s (which are Send +
+// Sync), owned by `dirs[0]` for the index's whole life and freed only in
+// `drop`; every other field is Send + Sync.
+unsafe impl Send for Index {}
+// SAFETY: as for `Send`: shared access goes through the atomics only.
+unsafe impl Sync for Index {}
 
 /// What teardown found in one chunk slot.
 pub(crate) enum Slot {
@@ -104,8 +118,12 @@ impl Index {
             dirs: (0..n_dirs)
                 .map(|_| AtomicPtr::new(ptr::null_mut()))
                 .collect(),
+            dir0: ptr::null(),
+            dir0_len: n_chunks.min(DIR_CHUNKS),
             torn_chunk: AtomicPtr::new(ptr::null_mut()),
         };
+        let mut index = index;
+        index.dir0 = index.dir(0).as_ptr();
         if n_chunks == 1 {
             // A file that fits in one chunk gains nothing from laziness (and
             // loom models explore fewer interleavings without it).
@@ -234,6 +252,21 @@ impl Index {
     /// The installed chunk `c`, if any (a sentinel counts).
     #[inline]
     fn existing_chunk(&self, c: usize) -> Option<ChunkPtr> {
+        let slot = if c < self.dir0_len {
+            // SAFETY: `dir0` is directory 0, installed in `new`, with
+            // `dir0_len` chunk pointers; it lives until `drop`.
+            unsafe { &*self.dir0.add(c) }
+        } else {
+            self.far_slot(c)?
+        };
+        // ORDERING: Acquire, as in `get_or_install`.
+        let p = slot.load(Ordering::Acquire);
+        (!p.is_null()).then_some(p)
+    }
+
+    /// The slot of chunk `c` beyond directory 0, if its directory exists.
+    #[cold]
+    fn far_slot(&self, c: usize) -> Option<&AtomicPtr<AtomicU64>> {
         if c >= self.n_chunks {
             return None;
         }
@@ -244,10 +277,7 @@ impl Index {
         }
         // SAFETY: a directory has `dir_len` pointers, and `c < n_chunks`
         // puts `c & (DIR_CHUNKS - 1)` below it; it lives until `drop`.
-        let slot = unsafe { &*d.add(c & (DIR_CHUNKS - 1)) };
-        // ORDERING: Acquire, as in `get_or_install`.
-        let p = slot.load(Ordering::Acquire);
-        (!p.is_null()).then_some(p)
+        Some(unsafe { &*d.add(c & (DIR_CHUNKS - 1)) })
     }
 
     /// Huge page `h` if its chunk exists (`None`: it is in the initial

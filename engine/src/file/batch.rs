@@ -104,72 +104,149 @@ impl HugePunch {
             self.count_error(C::ErrorsTornDown);
             return Err(e);
         }
-        // One branch-free pass over the batch; the slow one below names the
-        // first invalid range only when there is one.
-        let size = self.geo.size();
-        let mut bad = false;
-        for r in ranges {
-            let end = r.offset.wrapping_add(r.len);
-            bad |= ((r.offset | r.len) % SUBPAGE_SIZE != 0)
-                | (r.len == 0)
-                | (end < r.offset)
-                | (end > size);
+        let order = self.geo.order() as u32;
+        if order as usize > GROUP_WORDS.ilog2() as usize + 6 {
+            self.validate_batch(ranges, 0)?;
+            return self.punch_each(ranges);
         }
-        for (index, r) in ranges.iter().enumerate().filter(|_| bad) {
-            if self.geo.validate(r.offset, r.len).is_none() {
-                self.count_error(C::ErrorsInvalidRange);
-                return Err(Error::InvalidRangeInBatch {
-                    index,
-                    offset: r.offset,
-                    len: r.len,
-                });
+        let n = ranges.len();
+        let shift = SUBPAGE_SHIFT + order;
+        let full = 1u64 << order;
+        let cb = self.callbacks.load();
+        let mut d = Delta::default();
+        let mut g = Group::new(u64::MAX, 0);
+        // The open group's first byte, and its subpages (0: no group open).
+        let (mut base, mut subs) = (0u64, 0u64);
+        // Every range is validated before the first change: the first
+        // group's ranges as they are gathered, the rest in one pass when
+        // that group is punched (`all_valid`).
+        let mut all_valid = false;
+        let mut i = 0;
+        while i < n {
+            // The common case, as a tight loop: a valid 4 KiB range in the
+            // open group's huge page (inside the file, since the huge page
+            // is) is one bit of the group's mask.
+            let mut mask = g.mask;
+            let rest = &ranges[i..];
+            let mut taken = 0;
+            while taken < rest.len() {
+                let r = &rest[taken];
+                // One compare for "inside the open huge page and 4 KiB
+                // aligned": rotating the offset into the huge page by 12
+                // bits moves any unaligned low bits to the top, far above
+                // `subs` (0 when no group is open).
+                let sub = r.offset.wrapping_sub(base).rotate_right(SUBPAGE_SHIFT);
+                if r.len != SUBPAGE_SIZE || sub >= subs {
+                    break;
+                }
+                mask[(sub / 64) as usize % GROUP_WORDS] |= 1 << (sub % 64);
+                taken += 1;
             }
+            g.mask = mask;
+            i += taken;
+            if i == n {
+                break;
+            }
+            let r = ranges[i];
+            if !all_valid && self.geo.validate(r.offset, r.len).is_none() {
+                // Nothing has changed yet.
+                return Err(self.invalid_in_batch(i, r));
+            }
+            let h = r.offset >> shift;
+            let first = (r.offset >> SUBPAGE_SHIFT) & (full - 1);
+            let count = r.len >> SUBPAGE_SHIFT;
+            let grouped = first + count <= full && count < full;
+            if grouped && h == g.h {
+                g.add(first as u32, count as u32);
+                i += 1;
+                continue;
+            }
+            let open = subs != 0;
+            if (open || !grouped) && !all_valid {
+                // Something changes now: validate the rest of the batch
+                // first.
+                self.validate_batch(&ranges[i + 1..], i + 1)?;
+                all_valid = true;
+                d.add(C::PunchCalls, n as u64);
+            }
+            if open {
+                g.end = i;
+                self.punch_group(cb, &g, ranges, &mut d);
+            }
+            if grouped {
+                g = Group::new(h, i);
+                (base, subs) = (h << shift, full);
+                g.add(first as u32, count as u32);
+            } else {
+                g = Group::new(u64::MAX, i + 1);
+                (base, subs) = (0, 0);
+                for part in self.geo.parts(r) {
+                    self.punch_part(cb, part, &mut d);
+                }
+            }
+            i += 1;
         }
+        if n == 0 {
+            return Ok(());
+        }
+        if !all_valid {
+            d.add(C::PunchCalls, n as u64);
+        }
+        if subs != 0 {
+            g.end = n;
+            self.punch_group(cb, &g, ranges, &mut d);
+        }
+        self.finish(cb, &mut d, true);
+        Ok(())
+    }
+
+    /// The error for range `index` of a batch, counted.
+    #[cold]
+    fn invalid_in_batch(&self, index: usize, r: ByteRange) -> Error {
+        self.count_error(C::ErrorsInvalidRange);
+        Error::InvalidRangeInBatch {
+            index,
+            offset: r.offset,
+            len: r.len,
+        }
+    }
+
+    /// Validate `ranges`, the batch's from index `from` on; the first
+    /// invalid one is the error (counted).
+    fn validate_batch(&self, ranges: &[ByteRange], from: usize) -> Result<(), Error> {
+        let size = self.geo.size();
+        // Valid: aligned, and 1 <= len <= size - offset (which also keeps
+        // offset + len from overflowing). One pass without branches; the
+        // slow one names the range only when there is one.
+        let mut bad = 0u64;
+        for r in ranges {
+            bad |= (r.offset | r.len) % SUBPAGE_SIZE;
+            bad |= (r.len.wrapping_sub(1) >= size.saturating_sub(r.offset)) as u64;
+        }
+        if bad == 0 {
+            return Ok(());
+        }
+        let (at, r) = ranges
+            .iter()
+            .enumerate()
+            .find(|(_, r)| self.geo.validate(r.offset, r.len).is_none())
+            .expect("an invalid range");
+        Err(self.invalid_in_batch(from + at, *r))
+    }
+
+    /// A validated batch of huge pages above order 9: range by range, with
+    /// one callback load and one statistics flush.
+    fn punch_each(&self, ranges: &[ByteRange]) -> Result<(), Error> {
         if ranges.is_empty() {
             return Ok(());
         }
         let cb = self.callbacks.load();
         let mut d = Delta::default();
         d.add(C::PunchCalls, ranges.len() as u64);
-        let order = self.geo.order() as u32;
-        if order as usize > GROUP_WORDS.ilog2() as usize + 6 {
-            for r in ranges {
-                for part in self.geo.parts(*r) {
-                    self.punch_part(cb, part, &mut d);
-                }
+        for r in ranges {
+            for part in self.geo.parts(*r) {
+                self.punch_part(cb, part, &mut d);
             }
-        } else {
-            let shift = SUBPAGE_SHIFT + order;
-            let full = 1u64 << order;
-            let mut g = Group::new(u64::MAX, 0);
-            for (i, r) in ranges.iter().enumerate() {
-                let h = r.offset >> shift;
-                if r.len == SUBPAGE_SIZE && h == g.h {
-                    // The common 4 KiB range: one bit of the group's mask.
-                    let sub = (r.offset >> SUBPAGE_SHIFT) & (full - 1);
-                    g.mask[(sub / 64) as usize % GROUP_WORDS] |= 1 << (sub % 64);
-                    continue;
-                }
-                let first = (r.offset >> SUBPAGE_SHIFT) & (full - 1);
-                let count = r.len >> SUBPAGE_SHIFT;
-                if first + count <= full && count < full {
-                    if h != g.h {
-                        g.end = i;
-                        self.punch_group(cb, &g, ranges, &mut d);
-                        g = Group::new(h, i);
-                    }
-                    g.add(first as u32, count as u32);
-                } else {
-                    g.end = i;
-                    self.punch_group(cb, &g, ranges, &mut d);
-                    g = Group::new(u64::MAX, i + 1);
-                    for part in self.geo.parts(*r) {
-                        self.punch_part(cb, part, &mut d);
-                    }
-                }
-            }
-            g.end = ranges.len();
-            self.punch_group(cb, &g, ranges, &mut d);
         }
         self.finish(cb, &mut d, true);
         Ok(())

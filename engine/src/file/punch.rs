@@ -24,11 +24,14 @@ impl HugePunch {
     /// Returns `false`, having changed nothing, when the general path must
     /// run instead (torn down, no chunk yet, the huge page not `HUGE` or a
     /// completion in flight).
+    ///
+    /// No check of the file's torn flag: after teardown every huge page is
+    /// `TORN` (or in a closed chunk slot, whose sentinel's are), so the
+    /// entry fails and the general path answers `TornDown`; a punch that
+    /// races teardown may go ahead on a huge page teardown has not reached
+    /// yet, as it may after checking the flag.
     #[inline(always)]
     fn punch_one(&self, offset: u64) -> bool {
-        if self.live().is_err() {
-            return false;
-        }
         let h = self.geo.huge_page_of(offset);
         let Some(page) = self.index.existing(h) else {
             return false;
