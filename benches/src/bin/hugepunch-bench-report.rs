@@ -158,8 +158,169 @@ fn machine_scaling(reps: usize) -> f64 {
     best
 }
 
+/// The instruction counts of the report: each implementation runs one
+/// pattern once, one thread, in a child process of this binary under
+/// callgrind, which counts only inside `hugepunch_benches::run` (or
+/// `run_batches`); the count divided by the operations is the cost of one
+/// operation, everything the implementation executes included (the null
+/// host's callbacks for the engine). Instruction counts repeat exactly on
+/// a noisy machine, where timings do not.
+mod instructions {
+    use hugepunch_benches::*;
+    use std::process::Command;
+
+    /// Huge pages per pattern for the counts (the cost per operation does
+    /// not depend on it beyond the first touch of a chunk).
+    pub const PAGES: u64 = 16;
+
+    /// Is valgrind here?
+    pub fn available() -> bool {
+        Command::new("valgrind")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }
+
+    /// The child's side: run `imp` on `pattern` once (`batch`: the engine's
+    /// batch call on the balloon batches). Returns the operations run.
+    pub fn child(args: &[String]) {
+        let (pat, imp) = (&args[0], &args[1]);
+        if imp == "batch" {
+            let batches = balloon_batches(PAGES, 256, SEED);
+            let e = Engine::new(PAGES);
+            run_batches(&e, &batches);
+            return;
+        }
+        let pat: hugepunch_workload::Pattern = pat.parse().expect("a pattern");
+        let work = workload(pat, PAGES, 1, Sharing::Disjoint, SEED);
+        let t = make(imp, PAGES);
+        run(&*t, &work);
+    }
+
+    /// Instructions per operation of `imp` on `pattern` (`None` if the
+    /// child failed).
+    pub fn per_op(pattern: &str, imp: &str) -> Option<f64> {
+        let ops = if imp == "batch" {
+            (PAGES * 512) as f64
+        } else {
+            let pat: hugepunch_workload::Pattern = pattern.parse().ok()?;
+            workload(pat, PAGES, 1, Sharing::Disjoint, SEED)[0].len() as f64
+        };
+        let out = std::env::temp_dir().join(format!(
+            "hugepunch-report-cg.{}.{pattern}.{imp}",
+            std::process::id()
+        ));
+        let toggle = if imp == "batch" {
+            "hugepunch_benches::run_batches"
+        } else {
+            "hugepunch_benches::run"
+        };
+        let status = Command::new("valgrind")
+            .arg("--tool=callgrind")
+            .arg(format!("--callgrind-out-file={}", out.display()))
+            .arg(format!("--toggle-collect={toggle}"))
+            .arg(std::env::current_exe().ok()?)
+            .args(["--instructions-child", pattern, imp])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .ok()?;
+        let text = std::fs::read_to_string(&out).ok();
+        let _ = std::fs::remove_file(&out);
+        if !status.success() {
+            return None;
+        }
+        let total: f64 = text?
+            .lines()
+            .find_map(|l| l.strip_prefix("summary:"))?
+            .trim()
+            .parse()
+            .ok()?;
+        Some(total / ops)
+    }
+}
+
+fn print_instructions() {
+    use hugepunch_workload::Pattern;
+    if !instructions::available() {
+        println!("instructions per operation: skipped (valgrind is not installed here; callgrind counts them)");
+        println!();
+        return;
+    }
+    let imps: Vec<&str> = std::iter::once("hugepunch")
+        .chain(std::iter::once("hugepunch-private"))
+        .chain(IMPLEMENTATIONS.iter().copied().skip(1))
+        .collect();
+    let mut jobs: Vec<(String, String)> = Vec::new();
+    for pat in PATTERNS {
+        for imp in &imps {
+            jobs.push((pat.name().to_string(), imp.to_string()));
+        }
+    }
+    jobs.push(("balloon".into(), "batch".into()));
+    // Two children at a time (valgrind runs one thread each).
+    let results: Vec<Option<f64>> = {
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let slots: Vec<std::sync::Mutex<Option<f64>>> =
+            jobs.iter().map(|_| std::sync::Mutex::new(None)).collect();
+        std::thread::scope(|s| {
+            for _ in 0..2 {
+                s.spawn(|| loop {
+                    // ORDERING: Relaxed: a work counter; the scope's join
+                    // publishes the results.
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some((p, imp)) = jobs.get(i) else { break };
+                    *slots[i].lock().unwrap() = instructions::per_op(p, imp);
+                });
+            }
+        });
+        slots.into_iter().map(|m| m.into_inner().unwrap()).collect()
+    };
+    let get = |p: &str, imp: &str| {
+        jobs.iter()
+            .position(|(jp, ji)| jp == p && ji == imp)
+            .and_then(|i| results[i])
+    };
+    println!(
+        "instructions per operation (callgrind, 1 thread, {} huge pages; hugepunch-private: every subpage private, the immediate invalidation path):",
+        instructions::PAGES
+    );
+    print!("{:<16}", "pattern");
+    for imp in &imps {
+        print!(" {:>14}", imp);
+    }
+    println!("  {:>9} {:>9}", "vs mutex", "vs dash");
+    for pat in PATTERNS {
+        print!("{:<16}", pat.name());
+        for imp in &imps {
+            match get(pat.name(), imp) {
+                Some(v) => print!(" {v:>14.1}"),
+                None => print!(" {:>14}", "-"),
+            }
+        }
+        let ratio = |b: &str| match (get(pat.name(), "hugepunch"), get(pat.name(), b)) {
+            (Some(e), Some(b)) => format!("{:>8.2}x", b / e),
+            _ => format!("{:>9}", "-"),
+        };
+        println!("  {} {}", ratio("mutex-map"), ratio("dashmap"));
+    }
+    match get("balloon", "batch") {
+        Some(v) => println!(
+            "hugepunch punch_many, batches of 256 scattered 4 KiB subpages of one huge page: {v:.1} instructions per subpage"
+        ),
+        None => println!("hugepunch punch_many: the count failed"),
+    }
+    let _ = Pattern::Ascending;
+    println!("locked read-modify-writes per deferred 4 KiB punch: hugepunch 3 (entry CAS, bitmap fetch_or, exit CAS; the global pending count once per 64 punches without a budget; counted by engine/tests/rmw_count.rs); by construction: mutex-map 2 (lock, unlock), rwlock-map 2, dashmap 2 (its shard's write lock and unlock), atomic-bitmap 1 + the full check, counter-only 1");
+    println!();
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--instructions-child") {
+        instructions::child(&args[i + 1..]);
+        return;
+    }
     let short = args.iter().any(|a| a == "--short");
     let seed = args.iter().position(|a| a == "--seed").map_or(SEED, |i| {
         args.get(i + 1)
@@ -256,8 +417,9 @@ fn main() {
     let floor = (0..reps)
         .map(|_| protocol_floor(1 << 20).as_secs_f64() * 1e9 / (1u64 << 20) as f64)
         .fold(f64::MAX, f64::min);
-    println!("  the punch protocol's 4 read-modify-writes alone: {floor:>6.1} ns");
+    println!("  the punch protocol's 3 read-modify-writes alone: {floor:>6.1} ns");
     println!();
+    print_instructions();
     println!("tracking memory, measured with a counting allocator (bytes per huge page):");
     println!(
         "  hugepunch dense index, 2 MiB huge pages, every one touched : {:>9.1}",
