@@ -683,6 +683,12 @@ impl LinuxHost {
         }
     }
 
+    /// The VM a guest_memfd belongs to (`None` for the other backends): a
+    /// VMM adds its vCPUs and other memslots to it.
+    pub fn kvm(&self) -> Option<&sys::Kvm> {
+        self.kvm.as_ref()
+    }
+
     /// How the file was made.
     pub fn info(&self) -> &FileInfo {
         &self.info

@@ -71,6 +71,7 @@ pub mod pattern;
 pub mod real;
 mod sync;
 pub mod sys;
+pub mod vm;
 
 pub use host::{
     guest_memfd_unavailable, memfd_huge_backing, Backend, Counts, FileInfo, HugeBacking, LinuxHost,

@@ -149,6 +149,9 @@ pub struct Kvm {
     /// The mapping memslot 0 points into, while it is bound: held so that it
     /// cannot be unmapped first.
     memslot: Option<Arc<Mapping>>,
+    /// Ordinary memslots ([`add_memslot`](Self::add_memslot)) and the
+    /// mappings they point into, held for the same reason.
+    plain_slots: std::sync::Mutex<Vec<(u32, Arc<Mapping>)>>,
 }
 
 /// Why a KVM step failed, with the errno.
@@ -198,6 +201,7 @@ impl Kvm {
             vm,
             guest_memfd_flags: flags,
             memslot: None,
+            plain_slots: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -279,10 +283,146 @@ impl Kvm {
     pub fn memslot_bound(&self) -> bool {
         self.memslot.is_some()
     }
+
+    /// Add memslot `slot` (not 0, which is the guest_memfd's) of ordinary
+    /// memory at guest physical address `gpa`: the whole of `map`, with
+    /// `KVM_SET_USER_MEMORY_REGION`. Like memslot 0 it holds its mapping
+    /// until it is deleted, when this `Kvm` is dropped.
+    pub fn add_memslot(&self, slot: u32, gpa: u64, map: &Arc<Mapping>) -> Result<(), KvmError> {
+        let err = |errno| KvmError {
+            step: "KVM_SET_USER_MEMORY_REGION",
+            errno,
+        };
+        let mut slots = self.plain_slots.lock().unwrap_or_else(|p| p.into_inner());
+        if slot == 0 || slots.iter().any(|(s, _)| *s == slot) {
+            return Err(err(libc::EEXIST));
+        }
+        let region = kvm_bindings::kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: gpa,
+            memory_size: map.len() as u64,
+            userspace_addr: map.addr() as u64,
+        };
+        // SAFETY: `userspace_addr .. + memory_size` is exactly the live
+        // mapping `map`. The kernel keeps that pointer for the slot's life,
+        // so the mapping must outlive the slot: `plain_slots` holds an `Arc`
+        // of it until `drop` has deleted the slot (and forever if deleting
+        // fails). The kernel only reads `region`, on our stack for the call.
+        unsafe { self.vm.set_user_memory_region(region) }.map_err(|e| err(e.errno()))?;
+        slots.push((slot, map.clone()));
+        Ok(())
+    }
+
+    /// The CPUID entries KVM supports (`KVM_GET_SUPPORTED_CPUID`), for a
+    /// vCPU that runs in 64-bit mode (KVM accepts `EFER.LME` only when the
+    /// guest's CPUID offers long mode).
+    pub fn supported_cpuid(&self) -> Result<kvm_bindings::CpuId, KvmError> {
+        self._kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| KvmError {
+                step: "KVM_GET_SUPPORTED_CPUID",
+                errno: e.errno(),
+            })
+    }
+}
+
+/// `KVM_GET_STATS_FD` (`_IO(KVMIO, 0xce)`): a file of KVM's binary
+/// statistics of the VM or vCPU `fd` is (Documentation/virt/kvm/api.rst,
+/// "KVM_GET_STATS_FD"; read with [`KvmStats`]).
+pub fn kvm_stats_fd(fd: &impl rustix::fd::AsRawFd) -> Result<OwnedFd, i32> {
+    const KVM_GET_STATS_FD: libc::c_ulong = 0xae << 8 | 0xce;
+    // SAFETY: KVM_GET_STATS_FD takes no argument and returns a new file
+    // descriptor or -1; `fd` is a VM or vCPU descriptor, kept open for the
+    // call by the borrow of its owner.
+    let raw = unsafe { libc::ioctl(fd.as_raw_fd(), KVM_GET_STATS_FD as _) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO));
+    }
+    // SAFETY: `raw` was just returned by a successful KVM_GET_STATS_FD, an
+    // open descriptor nothing else owns; the OwnedFd closes it once.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// KVM's binary statistics of one VM or vCPU: the names and places read
+/// once from the file's header and descriptors, the values read again at
+/// each [`read`](Self::read).
+pub struct KvmStats {
+    fd: OwnedFd,
+    data_offset: u64,
+    /// (name, offset of its first value from `data_offset`).
+    names: Vec<(String, u64)>,
+}
+
+impl KvmStats {
+    /// Open the statistics of the VM or vCPU `fd` and read its descriptors.
+    /// Only single-valued statistics are kept (not histograms).
+    pub fn open(fd: &impl rustix::fd::AsRawFd) -> Result<Self, i32> {
+        let fd = kvm_stats_fd(fd)?;
+        let mut header = [0u8; 24];
+        pread_exact(&fd, &mut header, 0)?;
+        let word = |b: &[u8], i: usize| u32::from_ne_bytes(b[i * 4..i * 4 + 4].try_into().unwrap());
+        let name_size = word(&header, 1) as usize;
+        let num_desc = word(&header, 2) as usize;
+        let desc_offset = word(&header, 4) as u64;
+        let data_offset = word(&header, 5) as u64;
+        let desc_len = 16 + name_size;
+        let mut descs = vec![0u8; desc_len * num_desc];
+        pread_exact(&fd, &mut descs, desc_offset)?;
+        let mut names = Vec::new();
+        for d in descs.chunks_exact(desc_len) {
+            let flags = word(d, 0);
+            let size = u16::from_ne_bytes([d[6], d[7]]);
+            let offset = word(d, 2) as u64;
+            // Bits 0-3 of the flags are the type: 0 cumulative, 1 instant,
+            // 2 peak; 3 and 4 are histograms.
+            if flags & 0xf > 2 || size != 1 {
+                continue;
+            }
+            let name = &d[16..];
+            let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+            names.push((String::from_utf8_lossy(&name[..end]).into_owned(), offset));
+        }
+        Ok(KvmStats {
+            fd,
+            data_offset,
+            names,
+        })
+    }
+
+    /// Every statistic's value now, by name.
+    pub fn read(&self) -> Result<std::collections::BTreeMap<String, u64>, i32> {
+        let mut out = std::collections::BTreeMap::new();
+        let mut word = [0u8; 8];
+        for (name, offset) in &self.names {
+            pread_exact(&self.fd, &mut word, self.data_offset + offset)?;
+            out.insert(name.clone(), u64::from_ne_bytes(word));
+        }
+        Ok(out)
+    }
 }
 
 impl Drop for Kvm {
     fn drop(&mut self) {
+        let slots = std::mem::take(
+            self.plain_slots
+                .get_mut()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        for (slot, map) in slots {
+            let region = kvm_bindings::kvm_userspace_memory_region {
+                slot,
+                ..Default::default()
+            };
+            // SAFETY: a region of size 0 deletes the slot: no address is
+            // handed to the kernel, which only reads `region` for the call.
+            if unsafe { self.vm.set_user_memory_region(region) }.is_err() {
+                // The kernel may still point into the mapping: leak it.
+                std::mem::forget(map);
+            }
+        }
         if self.unbind_memslot().is_err() {
             // The kernel still points into the mapping (through the VM,
             // which the guest_memfd or a vCPU may keep alive after our VM
@@ -460,6 +600,29 @@ impl Mapping {
         // above), memory no Rust allocation owns, so it cannot overlap
         // `buf`, an exclusively borrowed Rust buffer.
         unsafe { volatile_read(self.at(offset), buf) }
+    }
+
+    /// Write `words` at `offset` (8-byte aligned) with volatile stores.
+    pub fn write_u64s(&self, offset: u64, words: &[u64]) {
+        assert!(offset.is_multiple_of(8), "unaligned offset {offset:#x}");
+        self.check(ByteRange::new(offset, words.len() as u64 * 8));
+        let dst = self.at(offset).cast::<u64>();
+        for (i, w) in words.iter().enumerate() {
+            // SAFETY: `dst + i` is an 8-byte-aligned word inside the live,
+            // writable mapping (offset aligned and the range checked above;
+            // the mapping starts page-aligned), memory no Rust allocation
+            // owns and no reference points into.
+            unsafe { std::ptr::write_volatile(dst.add(i), *w) };
+        }
+    }
+
+    /// Write `bytes` at `offset` with volatile stores.
+    pub fn write_bytes(&self, offset: u64, bytes: &[u8]) {
+        self.check(ByteRange::new(offset, bytes.len() as u64));
+        for (i, b) in bytes.iter().enumerate() {
+            // SAFETY: inside the live, writable mapping (checked above).
+            unsafe { std::ptr::write_volatile(self.at(offset + i as u64), *b) };
+        }
     }
 
     /// Read one byte of every 4 KiB page of `r` through the mapping: a read
