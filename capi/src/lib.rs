@@ -18,7 +18,7 @@
 //!   out-parameter is `-EINVAL`, and nothing changes.
 //! * No panic crosses the boundary: every entry point runs under
 //!   `catch_unwind`. A panic inside hugepunch (a bug) returns
-//!   [`HUGEPUNCH_ERR_PANIC`]; the handle stays valid to destroy.
+//!   `-HUGEPUNCH_EPANIC`; the handle stays valid to destroy.
 //! * Host callbacks are C function pointers plus an opaque pointer
 //!   ([`hugepunch_host`]). C cannot unwind, so a callback reports failure
 //!   through its return value; the engine then treats the call exactly as
@@ -82,10 +82,10 @@ pub const HUGEPUNCH_BACKING_HUGE: u32 = 1;
 /// Backing of a huge page: individual 4 KiB pages, some maybe absent.
 pub const HUGEPUNCH_BACKING_SPLIT: u32 = 2;
 
-/// Returned when hugepunch itself panicked (a bug): `-ENOTRECOVERABLE`
-/// on Linux. The operation may have been cut short; the handle stays valid
-/// for every call, and for `hugepunch_destroy`.
-pub const HUGEPUNCH_ERR_PANIC: c_int = -131;
+/// `-HUGEPUNCH_EPANIC` is returned when hugepunch itself panicked (a bug;
+/// `ENOTRECOVERABLE` on Linux). The operation may have been cut short; the
+/// handle stays valid for every call, and for `hugepunch_destroy`.
+pub const HUGEPUNCH_EPANIC: c_int = 131;
 
 const EINVAL: c_int = hugepunch::EINVAL;
 const EIO: c_int = hugepunch::EIO;
@@ -130,7 +130,7 @@ pub struct hugepunch_config {
 /// several threads at once. A callback must not call a mutating function
 /// (`punch`, `convert`, `populate`, `flush`, `teardown`) or `is_punched`,
 /// `subpage_state`, `pending_ranges` on the same file: the engine may be
-/// waiting for it to return. It may call `hugepunch_stats`,
+/// waiting for it to return. It may call `hugepunch_get_stats`,
 /// `hugepunch_max_mapping_order` and `hugepunch_backing`. A callback must
 /// not unwind (no C++ exception, no `longjmp` out of it).
 ///
@@ -185,13 +185,15 @@ pub struct hugepunch_host {
         Option<unsafe extern "C" fn(opaque: *mut c_void, offset: u64, len: u64) -> c_int>,
     /// Allocate backing for the range: a whole huge page (`order` = the
     /// file's) or 4 KiB subpages (`order` = 0). 0 or a negative errno.
-    pub allocate:
-        Option<unsafe extern "C" fn(opaque: *mut c_void, offset: u64, len: u64, order: u8) -> c_int>,
+    pub allocate: Option<
+        unsafe extern "C" fn(opaque: *mut c_void, offset: u64, len: u64, order: u8) -> c_int,
+    >,
     /// Return the range to the system (`fallocate(PUNCH_HOLE |
     /// KEEP_SIZE)`): a whole huge page (`order` = the file's) or 4 KiB
     /// subpages (`order` = 0). 0 or a negative errno.
-    pub free:
-        Option<unsafe extern "C" fn(opaque: *mut c_void, offset: u64, len: u64, order: u8) -> c_int>,
+    pub free: Option<
+        unsafe extern "C" fn(opaque: *mut c_void, offset: u64, len: u64, order: u8) -> c_int,
+    >,
     /// Zero the range (subpages being un-punched) before anyone can read
     /// it.
     pub zero: Option<unsafe extern "C" fn(opaque: *mut c_void, offset: u64, len: u64) -> c_int>,
@@ -295,7 +297,9 @@ fn host_result(rc: c_int) -> Result<(), HostError> {
     if rc == 0 {
         Ok(())
     } else {
-        Err(HostError { errno: errno_of(rc) })
+        Err(HostError {
+            errno: errno_of(rc),
+        })
     }
 }
 
@@ -363,7 +367,7 @@ impl Host for CHost {
 
 /// Run one entry point: no panic leaves it. A failed C callback carried
 /// through the engine comes back as its negative errno; any other panic
-/// (a bug of hugepunch) as [`HUGEPUNCH_ERR_PANIC`].
+/// (a bug of hugepunch) as `-HUGEPUNCH_EPANIC`.
 fn guard(f: impl FnOnce() -> c_int) -> c_int {
     // `AssertUnwindSafe`: the engine keeps its state consistent when a
     // callback fails (the `Host` trait's panic rule), and no state of this
@@ -373,7 +377,7 @@ fn guard(f: impl FnOnce() -> c_int) -> c_int {
         Ok(rc) => rc,
         Err(payload) => match payload.downcast::<CallbackFailed>() {
             Ok(failed) => -failed.0,
-            Err(_) => HUGEPUNCH_ERR_PANIC,
+            Err(_) => -HUGEPUNCH_EPANIC,
         },
     }
 }
@@ -578,7 +582,11 @@ pub unsafe extern "C" fn hugepunch_set_policy(file: *const hugepunch_file, polic
 ///
 /// Every pointer is null or valid for the access its parameter names (a live handle from `hugepunch_new`; out-parameters writable; input arrays readable for their count).
 #[no_mangle]
-pub unsafe extern "C" fn hugepunch_punch(file: *const hugepunch_file, offset: u64, len: u64) -> c_int {
+pub unsafe extern "C" fn hugepunch_punch(
+    file: *const hugepunch_file,
+    offset: u64,
+    len: u64,
+) -> c_int {
     guard(|| {
         // SAFETY: null or a live handle, the caller's promise.
         let Some(f) = (unsafe { file_ref(file) }) else {
@@ -725,7 +733,11 @@ pub unsafe extern "C" fn hugepunch_populate(
 ///
 /// Every pointer is null or valid for the access its parameter names (a live handle from `hugepunch_new`; out-parameters writable; input arrays readable for their count).
 #[no_mangle]
-pub unsafe extern "C" fn hugepunch_flush(file: *const hugepunch_file, offset: u64, len: u64) -> c_int {
+pub unsafe extern "C" fn hugepunch_flush(
+    file: *const hugepunch_file,
+    offset: u64,
+    len: u64,
+) -> c_int {
     guard(|| {
         // SAFETY: null or a live handle, the caller's promise.
         let Some(f) = (unsafe { file_ref(file) }) else {
@@ -953,7 +965,7 @@ pub unsafe extern "C" fn hugepunch_backing(
 ///
 /// Every pointer is null or valid for the access its parameter names (a live handle from `hugepunch_new`; out-parameters writable; input arrays readable for their count).
 #[no_mangle]
-pub unsafe extern "C" fn hugepunch_stats(
+pub unsafe extern "C" fn hugepunch_get_stats(
     file: *const hugepunch_file,
     out: *mut hugepunch_stats,
 ) -> c_int {
