@@ -522,6 +522,24 @@ impl<'a> Page<'a> {
         (prev & mask == 0) as u32
     }
 
+    /// Clear the bit of subpage `sub`; returns 1 if this call cleared it
+    /// (it is the caller's now), else 0. Caller is registered as an
+    /// un-punch. (The 4 KiB case of `clear_bits`.)
+    #[inline]
+    pub fn clear_bit(&self, sub: u32) -> u32 {
+        let mask = 1u64 << (sub % 64);
+        // ORDERING: Release, as in `clear_bits`.
+        let prev = self.words[(sub / 64) as usize].fetch_and(!mask, Ordering::Release);
+        (prev & mask != 0) as u32
+    }
+
+    /// Is subpage `sub`'s bit set? (`read_bits` for one subpage.)
+    #[inline]
+    pub fn bit(&self, sub: u32) -> bool {
+        // ORDERING: Acquire, as in `read_bits`.
+        self.words[(sub / 64) as usize].load(Ordering::Acquire) >> (sub % 64) & 1 != 0
+    }
+
     /// Set the bits `mask` of bitmap word `w`; returns how many this call
     /// set, and the word before. Caller is registered (a `punch_many`
     /// group).

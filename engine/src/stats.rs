@@ -503,6 +503,65 @@ mod shards {
             Some(())
         }
 
+        /// One each of two counters, with no pending change: the fast
+        /// paths of `convert`. `None`: no shard (take the general path).
+        #[inline(always)]
+        pub fn count2(&self, a: usize, b: usize) -> Option<()> {
+            let shard = self.shard()?;
+            for c in [a, b] {
+                // ORDERING: Relaxed load and store: this thread is the
+                // shard's only writer (see `flush`).
+                let v = shard[c].load(Ordering::Relaxed);
+                shard[c].store(v + 1, Ordering::Relaxed);
+            }
+            // No peak to observe: an operation that moves no pending
+            // subpage ends where the last one that did (which observed it)
+            // ended.
+            Some(())
+        }
+
+        /// One of counter `a`: an operation that moves nothing else (a
+        /// populate with nothing to un-punch).
+        #[inline(always)]
+        pub fn count1(&self, a: usize) -> Option<()> {
+            let shard = self.shard()?;
+            // ORDERING: Relaxed load and store: this thread is the
+            // shard's only writer (see `flush`).
+            let v = shard[a].load(Ordering::Relaxed);
+            shard[a].store(v + 1, Ordering::Relaxed);
+            Some(())
+        }
+
+        /// The fast path of a 4 KiB populate that un-punched `k` (0 or 1)
+        /// subpages: its counts and pending change (a decrease: the peak
+        /// does not move), no RMW unless the residue fills.
+        #[inline(always)]
+        pub fn populate_one(&self, k: u64) -> Option<()> {
+            use super::C;
+            let shard = self.shard()?;
+            // ORDERING: Relaxed loads and stores: this thread is the
+            // shard's only writer (see `flush`).
+            let bump = |c: usize, n: u64| {
+                let v = shard[c].load(Ordering::Relaxed);
+                shard[c].store(v.wrapping_add(n), Ordering::Relaxed);
+            };
+            bump(C::PopulateCalls as usize, 1);
+            if k != 0 {
+                bump(C::RepopulatedSubpages as usize, k);
+                // ORDERING: Relaxed: as above.
+                let mut residue = shard[RESIDUE].load(Ordering::Relaxed) as i64 - k as i64;
+                if residue <= -BATCH {
+                    // ORDERING: Relaxed: a counter (exact at quiescent
+                    // points).
+                    self.global.fetch_add(residue, Ordering::Relaxed);
+                    residue = 0;
+                }
+                // ORDERING: Relaxed: as above.
+                shard[RESIDUE].store(residue as u64, Ordering::Relaxed);
+            }
+            Some(())
+        }
+
         pub fn flush(&self, d: &mut Delta) {
             let Some(shard) = self.shard() else {
                 return self.flush_orphan(d);
@@ -607,6 +666,21 @@ mod shards {
             None
         }
 
+        /// No fast path under loom: the general one (`None`).
+        pub fn count2(&self, _a: usize, _b: usize) -> Option<()> {
+            None
+        }
+
+        /// No fast path under loom: the general one (`None`).
+        pub fn count1(&self, _a: usize) -> Option<()> {
+            None
+        }
+
+        /// No fast path under loom: the general one (`None`).
+        pub fn populate_one(&self, _k: u64) -> Option<()> {
+            None
+        }
+
         pub fn flush(&self, d: &mut Delta) {
             while d.touched != 0 {
                 let i = d.touched.trailing_zeros() as usize;
@@ -660,6 +734,31 @@ impl Counters {
     /// Record `pending` subpages as seen at the end of an operation.
     pub fn observe_peak(&self, pending_subpages: i64) {
         self.shards.observe_peak(pending_subpages);
+    }
+
+    /// One each of counters `a` and `b`, for an operation that moves no
+    /// pending subpage (a conversion's fast path); `None`: take the general
+    /// path.
+    #[inline]
+    pub fn count2(&self, a: C, b: C) -> Option<()> {
+        self.shards.count2(a as usize, b as usize)
+    }
+
+    /// One of counter `a`, for an operation that moves nothing else;
+    /// `None`: take the general path.
+    #[inline]
+    pub fn count1(&self, a: C) -> Option<()> {
+        self.shards.count1(a as usize)
+    }
+
+    /// The statistics of a 4 KiB populate that un-punched `k` subpages,
+    /// without a budget; `None`: take the general path.
+    #[inline]
+    pub fn populate_one(&self, k: u64) -> Option<()> {
+        if self.exact {
+            return None;
+        }
+        self.shards.populate_one(k)
     }
 
     /// The statistics of a deferred 4 KiB punch without a budget, in one

@@ -9,6 +9,76 @@ impl HugePunch {
     /// [`Error::PendingPunch`]) or is un-punched and zeroed first
     /// (`CancelAndZero`).
     pub fn convert(&self, offset: u64, len: u64, to: Attribute) -> Result<(), Error> {
+        if let Some(res) = self.convert_fast(offset, len, to) {
+            return res;
+        }
+        self.convert_general(offset, len, to)
+    }
+
+    /// The fast path (issue 13): a valid range of a live file, converted to
+    /// shared, or to private under `Reject` inside one huge page whose
+    /// chunk exists; the same steps as the general path (the mark, the bit
+    /// check, the host call, the unmark) without the per-operation `Delta`,
+    /// the counts going straight to this thread's statistics shard. `None`:
+    /// nothing was done, the general path runs.
+    #[inline(always)]
+    fn convert_fast(&self, offset: u64, len: u64, to: Attribute) -> Option<Result<(), Error>> {
+        let r = self.geo.validate(offset, len)?;
+        self.live().ok()?;
+        let cb = self.callbacks.load();
+        let mut caught = Caught::default();
+        let res = match (to, cb.policy) {
+            (Attribute::Shared, _) => {
+                let _ = caught.call(|| cb.host().set_attributes(r, Attribute::Shared));
+                Ok(())
+            }
+            (Attribute::Private, Policy::Reject) => {
+                let h = self.geo.huge_page_of(offset);
+                if self.geo.huge_page_of(r.end() - 1) != h {
+                    return None;
+                }
+                let page = self.index.existing(h)?;
+                let first = (r.first_subpage() & (page.full() as u64 - 1)) as u32;
+                let count = r.subpages() as u32;
+                let before = page.mark_converting();
+                let pending = if before.mode() != HUGE {
+                    None
+                } else if before.is(COMPLETING) {
+                    Some(first)
+                } else {
+                    page.first_set_bit(first, count)
+                };
+                if pending.is_none() {
+                    let _ = caught.call(|| cb.host().set_attributes(r, Attribute::Private));
+                }
+                page.unmark_converting();
+                match pending {
+                    Some(sub) => Err(Error::PendingPunch {
+                        offset: self.geo.part_range(h, sub, 1).offset,
+                    }),
+                    None => Ok(()),
+                }
+            }
+            (Attribute::Private, Policy::CancelAndZero) => return None,
+        };
+        let verdict = if res.is_ok() {
+            C::ConversionsOk
+        } else {
+            C::ConversionsRejected
+        };
+        if caught.any() || self.counters.count2(C::ConvertCalls, verdict).is_none() {
+            let mut d = Delta::default();
+            d.caught = caught;
+            d.add(C::ConvertCalls, 1);
+            d.add(verdict, 1);
+            self.finish(cb, &mut d, false);
+        }
+        Some(res)
+    }
+
+    /// Every other conversion.
+    #[inline(never)]
+    fn convert_general(&self, offset: u64, len: u64, to: Attribute) -> Result<(), Error> {
         let r = self.check(offset, len)?;
         let cb = self.callbacks.load();
         let mut d = Delta::default();

@@ -9,6 +9,107 @@ impl HugePunch {
     /// allocation): allocate `Absent` huge pages whole, un-punch and zero
     /// punched subpages, allocate absent subpages of `Split` huge pages.
     pub fn populate(&self, offset: u64, len: u64) -> Result<(), Error> {
+        if len == SUBPAGE_SIZE && offset % SUBPAGE_SIZE == 0 && offset < self.geo.size() {
+            if let Some(res) = self.populate_one(offset) {
+                return res;
+            }
+        }
+        self.populate_general(offset, len)
+    }
+
+    /// The fast path (issue 13): one valid 4 KiB subpage of a `HUGE` huge
+    /// page whose chunk exists, on a live file. The same steps as
+    /// `populate_part` (nothing to un-punch: no RMW; otherwise the entry,
+    /// the bit cleared, the subpage zeroed, the exit) without the range
+    /// split or the per-operation `Delta`. Returns `None`, having changed
+    /// nothing, when the general path must run instead; the rare endings
+    /// (a completion claimed, another un-punch in flight, a panicking
+    /// `zero`, a budget, no statistics shard) go on in `populate_one_rest`.
+    #[inline(always)]
+    fn populate_one(&self, offset: u64) -> Option<Result<(), Error>> {
+        self.live().ok()?;
+        let h = self.geo.huge_page_of(offset);
+        let page = self.index.existing(h)?;
+        let sub = (offset >> SUBPAGE_SHIFT) as u32 & (page.full() - 1);
+        let part = PagePart {
+            huge_page: h,
+            first: sub,
+            count: 1,
+        };
+        if nothing_to_unpunch_one(page, sub) {
+            if self.counters.count1(C::PopulateCalls).is_none() {
+                let mut d = Delta::default();
+                d.add(C::PopulateCalls, 1);
+                self.finish(self.callbacks.load(), &mut d, false);
+            }
+            return Some(Ok(()));
+        }
+        let cb = self.callbacks.load();
+        if page.enter(POPULATE_ONE) != Entry::Registered {
+            return None;
+        }
+        let mut caught = Caught::default();
+        let mut k = page.clear_bit(sub);
+        if k == 1 {
+            let r = ByteRange::new(offset, SUBPAGE_SIZE);
+            if caught.call(|| cb.host().zero(r)).is_none() {
+                // A panicking `zero`: the subpage stays punched (net of a
+                // punch that set it again meanwhile), as in `unpunch`.
+                k -= page.set_bit(sub);
+            }
+        }
+        let exit = page.exit(POPULATE_ONE, -(k as i64));
+        if !(exit.claimed_completion
+            || exit.shrink_wanted
+            || exit.after.unpunching() > 0
+            || caught.any())
+            && self.counters.populate_one(k as u64).is_some()
+        {
+            return Some(Ok(()));
+        }
+        Some(self.populate_one_rest(cb, part, page, k, exit, caught))
+    }
+
+    /// The rest of a fast-path populate that needs the general machinery.
+    #[cold]
+    #[inline(never)]
+    fn populate_one_rest(
+        &self,
+        cb: &Callbacks,
+        part: PagePart,
+        page: Page<'_>,
+        k: u32,
+        exit: crate::page::Exit,
+        caught: Caught,
+    ) -> Result<(), Error> {
+        let mut d = Delta::default();
+        d.caught = caught;
+        d.add(C::PopulateCalls, 1);
+        d.add(C::RepopulatedSubpages, k as u64);
+        d.pending -= k as i64;
+        d.shrink_wanted |= exit.shrink_wanted;
+        if exit.claimed_completion {
+            // As in `populate_part`: complete it, then populate again.
+            self.complete(cb, part.huge_page, page, &mut d);
+        }
+        let mut res = Ok(());
+        if !d.caught.any() && (exit.claimed_completion || exit.after.unpunching() > 0) {
+            // The huge page was just freed, or another un-punch may be
+            // zeroing our subpage: the general loop finishes the job (it
+            // allocates, or waits and looks again), as `populate_part`
+            // would have gone on.
+            res = self.populate_part(cb, part, &mut d);
+            if res == Err(Error::TornDown) {
+                d.add(C::ErrorsTornDown, 1);
+            }
+        }
+        self.finish(cb, &mut d, false);
+        res
+    }
+
+    /// Every other populate.
+    #[inline(never)]
+    fn populate_general(&self, offset: u64, len: u64) -> Result<(), Error> {
         let r = self.check(offset, len)?;
         let cb = self.callbacks.load();
         let mut d = Delta::default();
@@ -178,6 +279,14 @@ const POPULATE_ONE: u64 = UNPUNCH_ONE;
 /// completion, which frees a subpage populate un-punched and hands out.
 #[cfg(hugepunch_broken = "unpunch")]
 const POPULATE_ONE: u64 = 0;
+
+/// `nothing_to_unpunch` for one subpage: the same two state loads around
+/// one bit load, without building the set of words.
+#[inline(always)]
+fn nothing_to_unpunch_one(page: Page<'_>, sub: u32) -> bool {
+    let quiet = |s: Snapshot| s.mode() == HUGE && !s.is(COMPLETING | BUSY) && s.unpunching() == 0;
+    quiet(page.load()) && !page.bit(sub) && quiet(page.load())
+}
 
 /// Is there nothing to un-punch in `part`, and no un-punch in flight that
 /// could be zeroing part of it? (The populate fast path: no RMW.)
