@@ -72,9 +72,12 @@ pub mod real;
 mod sync;
 pub mod sys;
 pub mod vm;
+pub mod vm_memory;
 
 pub use host::{
     guest_memfd_unavailable, memfd_huge_backing, Backend, Counts, FileInfo, HugeBacking, LinuxHost,
     MemfdOptions, SetupError, HUGE_PAGE_SIZE,
 };
 pub use real::{RealError, RealReport, RunOptions};
+#[cfg(feature = "vm-memory")]
+pub use vm_memory::{GuestMemoryHost, VmMemoryCounts, VmMemoryError};
