@@ -285,7 +285,11 @@ pub(crate) fn runs(masks: impl IntoIterator<Item = (usize, u64)>) -> Runs {
 }
 
 impl<'a> Page<'a> {
+    /// A view of a huge page of `full` subpages (a power of two) whose
+    /// bitmap is `words`, `ceil(full / 64)` of them (the fast paths index
+    /// them unchecked on that promise).
     pub fn new(state: &'a AtomicU64, words: &'a [AtomicU64], full: u32) -> Self {
+        debug_assert!(full.is_power_of_two() && words.len() == full.div_ceil(64) as usize);
         Page { state, words, full }
     }
 
@@ -405,20 +409,19 @@ impl<'a> Page<'a> {
         const CHECK: u64 = MODE_MASK | COMPLETING | BUSY | REGISTERED | (u64::MAX << COUNT_SHIFT);
         let complete = HUGE | ((self.full as u64) << COUNT_SHIFT);
         let step = ((newly as u64) * COUNT_ONE).wrapping_sub(PUNCH_ONE);
+        // The value the successful CAS wrote (the closure's last call).
+        let mut after = 0;
         // ORDERING: AcqRel, as in `exit`.
         let (prev, _) = self.update(Ordering::AcqRel, |s| {
             let new = s.0.wrapping_add(step) & !WANTED;
-            Some(if new & CHECK == complete {
-                new | COMPLETING
-            } else {
-                new
-            })
+            // `COMPLETING` is clear in `new` (an exit of a registration
+            // never sees it set), so the claim is this bit alone.
+            after = new | (((new & CHECK == complete) as u64) << COMPLETING.trailing_zeros());
+            Some(after)
         });
-        let new = prev.0.wrapping_add(step) & !WANTED;
-        let claimed = new & CHECK == complete;
         Exit {
-            after: Snapshot(if claimed { new | COMPLETING } else { new }),
-            claimed_completion: claimed,
+            after: Snapshot(after),
+            claimed_completion: after & COMPLETING != 0,
             shrink_wanted: prev.is(WANTED),
         }
     }
@@ -518,8 +521,19 @@ impl<'a> Page<'a> {
     pub fn set_bit(&self, sub: u32) -> u32 {
         let mask = 1u64 << (sub % 64);
         // ORDERING: Release, as in `set_bits`.
-        let prev = self.words[(sub / 64) as usize].fetch_or(mask, Ordering::Release);
+        let prev = self.word(sub).fetch_or(mask, Ordering::Release);
         (prev & mask == 0) as u32
+    }
+
+    /// The bitmap word of subpage `sub % full`, without a bounds check.
+    #[inline(always)]
+    fn word(&self, sub: u32) -> &AtomicU64 {
+        let w = ((sub & (self.full - 1)) / 64) as usize;
+        debug_assert!(w < self.words.len());
+        // SAFETY: `full` is a power of two and `words` holds
+        // `ceil(full / 64)` words (the index builds every page so), so
+        // `(sub mod full) / 64` is in bounds.
+        unsafe { self.words.get_unchecked(w) }
     }
 
     /// Clear the bit of subpage `sub`; returns 1 if this call cleared it

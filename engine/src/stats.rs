@@ -134,6 +134,24 @@ impl Delta {
     }
 }
 
+/// This thread's shard of one file, for the counts of the operation
+/// running (see `Counters::punch_one`).
+pub(crate) struct MyShard<'a>(&'a Shard);
+
+impl MyShard<'_> {
+    /// One immediate invalidation (`invalidations` and
+    /// `invalidations_immediate`).
+    #[inline(always)]
+    pub fn count_immediate_invalidation(&self) {
+        for c in [C::Invalidations, C::InvalidationsImmediate] {
+            // ORDERING: Relaxed load and store: this thread is the shard's
+            // only writer.
+            let v = self.0[c as usize].load(Ordering::Relaxed);
+            self.0[c as usize].store(v + 1, Ordering::Relaxed);
+        }
+    }
+}
+
 pub(crate) struct Counters {
     shards: shards::Shards,
     /// Pending changes go to the global count by RMW at once (a budget is
@@ -146,7 +164,7 @@ pub(crate) const BATCH: i64 = 64;
 /// Slot of a shard holding its thread's pending residue (an `i64` stored
 /// as its bits).
 const RESIDUE: usize = N;
-/// Slot of a shard holding the largest pending bytes its threads saw.
+/// Slot of a shard holding the largest pending subpages its threads saw.
 const PEAK: usize = N + 1;
 
 type Shard = CachePadded<[AtomicU64; N + 2]>;
@@ -169,11 +187,12 @@ pub(crate) struct Sum {
 /// Record `bytes` in a shard's peak slot if larger (its owner only writes it).
 #[inline]
 fn raise_peak(slot: &AtomicU64, pending: i64) {
-    let bytes = pending.max(0) as u64 * crate::range::SUBPAGE_SIZE;
+    // In subpages, as an `i64` (a transiently negative estimate never
+    // raises it): no conversion on the hot path.
     // ORDERING: Relaxed load and store: one writer per shard (see
     // `Shards::flush`); a statistic.
-    if bytes > slot.load(Ordering::Relaxed) {
-        slot.store(bytes, Ordering::Relaxed);
+    if pending > slot.load(Ordering::Relaxed) as i64 {
+        slot.store(pending as u64, Ordering::Relaxed);
     }
 }
 
@@ -464,12 +483,12 @@ mod shards {
         }
 
         /// The fast path of a deferred 4 KiB punch (issue 13): its counts
-        /// (`punch_calls`, `punched_subpages`, and `inval` immediate
-        /// invalidations), its pending change and the peak, with one
-        /// look-up of this thread's shard and no RMW unless the residue
-        /// fills. `None`: no shard (the caller takes the general path).
+        /// (`punch_calls`, `punched_subpages`), its pending change and the
+        /// peak, with one look-up of this thread's shard and no RMW unless
+        /// the residue fills. `None`: no shard (the caller takes the
+        /// general path).
         #[inline(always)]
-        pub fn punch_one(&self, newly: u64, inval: u64) -> Option<()> {
+        pub fn punch_one(&self, newly: u64) -> Option<&Shard> {
             use super::C;
             let shard = self.shard()?;
             // ORDERING: Relaxed loads and stores: this thread is the
@@ -479,13 +498,7 @@ mod shards {
                 shard[c].store(v.wrapping_add(n), Ordering::Relaxed);
             };
             bump(C::PunchCalls as usize, 1);
-            if newly != 0 {
-                bump(C::PunchedSubpages as usize, newly);
-            }
-            if inval != 0 {
-                bump(C::Invalidations as usize, inval);
-                bump(C::InvalidationsImmediate as usize, inval);
-            }
+            bump(C::PunchedSubpages as usize, newly);
             // ORDERING: Relaxed: as above.
             let mut residue = shard[RESIDUE].load(Ordering::Relaxed) as i64 + newly as i64;
             let global = if residue >= BATCH {
@@ -500,7 +513,7 @@ mod shards {
             // ORDERING: Relaxed: as above.
             shard[RESIDUE].store(residue as u64, Ordering::Relaxed);
             raise_peak(&shard[PEAK], global + residue);
-            Some(())
+            Some(shard)
         }
 
         /// One each of two counters, with no pending change: the fast
@@ -604,7 +617,8 @@ mod shards {
                 // ORDERING: Relaxed: as above.
                 pending += s[RESIDUE].load(Ordering::Relaxed) as i64;
                 // ORDERING: Relaxed: as above.
-                peak = peak.max(s[PEAK].load(Ordering::Relaxed));
+                let subpages = (s[PEAK].load(Ordering::Relaxed) as i64).max(0) as u64;
+                peak = peak.max(subpages * crate::range::SUBPAGE_SIZE);
             }
             Sum {
                 counts,
@@ -662,7 +676,7 @@ mod shards {
         }
 
         /// No fast path under loom: the general one (`None`).
-        pub fn punch_one(&self, _newly: u64, _inval: u64) -> Option<()> {
+        pub fn punch_one(&self, _newly: u64) -> Option<&Shard> {
             None
         }
 
@@ -763,12 +777,17 @@ impl Counters {
 
     /// The statistics of a deferred 4 KiB punch without a budget, in one
     /// go (see `Shards::punch_one`); `None`: take the general path.
+    ///
+    /// The returned handle is this thread's shard, which stays this
+    /// thread's while `self` is borrowed (host callbacks included: they run
+    /// on this thread, which runs no thread-local destructor meanwhile):
+    /// the punch counts its immediate invalidation through it.
     #[inline]
-    pub fn punch_one(&self, newly: u64, inval: u64) -> Option<()> {
+    pub fn punch_one(&self, newly: u64) -> Option<MyShard<'_>> {
         if self.exact {
             return None;
         }
-        self.shards.punch_one(newly, inval)
+        self.shards.punch_one(newly).map(MyShard)
     }
 
     pub fn snapshot(&self) -> Stats {

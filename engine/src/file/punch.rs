@@ -30,6 +30,10 @@ impl HugePunch {
     /// entry fails and the general path answers `TornDown`; a punch that
     /// races teardown may go ahead on a huge page teardown has not reached
     /// yet, as it may after checking the flag.
+    ///
+    /// The counts are applied before the shared-state check (they do not
+    /// depend on it; only an immediate invalidation adds two more), so that
+    /// little lives across the host call.
     #[inline(always)]
     fn punch_one(&self, offset: u64) -> bool {
         let h = self.geo.huge_page_of(offset);
@@ -37,68 +41,91 @@ impl HugePunch {
             return false;
         };
         let sub = (offset >> SUBPAGE_SHIFT) as u32 & (page.full() - 1);
-        let cb = self.callbacks.load();
         if !page.try_enter_punch() {
             // Nothing changed: the general path decides (it enters again).
             return false;
         }
         let newly = page.set_bit(sub);
         let exit = page.exit_punch(newly);
-        let r = ByteRange::new(offset, SUBPAGE_SIZE);
-        let mut caught = Caught::default();
+        let cb = self.callbacks.load();
+        // Counted here, or in `punch_one_rest` (a completion or the
+        // shrinker to run, a budget, no shard).
+        let shard = if exit.claimed_completion || exit.shrink_wanted {
+            None
+        } else {
+            self.counters.punch_one(newly as u64)
+        };
+        let Some(shard) = shard else {
+            self.punch_one_rest(cb, offset, page, newly, exit);
+            return true;
+        };
         // The shared-state check after the exit, as in `punch_part`.
         #[cfg(not(hugepunch_broken = "conversion"))]
         let converting = exit.after.converting() > 0;
         // BROKEN on purpose, test-only: as in `punch_part`.
         #[cfg(hugepunch_broken = "conversion")]
         let converting = false;
-        let mut inval = 0;
+        let r = ByteRange::new(offset, SUBPAGE_SIZE);
+        let mut caught = Caught::default();
+        // A panic counts as "not shared".
         if converting || !caught.call(|| cb.host().is_shared(r)).unwrap_or(false) {
-            let hint = self.hint(h);
-            if caught
-                .call(|| cb.host().invalidate_begin(r, hint))
-                .is_some()
-            {
-                // A panicking end: the invalidation happened all the same.
-                let _ = caught.call(|| cb.host().invalidate_end(r));
-                inval = 1;
-            }
+            self.invalidate_one(cb, r, h, caught, shard);
         }
-        if !(exit.claimed_completion || exit.shrink_wanted || caught.any())
-            && self.counters.punch_one(newly as u64, inval).is_some()
-        {
-            return true;
-        }
-        self.punch_one_rest(cb, h, page, newly, inval, exit, caught);
         true
     }
 
-    /// The rest of a fast-path punch that needs the general machinery: a
-    /// completion to run, the shrinker, a caught panic, a budget, or no
-    /// statistics shard.
+    /// The immediate invalidation of a fast-path punch (whose other counts
+    /// are applied), counted in this thread's shard; then the first panic
+    /// of the punch's host calls, if any, goes on.
+    #[inline(never)]
+    fn invalidate_one(
+        &self,
+        cb: &Callbacks,
+        r: ByteRange,
+        h: u64,
+        mut caught: Caught,
+        shard: crate::stats::MyShard<'_>,
+    ) {
+        let hint = self.hint(h);
+        if caught
+            .call(|| cb.host().invalidate_begin(r, hint))
+            .is_some()
+        {
+            // A panicking end: the invalidation happened all the same.
+            let _ = caught.call(|| cb.host().invalidate_end(r));
+            shard.count_immediate_invalidation();
+        }
+        // The counts are applied: a host panic may go on now.
+        caught.resume();
+    }
+
+    /// A fast-path punch that needs the general machinery: a completion to
+    /// run, the shrinker, a budget, or no statistics shard. Nothing of it
+    /// is counted yet; it goes on as `punch_part` does after its exit.
     #[cold]
     #[inline(never)]
-    #[allow(clippy::too_many_arguments)]
     fn punch_one_rest(
         &self,
         cb: &Callbacks,
-        h: u64,
+        offset: u64,
         page: Page<'_>,
         newly: u32,
-        inval: u64,
         exit: crate::page::Exit,
-        caught: Caught,
     ) {
+        let h = self.geo.huge_page_of(offset);
+        let r = ByteRange::new(offset, SUBPAGE_SIZE);
         let mut d = Delta::default();
-        d.caught = caught;
         d.add(C::PunchCalls, 1);
         d.add(C::PunchedSubpages, newly as u64);
         d.pending += newly as i64;
-        if inval != 0 {
-            d.add(C::Invalidations, inval);
-            d.add(C::InvalidationsImmediate, inval);
-        }
         d.shrink_wanted |= exit.shrink_wanted;
+        #[cfg(not(hugepunch_broken = "conversion"))]
+        let converting = exit.after.converting() > 0;
+        #[cfg(hugepunch_broken = "conversion")]
+        let converting = false;
+        if (converting || !self.is_shared(cb, r, &mut d)) && self.invalidate(cb, r, h, &mut d) {
+            d.add(C::InvalidationsImmediate, 1);
+        }
         if exit.claimed_completion {
             self.complete(cb, h, page, &mut d);
         }
