@@ -1,4 +1,4 @@
-//! A C ABI for [hugepunch](hugepunch): deferred hole-punch coalescing for
+//! A C ABI for [hugepunch]: deferred hole-punch coalescing for
 //! guest memory backed by huge pages, for VMMs written in C (QEMU).
 //!
 //! The header, `include/hugepunch.h`, is generated from this file by
@@ -22,7 +22,7 @@
 //! * Host callbacks are C function pointers plus an opaque pointer
 //!   ([`hugepunch_host`]). C cannot unwind, so a callback reports failure
 //!   through its return value; the engine then treats the call exactly as
-//!   the [`Host`](hugepunch::Host) trait treats a panicking callback (the
+//!   the [`hugepunch::Host`] trait treats a panicking callback (the
 //!   operation runs to its end with that call failed) and the entry point
 //!   returns the callback's negative errno.
 //!
