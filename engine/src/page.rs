@@ -402,9 +402,11 @@ impl<'a> Page<'a> {
 
     /// The punch exit of the 4 KiB fast path: `exit(PUNCH_ONE, newly)`, the
     /// same single RMW with the completion decided by one mask compare.
+    /// Returns the state word after it (with `COMPLETING` when this exit
+    /// claimed the completion) and whether it cleared `WANTED`.
     #[cfg(not(hugepunch_broken = "completion"))]
     #[inline(always)]
-    pub fn exit_punch(&self, newly: u32) -> Exit {
+    pub fn exit_punch(&self, newly: u32) -> (Snapshot, bool) {
         // `complete`: `HUGE`, nothing registered, no owner, `COUNT == full`.
         const CHECK: u64 = MODE_MASK | COMPLETING | BUSY | REGISTERED | (u64::MAX << COUNT_SHIFT);
         let complete = HUGE | ((self.full as u64) << COUNT_SHIFT);
@@ -419,17 +421,14 @@ impl<'a> Page<'a> {
             after = new | (((new & CHECK == complete) as u64) << COMPLETING.trailing_zeros());
             Some(after)
         });
-        Exit {
-            after: Snapshot(after),
-            claimed_completion: after & COMPLETING != 0,
-            shrink_wanted: prev.is(WANTED),
-        }
+        (Snapshot(after), prev.is(WANTED))
     }
 
     /// The planted bug's exit (see the other `exit`), for the fast path.
     #[cfg(hugepunch_broken = "completion")]
-    pub fn exit_punch(&self, newly: u32) -> Exit {
-        self.exit(PUNCH_ONE, newly as i64)
+    pub fn exit_punch(&self, newly: u32) -> (Snapshot, bool) {
+        let exit = self.exit(PUNCH_ONE, newly as i64);
+        (exit.after, exit.shrink_wanted)
     }
 
     /// Leave a registration taken with `one`, committing `delta` to `COUNT`

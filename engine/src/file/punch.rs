@@ -46,22 +46,24 @@ impl HugePunch {
             return false;
         }
         let newly = page.set_bit(sub);
-        let exit = page.exit_punch(newly);
+        // The state word after the exit (`COMPLETING` set if it claimed
+        // the completion), and whether it cleared `WANTED`.
+        let (after, wanted) = page.exit_punch(newly);
         let cb = self.callbacks.load();
         // Counted here, or in `punch_one_rest` (a completion or the
         // shrinker to run, a budget, no shard).
-        let shard = if exit.claimed_completion || exit.shrink_wanted {
+        let shard = if after.is(COMPLETING) || wanted {
             None
         } else {
             self.counters.punch_one(newly as u64)
         };
         let Some(shard) = shard else {
-            self.punch_one_rest(cb, offset, page, newly, exit);
+            self.punch_one_rest(cb, offset, page, newly, after, wanted);
             return true;
         };
         // The shared-state check after the exit, as in `punch_part`.
         #[cfg(not(hugepunch_broken = "conversion"))]
-        let converting = exit.after.converting() > 0;
+        let converting = after.converting() > 0;
         // BROKEN on purpose, test-only: as in `punch_part`.
         #[cfg(hugepunch_broken = "conversion")]
         let converting = false;
@@ -110,7 +112,8 @@ impl HugePunch {
         offset: u64,
         page: Page<'_>,
         newly: u32,
-        exit: crate::page::Exit,
+        after: Snapshot,
+        wanted: bool,
     ) {
         let h = self.geo.huge_page_of(offset);
         let r = ByteRange::new(offset, SUBPAGE_SIZE);
@@ -118,15 +121,15 @@ impl HugePunch {
         d.add(C::PunchCalls, 1);
         d.add(C::PunchedSubpages, newly as u64);
         d.pending += newly as i64;
-        d.shrink_wanted |= exit.shrink_wanted;
+        d.shrink_wanted |= wanted;
         #[cfg(not(hugepunch_broken = "conversion"))]
-        let converting = exit.after.converting() > 0;
+        let converting = after.converting() > 0;
         #[cfg(hugepunch_broken = "conversion")]
         let converting = false;
         if (converting || !self.is_shared(cb, r, &mut d)) && self.invalidate(cb, r, h, &mut d) {
             d.add(C::InvalidationsImmediate, 1);
         }
-        if exit.claimed_completion {
+        if after.is(COMPLETING) {
             self.complete(cb, h, page, &mut d);
         }
         self.finish(cb, &mut d, true);
