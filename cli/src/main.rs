@@ -9,6 +9,8 @@ mod progress;
 mod real;
 mod report;
 mod svg;
+#[cfg(target_os = "linux")]
+mod vm;
 
 use anyhow::Context as _;
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
@@ -48,6 +50,11 @@ enum Command {
     /// and compare.
     #[cfg(target_os = "linux")]
     Real(real::Args),
+    /// Run a real guest on KVM guest_memfd (vCPUs at CPL3) that gives
+    /// memory back; release it 4 KiB at a time as VMMs do today, then
+    /// through the engine, and compare (needs /dev/kvm).
+    #[cfg(target_os = "linux")]
+    Vm(vm::Args),
 }
 
 /// The trace format in brief, after `replay --help` (docs/CONTRACT.md §7
@@ -351,6 +358,8 @@ fn main() {
         Some(Command::Gen(a)) => gen(a),
         #[cfg(target_os = "linux")]
         Some(Command::Real(a)) => real::run(a),
+        #[cfg(target_os = "linux")]
+        Some(Command::Vm(a)) => vm::run(a),
     };
     if let Err(e) = res {
         eprintln!("hugepunch: error: {}", format!("{e:#}").replace('\n', " "));

@@ -87,7 +87,7 @@ const BOOKKEEPING_PER_SUBPAGE: u64 = 128;
 const RESERVE: u64 = 256 << 20;
 
 /// `MemAvailable` of /proc/meminfo, in bytes, if known.
-fn mem_available() -> Option<u64> {
+pub fn mem_available() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/meminfo").ok()?;
     let kib: u64 = s
         .lines()
@@ -110,7 +110,7 @@ pub fn memory_needed(size: u64) -> u64 {
 /// Refuse a size the machine cannot hold: the files are real memory
 /// (guest_memfd and memfd pages are neither reclaimable nor swapped here),
 /// and running out would end in the kernel's OOM killer with no message.
-fn check_memory(size: u64, available: Option<u64>) -> anyhow::Result<()> {
+pub fn check_memory(size: u64, available: Option<u64>) -> anyhow::Result<()> {
     let Some(available) = available else {
         return Ok(());
     };

@@ -691,3 +691,50 @@ fn real_thp_reports_what_the_kernel_counted() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("split (thp_split_page)"), "{text}");
 }
+
+/// `hugepunch vm` runs a real guest where /dev/kvm offers guest_memfd: both
+/// sides in the JSON, the guest at CPL3, the data checked.
+#[cfg(target_os = "linux")]
+#[test]
+fn vm_runs_a_real_guest_or_says_why_not() {
+    let out = run(&["vm", "--size", "8M", "--vcpus", "2", "--json"]);
+    if let Some(why) = hugepunch_linux::guest_memfd_unavailable() {
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("/dev/kvm") && err.lines().count() == 1,
+            "{why}: {err}"
+        );
+        return;
+    }
+    let v = json(&out);
+    assert_eq!(v["guest_cpl"], 3);
+    assert_eq!(v["vcpus"], 2);
+    let (d, e) = (&v["direct"], &v["engine"]);
+    assert_eq!(d["give_backs"].as_u64(), Some(2048));
+    assert_eq!(e["give_backs"].as_u64(), Some(2048));
+    assert_eq!(d["punch_calls"].as_u64(), Some(2048));
+    assert_eq!(e["punch_calls"].as_u64(), Some(4));
+    assert!(d["kvm"]["remote_tlb_flush_requests"].as_u64().unwrap() >= 2048);
+    let out = run(&["vm", "--size", "8M"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("at CPL3") && text.contains("remote TLB flush requests"),
+        "{text}"
+    );
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn vm_refuses_bad_sizes_and_vcpu_counts_in_one_line() {
+    for args in [
+        &["vm", "--vcpus", "0"][..],
+        &["vm", "--vcpus", "9"][..],
+        &["vm", "--size", "3M"][..],
+    ] {
+        let out = run(args);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+    }
+}

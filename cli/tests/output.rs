@@ -5,9 +5,9 @@
 
 use std::process::{Command, Output};
 
-/// The subcommands (`real` only on Linux).
+/// The subcommands (`real` and `vm` only on Linux).
 const SUBCOMMANDS: &[&str] = if cfg!(target_os = "linux") {
-    &["demo", "replay", "gen", "real"]
+    &["demo", "replay", "gen", "real", "vm"]
 } else {
     &["demo", "replay", "gen"]
 };

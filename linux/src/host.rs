@@ -736,6 +736,15 @@ impl LinuxHost {
         Ok(())
     }
 
+    /// Allocate the whole file with one `fallocate`, not counted in
+    /// [`counts`](Self::counts), without touching it through the backend's
+    /// mapping: for a guest that faults its memory in itself (a guest_memfd
+    /// page a vCPU writes is cleared and marked up to date by KVM). Memory
+    /// the VMM never maps costs nothing to unmap when it is freed.
+    pub fn allocate_all(&self) -> Result<(), HostError> {
+        sys::allocate(&self.fd, 0, self.info.size).map_err(|errno| HostError { errno })
+    }
+
     /// guest_memfd: fault in what `fallocate` just allocated (see the module
     /// documentation).
     fn fault_in(&self, range: ByteRange) {

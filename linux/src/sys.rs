@@ -327,6 +327,19 @@ impl Kvm {
     }
 }
 
+/// A fresh private memfd of `size` bytes, mapped: ordinary memory for a
+/// VM's own memslot (the guest's code and page tables), safe to map
+/// because nothing else can truncate it. Returns the file and its mapping.
+pub fn private_memory(name: &str, size: u64) -> Result<(OwnedFd, Arc<Mapping>), i32> {
+    let fd = memfd(name, size, false)?;
+    let len = usize::try_from(size).map_err(|_| libc::EFBIG)?;
+    // SAFETY: `fd` is the memfd just made and sized to `len` bytes; it is
+    // private to the caller and never truncated (no function here
+    // truncates), and a memfd's pages fault in on any access.
+    let map = unsafe { Mapping::new(&fd, len) }?;
+    Ok((fd, Arc::new(map)))
+}
+
 /// `KVM_GET_STATS_FD` (`_IO(KVMIO, 0xce)`): a file of KVM's binary
 /// statistics of the VM or vCPU `fd` is (Documentation/virt/kvm/api.rst,
 /// "KVM_GET_STATS_FD"; read with [`KvmStats`]).

@@ -27,7 +27,7 @@
 //!
 //! # The guest
 //!
-//! [`GUEST_CODE`] (118 bytes, its source in `guest.S` beside this file)
+//! [`GUEST_CODE`] (130 bytes, its source in `guest.S` beside this file)
 //! interprets a script of 16-byte entries the VMM writes: *fill* a page
 //! (write every 8-byte word with its own address XOR a key), *give back* a
 //! page (an exit with its frame number: the VMM releases it), *take back* a
@@ -38,7 +38,9 @@
 //! order ([`Pattern`]), pages dealt to the vCPUs round-robin by page number
 //! (two vCPUs give back neighbouring pages of the same huge pages), the
 //! guest writing one still-owned page after every eighth give-back (it keeps
-//! running on the rest), then taking back every sixteenth page it gave back.
+//! running on the rest); once every vCPU is done giving back, each takes
+//! back the last sixteenth of the pages it gave, most recent first, as a
+//! balloon deflates.
 //!
 //! # What invalidation means here
 //!
@@ -56,7 +58,7 @@
 use crate::host::{LinuxHost, SetupError};
 use crate::pattern::engine_allocated_bytes;
 use crate::sync::{AtomicU64, Ordering};
-use crate::sys::{self, KvmStats, Mapping};
+use crate::sys::{self, KvmStats};
 use hugepunch::{Attribute, ByteRange, Hint, Host, HostError, HugePunch, SUBPAGE_SIZE};
 use hugepunch_workload::{Op, Pattern};
 use kvm_bindings::{kvm_regs, kvm_segment};
@@ -68,15 +70,16 @@ use std::time::{Duration, Instant};
 /// The guest's code: a script interpreter (source: `vm/guest.S`, assembled
 /// with `as --64` and `objcopy -O binary`; a test re-assembles it where
 /// binutils are installed and compares).
-pub const GUEST_CODE: [u8; 118] = [
+pub const GUEST_CODE: [u8; 130] = [
     0x48, 0x8b, 0x06, 0x48, 0x8b, 0x5e, 0x08, 0x48, 0x83, 0xc6, 0x10, 0x48, 0x83, 0xf8, 0x01, 0x74,
-    0x1e, 0x48, 0x83, 0xf8, 0x02, 0x74, 0x33, 0x48, 0x83, 0xf8, 0x03, 0x74, 0x39, 0x48, 0x83, 0xf8,
-    0x04, 0x75, 0x06, 0x41, 0x89, 0x46, 0x20, 0xeb, 0xd7, 0x41, 0x89, 0x46, 0x18, 0xeb, 0xfa, 0x48,
-    0x89, 0xdf, 0xb9, 0x00, 0x02, 0x00, 0x00, 0x48, 0x89, 0xf8, 0x4c, 0x31, 0xf8, 0x48, 0x89, 0x07,
-    0x48, 0x83, 0xc7, 0x08, 0xff, 0xc9, 0x75, 0xef, 0xeb, 0xb6, 0x48, 0x89, 0xd8, 0x48, 0xc1, 0xe8,
-    0x0c, 0x41, 0x89, 0x06, 0xeb, 0xaa, 0x48, 0x89, 0xd8, 0x48, 0xc1, 0xe8, 0x0c, 0x41, 0x89, 0x46,
-    0x08, 0x48, 0x89, 0xdf, 0xb9, 0x00, 0x02, 0x00, 0x00, 0x31, 0xc0, 0xf3, 0x48, 0xaf, 0x74, 0xbf,
-    0x41, 0x89, 0x46, 0x10, 0xeb, 0xb9,
+    0x2a, 0x48, 0x83, 0xf8, 0x02, 0x74, 0x3f, 0x48, 0x83, 0xf8, 0x03, 0x74, 0x45, 0x48, 0x83, 0xf8,
+    0x04, 0x74, 0x0c, 0x48, 0x83, 0xf8, 0x05, 0x75, 0x0c, 0x41, 0x89, 0x46, 0x28, 0xeb, 0xd1, 0x41,
+    0x89, 0x46, 0x20, 0xeb, 0xcb, 0x41, 0x89, 0x46, 0x18, 0xeb, 0xfa, 0x48, 0x89, 0xdf, 0xb9, 0x00,
+    0x02, 0x00, 0x00, 0x48, 0x89, 0xf8, 0x4c, 0x31, 0xf8, 0x48, 0x89, 0x07, 0x48, 0x83, 0xc7, 0x08,
+    0xff, 0xc9, 0x75, 0xef, 0xeb, 0xaa, 0x48, 0x89, 0xd8, 0x48, 0xc1, 0xe8, 0x0c, 0x41, 0x89, 0x06,
+    0xeb, 0x9e, 0x48, 0x89, 0xd8, 0x48, 0xc1, 0xe8, 0x0c, 0x41, 0x89, 0x46, 0x08, 0x48, 0x89, 0xdf,
+    0xb9, 0x00, 0x02, 0x00, 0x00, 0x31, 0xc0, 0xf3, 0x48, 0xaf, 0x74, 0xbf, 0x41, 0x89, 0x46, 0x10,
+    0xeb, 0xb9,
 ];
 
 /// Guest physical address of the system memslot (code, page tables,
@@ -93,11 +96,13 @@ const EXIT_TAKE: u64 = 1;
 const EXIT_NOT_ZERO: u64 = 2;
 const EXIT_DONE: u64 = 3;
 const EXIT_FILLED: u64 = 4;
+const EXIT_SYNC: u64 = 5;
 
 const OP_FILL: u64 = 1;
 const OP_GIVE: u64 = 2;
 const OP_TAKE: u64 = 3;
 const OP_FILLED: u64 = 4;
+const OP_SYNC: u64 = 5;
 const OP_DONE: u64 = 0;
 
 // System memslot layout (offsets from SYSTEM_GPA).
@@ -113,7 +118,7 @@ const HUGE: u64 = 2 << 20;
 const KEY: u64 = 0x6875_6765_7075_6e63;
 /// The guest writes one still-owned page after this many give-backs.
 const TOUCH_EVERY: usize = 8;
-/// The guest takes back every this-many-th page it gave back.
+/// The guest takes back one in this many of the pages it gave back.
 const TAKE_BACK_EVERY: usize = 16;
 
 /// Why a guest run failed.
@@ -223,8 +228,8 @@ pub struct VmSide {
     pub fallocate_calls: u64,
     /// Of which punches.
     pub punch_calls: u64,
-    /// Bytes released: resident before the guest started minus after
-    /// (`mincore` over the mapping).
+    /// Bytes released: guest memory (all resident after the guest's setup
+    /// fill) minus what is resident at the end (`mincore` over the mapping).
     pub bytes_released: u64,
     /// Bytes given back and still held, deferred (the engine's pending).
     pub pending_bytes: u64,
@@ -315,12 +320,20 @@ fn scripts(opts: &VmOptions, ops: &[Op]) -> Vec<Vec<(u64, u64)>> {
             }
         }
     }
-    // Then take some back, as a balloon deflates.
+    // Once every vCPU has given its pages back, take some back, as a
+    // balloon deflates: the most recently given back first, a sixteenth of
+    // what each vCPU gave.
     for (v, pages) in given.iter().enumerate() {
-        for &p in pages.iter().step_by(TAKE_BACK_EVERY) {
+        scripts[v].push((OP_SYNC, 0));
+        let mut left = pages.len().div_ceil(TAKE_BACK_EVERY);
+        for &p in pages.iter().rev() {
+            if left == 0 {
+                break;
+            }
             if out[p as usize] {
                 out[p as usize] = false;
                 scripts[v].push((OP_TAKE, p * SUBPAGE_SIZE));
+                left -= 1;
             }
         }
     }
@@ -526,6 +539,10 @@ impl Strategy<'_> {
 
 struct Shared<'a> {
     strategy: Strategy<'a>,
+    vcpus: u64,
+    /// Where the vCPUs wait for each other between giving back and taking
+    /// back.
+    barrier: std::sync::Barrier,
     given_back: &'a [AtomicU64],
     done: AtomicU64,
     total: u64,
@@ -595,7 +612,34 @@ fn run_vcpu(id: usize, mut vcpu: kvm_ioctls::VcpuFd, sh: &Shared<'_>) -> Result<
                             step: "fallocate of a taken-back page",
                             errno: e.errno,
                         })?,
-                    Strategy::Engine(engine) => engine.populate(offset, SUBPAGE_SIZE)?,
+                    Strategy::Engine(engine) => {
+                        let hp = engine.huge_page_size();
+                        let h = offset / hp;
+                        let absent = engine.backing(h)? == hugepunch::Backing::Absent;
+                        engine.populate(offset, SUBPAGE_SIZE)?;
+                        if absent {
+                            // The populate allocated the whole huge page
+                            // (SPEC.md, populate). The pages of it this vCPU
+                            // still has given back go back to the engine,
+                            // deferred: no fallocate, no flush. (Only this
+                            // vCPU's own pages: no other thread changes
+                            // their state.)
+                            let first = h * hp / SUBPAGE_SIZE;
+                            let ranges: Vec<(u64, u64)> = (first..first + hp / SUBPAGE_SIZE)
+                                .filter(|&p| p != data && p % sh.vcpus == id as u64)
+                                .filter(|&p| {
+                                    let (w, b) = bit(sh.given_back, p);
+                                    // ORDERING: Relaxed: this thread
+                                    // wrote the bits of its own pages.
+                                    w.load(Ordering::Relaxed) & b != 0
+                                })
+                                .map(|p| (p * SUBPAGE_SIZE, SUBPAGE_SIZE))
+                                .collect();
+                            for (o, l) in ranges {
+                                engine.punch(o, l)?;
+                            }
+                        }
+                    }
                 }
                 r.take_nanos += t.elapsed().as_nanos() as u64;
                 let (w, b) = bit(sh.given_back, data);
@@ -606,6 +650,9 @@ fn run_vcpu(id: usize, mut vcpu: kvm_ioctls::VcpuFd, sh: &Shared<'_>) -> Result<
             }
             EXIT_NOT_ZERO => r.not_zero.push(r.takes),
             EXIT_FILLED => r.started = Some(Instant::now()),
+            EXIT_SYNC => {
+                sh.barrier.wait();
+            }
             EXIT_DONE => {
                 r.finished = Some(Instant::now());
                 return Ok(r);
@@ -666,25 +713,19 @@ fn side(
         ));
     }
     host.set_all(Attribute::Shared);
-    host.populate_all().map_err(|e| VmError::Syscall {
-        step: "fallocate (populate guest memory)",
+    // Allocated, not mapped by the VMM: the guest's setup fill faults every
+    // page in through KVM, as a guest's first touch does.
+    host.allocate_all().map_err(|e| VmError::Syscall {
+        step: "fallocate (allocate guest memory)",
         errno: e.errno,
     })?;
     let kvm = host.kvm().expect("a guest_memfd host has its VM");
     let (sys_size, writes, starts) = system_image(opts.size, scripts);
-    let sys_fd =
-        sys::memfd("hugepunch-vm-system", sys_size, false).map_err(|errno| VmError::Syscall {
-            step: "memfd_create (guest code and page tables)",
+    let (_sys_fd, sys_map) =
+        sys::private_memory("hugepunch-vm-system", sys_size).map_err(|errno| VmError::Syscall {
+            step: "memfd_create + mmap (guest code and page tables)",
             errno,
         })?;
-    // SAFETY: a private memfd this function just made and sized to
-    // `sys_size`; it is never truncated, and its pages fault in on access.
-    let sys_map = Arc::new(unsafe { Mapping::new(&sys_fd, sys_size as usize) }.map_err(
-        |errno| VmError::Syscall {
-            step: "mmap (guest code and page tables)",
-            errno,
-        },
-    )?);
     for (at, words) in &writes {
         sys_map.write_u64s(*at, words);
     }
@@ -719,10 +760,6 @@ fn side(
     for v in &vcpus {
         stats.push(KvmStats::open(v).map_err(stat_err)?);
     }
-    let resident_before = host.resident_bytes().map_err(|errno| VmError::Syscall {
-        step: "mincore",
-        errno,
-    })?;
     let total: u64 = scripts
         .iter()
         .flatten()
@@ -733,6 +770,8 @@ fn side(
             Some(e) => Strategy::Engine(e),
             None => Strategy::Direct(&host),
         },
+        vcpus: opts.vcpus as u64,
+        barrier: std::sync::Barrier::new(opts.vcpus),
         given_back: &given_back,
         done: AtomicU64::new(0),
         total,
@@ -810,6 +849,13 @@ fn side(
                 p * SUBPAGE_SIZE + i as u64 * 8
             )));
         }
+        if let Some(e) = &engine {
+            if e.is_punched(base)? {
+                return Err(check(format!(
+                    "the engine holds guest page {p:#x} as given back, but the guest uses it"
+                )));
+            }
+        }
         data.kept_pages += 1;
     }
     data.taken_back_zeroed = runs.iter().map(|r| r.takes).sum();
@@ -858,7 +904,8 @@ fn side(
         vmm_exits: runs.iter().map(|r| r.exits).sum(),
         fallocate_calls: counts.fallocate_calls() - counts0.fallocate_calls(),
         punch_calls: counts.punch_calls - counts0.punch_calls,
-        bytes_released: resident_before.saturating_sub(resident),
+        // Every page is resident once the guest's setup fill has written it.
+        bytes_released: opts.size.saturating_sub(resident),
         pending_bytes,
         kvm: stats_delta(&before, &after),
         data,
@@ -924,7 +971,7 @@ mod tests {
                 let filled = script.iter().position(|e| e.0 == OP_FILLED).unwrap();
                 for &(op, addr) in &script[filled..] {
                     let p = addr / SUBPAGE_SIZE;
-                    if op != OP_FILLED && op != OP_DONE {
+                    if matches!(op, OP_FILL | OP_GIVE | OP_TAKE) {
                         assert_eq!(p as usize % vcpus, v, "pages dealt round-robin");
                     }
                     match op {
@@ -935,7 +982,18 @@ mod tests {
                 }
             }
             assert!(gave.iter().all(|&g| g == 1), "{vcpus}");
-            assert!(took >= 1024 / TAKE_BACK_EVERY / 2, "{took}");
+            // A sixteenth of what each vCPU gave, rounded up.
+            let want: usize = (0..vcpus)
+                .map(|v| (1024 - v).div_ceil(vcpus).div_ceil(TAKE_BACK_EVERY))
+                .sum();
+            assert_eq!(took, want, "{vcpus}");
+            for script in &s {
+                let sync = script.iter().position(|e| e.0 == OP_SYNC).unwrap();
+                assert!(
+                    script[..sync].iter().all(|e| e.0 != OP_TAKE),
+                    "take-backs only after every vCPU gave back"
+                );
+            }
         }
     }
 
@@ -959,7 +1017,7 @@ mod tests {
     #[test]
     fn page_tables_map_guest_memory_and_the_system_slot() {
         let (sys_size, writes, starts) = system_image(3 << 30, &[vec![(OP_DONE, 0)]]);
-        assert_eq!(sys_size, HUGE);
+        assert_eq!(sys_size, 2 * HUGE, "the scripts start at 2 MiB");
         assert_eq!(starts, vec![SYSTEM_GPA + SCRIPTS]);
         let at = |o: u64| writes.iter().find(|(w, _)| *w == o).unwrap().1.clone();
         assert_eq!(at(PML4)[0], (SYSTEM_GPA + PDPT) | 7);
@@ -967,7 +1025,14 @@ mod tests {
         assert_eq!(pdpt[2], (SYSTEM_GPA + PD_GUEST + 0x2000) | 7);
         assert_eq!(pdpt[256], (SYSTEM_GPA + PD_SYSTEM) | 7);
         assert_eq!(at(PD_GUEST + 0x1000)[1], ((1 << 30) + HUGE) | 0x87);
-        assert_eq!(at(PD_SYSTEM), vec![SYSTEM_GPA | 0x87]);
+        let pd = at(PD_SYSTEM);
+        assert_eq!(pd[..2], [SYSTEM_GPA | 0x87, (SYSTEM_GPA + HUGE) | 0x87]);
+        assert_eq!(
+            pd[2..384],
+            [0; 382],
+            "nothing else mapped but the exit page"
+        );
+        assert_eq!(pd[384], MMIO_GPA | 0x87);
     }
 
     /// The bytes above are what `guest.S` assembles to, where binutils are

@@ -27,7 +27,7 @@ fn guest(vcpus: usize, pattern: &str) -> Option<VmReport> {
 }
 
 fn check(vcpus: usize, pattern: &str) {
-    let _watchdog = Watchdog::arm(&format!("guest {pattern} x{vcpus}"));
+    let _watchdog = Watchdog::arm(&format!("guest {pattern} on {vcpus} vCPUs"));
     let Some(r) = guest(vcpus, pattern) else {
         return;
     };
@@ -90,4 +90,64 @@ fn guest_gives_back_ascending_on_one_vcpu() {
 )]
 fn guest_gives_back_random_on_two_vcpus() {
     check(2, "random");
+}
+
+#[test]
+#[cfg_attr(miri, ignore)]
+#[cfg_attr(
+    hugepunch_no_kvm,
+    ignore = "needs /dev/kvm, which the test build could not open"
+)]
+fn guest_gives_back_strided_and_round_robin_on_two_vcpus() {
+    check(2, "strided");
+    check(2, "round-robin");
+}
+
+/// `pin` keeps one page of every huge page: the engine frees nothing and
+/// holds every given-back page pending, deferring every flush; direct
+/// punching pays a flush request per page.
+#[test]
+#[cfg_attr(miri, ignore)]
+#[cfg_attr(
+    hugepunch_no_kvm,
+    ignore = "needs /dev/kvm, which the test build could not open"
+)]
+fn guest_pin_defers_everything_through_the_engine() {
+    let _watchdog = Watchdog::arm("guest_pin_defers_everything_through_the_engine");
+    let Some(r) = guest(2, "pin") else {
+        return;
+    };
+    let e = &r.engine;
+    assert_eq!(e.punch_calls, 0);
+    assert_eq!(e.bytes_released, 0);
+    assert_eq!(
+        e.pending_bytes,
+        (e.give_backs - e.take_backs) * 4096,
+        "every page given back and not taken back is pending"
+    );
+    assert_eq!(
+        r.direct.bytes_released,
+        (r.direct.give_backs - r.direct.take_backs) * 4096
+    );
+}
+
+#[test]
+#[cfg_attr(miri, ignore)]
+fn bad_guest_options_are_refused() {
+    for (size, vcpus) in [
+        (0, 1),
+        (3 << 20, 1),
+        (128 << 30, 1),
+        (8 << 20, 0),
+        (8 << 20, 9),
+    ] {
+        let opts = VmOptions {
+            size,
+            vcpus,
+            pattern: "ascending".parse().unwrap(),
+            seed: 1,
+        };
+        let e = run(&opts, &|_, _, _| {}).unwrap_err().to_string();
+        assert!(e.contains("2 MiB") || e.contains("vCPUs"), "{e}");
+    }
 }

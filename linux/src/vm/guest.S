@@ -10,6 +10,7 @@
 #   +0  give a page back      +8  take a page back
 #   +16 a taken-back page did not read zeros
 #   +24 done                  +32 setup fill finished
+#   +40 wait for the other vCPUs (between giving back and taking back)
         .code64
         .text
 next:
@@ -23,7 +24,12 @@ next:
         cmp     $3, %rax
         je      take
         cmp     $4, %rax
+        je      filled
+        cmp     $5, %rax
         jne     done
+        mov     %eax, 40(%r14)          # wait for the other vCPUs
+        jmp     next
+filled:
         mov     %eax, 32(%r14)          # the setup fill is over
         jmp     next
 done:

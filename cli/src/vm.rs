@@ -1,0 +1,227 @@
+//! `hugepunch vm`: a real guest on KVM guest_memfd giving memory back, the
+//! VMM releasing it 4 KiB at a time as VMMs do today and through the
+//! engine, side by side (hugepunch-linux's `vm` module does the work).
+
+use anyhow::Context as _;
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use hugepunch_cli::format::{bytes, count, paragraph, table};
+use hugepunch_linux::vm::{VmOptions, VmReport, VmSide};
+use hugepunch_workload::Pattern;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// vCPUs, each on its own thread (pages are dealt to them round-robin,
+    /// so they give back neighbouring pages of the same huge pages).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=8))]
+    vcpus: u8,
+    /// Guest memory (a multiple of 2 MiB, at most 64G).
+    #[arg(long, default_value = "256M", value_parser = crate::number)]
+    size: u64,
+    /// The order in which the guest gives pages back, or all of them one
+    /// after the other.
+    #[arg(long, default_value = "ascending", value_parser = patterns())]
+    pattern: Patterns,
+    /// Seed of the random patterns.
+    #[arg(long, default_value_t = hugepunch_workload::DEFAULT_SEED)]
+    seed: u64,
+    /// One JSON object per pattern.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Patterns(Vec<Pattern>);
+
+fn patterns() -> impl TypedValueParser<Value = Patterns> {
+    PossibleValuesParser::new(crate::pattern_values(true)).map(|s| match s.as_str() {
+        "all" => Patterns(Pattern::ALL.to_vec()),
+        s => Patterns(vec![s
+            .parse()
+            .unwrap_or_else(|_| unreachable!("{s} is a listed name"))]),
+    })
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    if let Some(why) = hugepunch_linux::guest_memfd_unavailable() {
+        anyhow::bail!(
+            "vm needs KVM with mmap()able guest_memfd: {why}. It needs read and write access to \
+             /dev/kvm (root, or the kvm group) and a kernel offering GUEST_MEMFD_FLAG_MMAP and \
+             GUEST_MEMFD_FLAG_INIT_SHARED (Linux 6.18); `hugepunch real` runs without KVM"
+        );
+    }
+    crate::real::check_memory(a.size, crate::real::mem_available())?;
+    for p in a.pattern.0 {
+        let opts = VmOptions {
+            size: a.size,
+            vcpus: a.vcpus.into(),
+            pattern: p,
+            seed: a.seed,
+        };
+        let bar = crate::progress::bar(1, !a.json, "");
+        let report = hugepunch_linux::vm::run(&opts, &|side, done, total| {
+            bar.set_length(total);
+            bar.set_position(done);
+            bar.set_message(format!("{p} {side}"));
+        })
+        .with_context(|| format!("vm {p}"))?;
+        bar.finish_and_clear();
+        if a.json {
+            crate::write_stdout(&format!("{}\n", serde_json::to_string(&report)?))?;
+        } else {
+            crate::write_stdout(&format!("{}\n", render(&report)))?;
+        }
+    }
+    Ok(())
+}
+
+fn seconds(s: f64) -> String {
+    if s >= 1.0 {
+        format!("{s:.3} s")
+    } else if s >= 1e-3 {
+        format!("{:.2} ms", s * 1e3)
+    } else {
+        format!("{:.1} us", s * 1e6)
+    }
+}
+
+/// Per GiB given back.
+fn per_gib(v: f64, s: &VmSide) -> f64 {
+    let gib = (s.give_backs * 4096) as f64 / (1u64 << 30) as f64;
+    if gib > 0.0 {
+        v / gib
+    } else {
+        0.0
+    }
+}
+
+fn stat(s: &VmSide, k: &str) -> u64 {
+    s.kvm.get(k).copied().unwrap_or(0)
+}
+
+fn render(r: &VmReport) -> String {
+    let (d, e) = (&r.direct, &r.engine);
+    let mut out = paragraph(
+        &format!(
+            "hugepunch vm: pattern {} (seed {}), {} of guest_memfd guest memory, {} vCPU{} at \
+             CPL{}, kernel {}, {} CPUs",
+            r.pattern,
+            r.seed,
+            bytes(r.size),
+            r.vcpus,
+            if r.vcpus == 1 { "" } else { "s" },
+            r.guest_cpl,
+            r.kernel,
+            r.cpus
+        ),
+        2,
+    );
+    out += &paragraph(&format!("invalidation: {}", r.invalidation), 2);
+    out.push('\n');
+    let row = |name: &str, a: String, b: String, c: String| vec![name.to_string(), a, b, c];
+    let ratio = |a: f64, b: f64, more: &str| {
+        if b > 0.0 {
+            format!("{:.1}x {more}", a / b)
+        } else {
+            "-".into()
+        }
+    };
+    let counter = |name: &str, key: &str, per: bool| {
+        let (a, b) = (stat(d, key) as f64, stat(e, key) as f64);
+        if per {
+            row(
+                name,
+                count(per_gib(a, d).round() as u64),
+                count(per_gib(b, e).round() as u64),
+                ratio(a, b, "fewer"),
+            )
+        } else {
+            row(name, count(a as u64), count(b as u64), ratio(a, b, "fewer"))
+        }
+    };
+    let rows = vec![
+        row(
+            "wall time (after setup)",
+            seconds(d.wall_seconds),
+            seconds(e.wall_seconds),
+            ratio(d.wall_seconds, e.wall_seconds, "faster"),
+        ),
+        row(
+            "host time releasing",
+            seconds(d.release_seconds),
+            seconds(e.release_seconds),
+            ratio(d.release_seconds, e.release_seconds, "less"),
+        ),
+        row(
+            "  per GiB given back",
+            seconds(per_gib(d.release_seconds, d)),
+            seconds(per_gib(e.release_seconds, e)),
+            String::new(),
+        ),
+        row(
+            "  of which in fallocate",
+            seconds(d.fallocate_seconds),
+            seconds(e.fallocate_seconds),
+            String::new(),
+        ),
+        row(
+            "host time taking back",
+            seconds(d.take_back_seconds),
+            seconds(e.take_back_seconds),
+            String::new(),
+        ),
+        row(
+            "guest time per give-back",
+            format!("{:.1} us", d.guest_us_per_give_back),
+            format!("{:.1} us", e.guest_us_per_give_back),
+            String::new(),
+        ),
+        row(
+            "pages given / taken back",
+            format!("{} / {}", count(d.give_backs), count(d.take_backs)),
+            format!("{} / {}", count(e.give_backs), count(e.take_backs)),
+            String::new(),
+        ),
+        row(
+            "fallocate calls",
+            count(d.fallocate_calls),
+            count(e.fallocate_calls),
+            ratio(d.fallocate_calls as f64, e.fallocate_calls as f64, "fewer"),
+        ),
+        row(
+            "bytes released",
+            bytes(d.bytes_released),
+            bytes(e.bytes_released),
+            String::new(),
+        ),
+        row(
+            "still held, deferred",
+            bytes(d.pending_bytes),
+            bytes(e.pending_bytes),
+            String::new(),
+        ),
+        counter("KVM: exits", "exits", false),
+        counter(
+            "  remote TLB flush requests / GiB",
+            "remote_tlb_flush_requests",
+            true,
+        ),
+        counter("  TLB flushes / GiB", "tlb_flush", true),
+        counter("  page faults taken", "pf_taken", false),
+        row(
+            "guest data kept / zeroed",
+            format!(
+                "{} / {}",
+                count(d.data.kept_pages),
+                count(d.data.taken_back_zeroed)
+            ),
+            format!(
+                "{} / {}",
+                count(e.data.kept_pages),
+                count(e.data.taken_back_zeroed)
+            ),
+            "checked".into(),
+        ),
+    ];
+    out += &table(&["", "direct 4 KiB", "hugepunch", "ratio"], &rows);
+    out
+}
