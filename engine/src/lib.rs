@@ -67,6 +67,18 @@
 //! it; no punch takes that mutex. Statistics are exact whenever no
 //! operation is in flight.
 //!
+//! The hot path: a 4 KiB punch of a huge page that is not complete makes
+//! three locked read-modify-writes (its registration, the bit, the exit
+//! that commits it) and, without a budget, writes no cache line that
+//! threads working on other huge pages write (its statistics, and its
+//! share of the pending count, go to a per-thread shard). [`punch_many`]
+//! punches a list of ranges (a balloon request, a free page report) as one
+//! operation: one registration per run of ranges on one huge page. With no
+//! budget, `pending_bytes_peak` is exact for one thread at a time and
+//! otherwise approximate within a documented bound (`docs/CONTRACT.md`
+//! §5.3).
+//!
+//! [`punch_many`]: HugePunch::punch_many
 //! [`flush`]: HugePunch::flush
 //! [`teardown`]: HugePunch::teardown
 //!
@@ -79,8 +91,8 @@
 //!
 //! # Main types
 //!
-//! * [`HugePunch`]: one file and its operations (`punch`, `convert`,
-//!   `populate`, `flush`, `teardown`) and queries (`is_punched`,
+//! * [`HugePunch`]: one file and its operations (`punch`, `punch_many`,
+//!   `convert`, `populate`, `flush`, `teardown`) and queries (`is_punched`,
 //!   `pending_ranges`, `max_mapping_order`, `stats`).
 //! * [`Config`]: size, huge page order, pending-bytes budget, [`Policy`]
 //!   for conversions to private, initial backing.
@@ -99,6 +111,9 @@
 //!   of the contract and the harness that compares the engine with it after
 //!   every step. Not for production: its host and model keep one entry per
 //!   subpage.
+//! * `rmw-count` (tests only): every atomic of the engine counts its
+//!   read-modify-writes per thread, read by `hugepunch::rmw_count`
+//!   (`engine/tests/rmw_count.rs` asserts the hot path's).
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 #![deny(missing_docs)]
