@@ -1040,3 +1040,33 @@ fn result(r: Result<(), Error>) -> c_int {
         Err(e) => -e.errno(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_panic_leaves_an_entry_point() {
+        // A panic of hugepunch itself (a bug): -HUGEPUNCH_EPANIC.
+        let quiet = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let rc = guard(|| panic!("a bug"));
+        std::panic::set_hook(quiet);
+        assert_eq!(rc, -HUGEPUNCH_EPANIC);
+        // A failed C callback carried through the engine: its errno.
+        assert_eq!(
+            guard(|| resume_unwind(Box::new(CallbackFailed(errno_of(-12))))),
+            -12
+        );
+        assert_eq!(guard(|| 0), 0);
+    }
+
+    #[test]
+    fn callback_results_become_errnos() {
+        assert_eq!(errno_of(-12), 12);
+        assert_eq!(errno_of(1), EIO, "a positive return is a failure");
+        assert_eq!(errno_of(c_int::MIN), EIO, "no overflow");
+        assert_eq!(host_result(0), Ok(()));
+        assert_eq!(host_result(-28), Err(HostError { errno: 28 }));
+    }
+}
