@@ -16,7 +16,9 @@ use loom_tests::{file, model, sub, subs_len};
 const ORDER: u8 = 2; // 4 subpages per huge page
 
 fn four_k(subs: &[u64]) -> Vec<ByteRange> {
-    subs.iter().map(|&s| ByteRange::new(sub(s), subs_len(1))).collect()
+    subs.iter()
+        .map(|&s| ByteRange::new(sub(s), subs_len(1)))
+        .collect()
 }
 
 /// Subpage 3 is punched first; then a batch of subpages 0 and 2 races a
@@ -113,7 +115,10 @@ fn batch_races_convert() {
             }
             Err(e) => {
                 assert_eq!(e, Error::PendingPunch { offset: sub(1) });
-                assert!(pending, "invariant 3: refused over a punch that is not pending");
+                assert!(
+                    pending,
+                    "invariant 3: refused over a punch that is not pending"
+                );
                 assert_eq!(world.state().attrs[1], Attribute::Shared);
             }
         }
@@ -163,7 +168,11 @@ fn populate_races_completing_batch() {
         };
         batch.join().unwrap();
         populate.join().unwrap();
-        assert!(world.whole_frees(0) <= 1, "invariant 1\n{:#?}", world.calls());
+        assert!(
+            world.whole_frees(0) <= 1,
+            "invariant 1\n{:#?}",
+            world.calls()
+        );
         assert_eq!(
             engine.backing(0).unwrap(),
             Backing::Huge,
