@@ -254,7 +254,9 @@ int hugepunch_config_init(struct hugepunch_config *cfg, uint64_t size);
 //
 // # Safety
 //
-// `cfg` and `host` are null or readable; `out` is null or writable; the callbacks are valid, thread-safe functions for `host->opaque` until `hugepunch_destroy`.
+// `cfg` and `host` are null or readable; `out` is null or writable; the
+// callbacks are valid, thread-safe functions for `host->opaque` until
+// `hugepunch_destroy`.
 int hugepunch_new(const struct hugepunch_config *cfg,
                   const struct hugepunch_host *host,
                   struct hugepunch_file **out);
@@ -267,7 +269,8 @@ int hugepunch_new(const struct hugepunch_config *cfg,
 //
 // # Safety
 //
-// `file` is null or a live handle, with no other call on it in flight or to come.
+// `file` is null or a live handle, with no other call on it in flight or
+// to come.
 void hugepunch_destroy(struct hugepunch_file *file);
 
 // Replace the host. Operations that already started finish with the
@@ -280,18 +283,19 @@ void hugepunch_destroy(struct hugepunch_file *file);
 //
 // # Safety
 //
-// `file` is null or a live handle; `host` is null or readable, with callbacks as `hugepunch_new` requires.
-int hugepunch_set_host(const struct hugepunch_file *file,
-                       const struct hugepunch_host *host);
+// `file` is null or a live handle; `host` is null or readable, with
+// callbacks as `hugepunch_new` requires.
+int hugepunch_set_host(const struct hugepunch_file *file, const struct hugepunch_host *host);
 
 // Replace the conversion policy (`HUGEPUNCH_POLICY_*`), with the rules of
 // `hugepunch_set_host`. Returns 0 or `-EINVAL`. Thread-safe.
 //
 // # Safety
 //
-// Every pointer is null or valid for the access its parameter names (a live handle from `hugepunch_new`; out-parameters writable; input arrays readable for their count).
-int hugepunch_set_policy(const struct hugepunch_file *file,
-                         uint32_t policy);
+// Every pointer is null or valid for the access its parameter names (a
+// live handle from `hugepunch_new`; out-parameters writable; input arrays
+// readable for their count).
+int hugepunch_set_policy(const struct hugepunch_file *file, uint32_t policy);
 
 // Punch `offset .. offset + len`: free what can be freed now, defer the
 // rest, complete (free whole) every huge page whose last subpage this
@@ -302,10 +306,10 @@ int hugepunch_set_policy(const struct hugepunch_file *file,
 //
 // # Safety
 //
-// Every pointer is null or valid for the access its parameter names (a live handle from `hugepunch_new`; out-parameters writable; input arrays readable for their count).
-int hugepunch_punch(const struct hugepunch_file *file,
-                    uint64_t offset,
-                    uint64_t len);
+// Every pointer is null or valid for the access its parameter names (a
+// live handle from `hugepunch_new`; out-parameters writable; input arrays
+// readable for their count).
+int hugepunch_punch(const struct hugepunch_file *file, uint64_t offset, uint64_t len);
 
 // Punch a batch of ranges as one operation (virtio-balloon's 256 page
 // frames, a free page report). The batch is validated whole first: an
@@ -318,7 +322,9 @@ int hugepunch_punch(const struct hugepunch_file *file,
 //
 // # Safety
 //
-// Every pointer is null or valid for the access its parameter names (a live handle from `hugepunch_new`; out-parameters writable; input arrays readable for their count).
+// Every pointer is null or valid for the access its parameter names (a
+// live handle from `hugepunch_new`; out-parameters writable; input arrays
+// readable for their count).
 int hugepunch_punch_many(const struct hugepunch_file *file,
                          const struct hugepunch_range *ranges,
                          size_t count,
@@ -335,7 +341,9 @@ int hugepunch_punch_many(const struct hugepunch_file *file,
 //
 // # Safety
 //
-// Every pointer is null or valid for the access its parameter names (a live handle from `hugepunch_new`; out-parameters writable; input arrays readable for their count).
+// Every pointer is null or valid for the access its parameter names (a
+// live handle from `hugepunch_new`; out-parameters writable; input arrays
+// readable for their count).
 int hugepunch_convert(const struct hugepunch_file *file,
                       uint64_t offset,
                       uint64_t len,
@@ -353,7 +361,9 @@ int hugepunch_convert(const struct hugepunch_file *file,
 //
 // # Safety
 //
-// Every pointer is null or valid for the access its parameter names (a live handle from `hugepunch_new`; out-parameters writable; input arrays readable for their count).
+// Every pointer is null or valid for the access its parameter names (a
+// live handle from `hugepunch_new`; out-parameters writable; input arrays
+// readable for their count).
 int hugepunch_populate(const struct hugepunch_file *file,
                        uint64_t offset,
                        uint64_t len,
@@ -368,10 +378,10 @@ int hugepunch_populate(const struct hugepunch_file *file,
 //
 // # Safety
 //
-// Every pointer is null or valid for the access its parameter names (a live handle from `hugepunch_new`; out-parameters writable; input arrays readable for their count).
-int hugepunch_flush(const struct hugepunch_file *file,
-                    uint64_t offset,
-                    uint64_t len);
+// Every pointer is null or valid for the access its parameter names (a
+// live handle from `hugepunch_new`; out-parameters writable; input arrays
+// readable for their count).
+int hugepunch_flush(const struct hugepunch_file *file, uint64_t offset, uint64_t len);
 
 // Guest shutdown: free everything allocated (whole huge pages where they
 // are whole); afterwards every other operation returns `-EIO`. Stores the
@@ -384,9 +394,10 @@ int hugepunch_flush(const struct hugepunch_file *file,
 //
 // # Safety
 //
-// Every pointer is null or valid for the access its parameter names (a live handle from `hugepunch_new`; out-parameters writable; input arrays readable for their count).
-int hugepunch_teardown(const struct hugepunch_file *file,
-                       uint64_t *still_allocated);
+// Every pointer is null or valid for the access its parameter names (a
+// live handle from `hugepunch_new`; out-parameters writable; input arrays
+// readable for their count).
+int hugepunch_teardown(const struct hugepunch_file *file, uint64_t *still_allocated);
 
 // Is the subpage at `offset` punched and pending (`*out`)? A VMM reading
 // guest memory itself must treat it as zeros, and populate before writing
@@ -395,10 +406,10 @@ int hugepunch_teardown(const struct hugepunch_file *file,
 //
 // # Safety
 //
-// Every pointer is null or valid for the access its parameter names (a live handle from `hugepunch_new`; out-parameters writable; input arrays readable for their count).
-int hugepunch_is_punched(const struct hugepunch_file *file,
-                         uint64_t offset,
-                         bool *out);
+// Every pointer is null or valid for the access its parameter names (a
+// live handle from `hugepunch_new`; out-parameters writable; input arrays
+// readable for their count).
+int hugepunch_is_punched(const struct hugepunch_file *file, uint64_t offset, bool *out);
 
 // The state of the subpage at `offset` (`HUGEPUNCH_SUBPAGE_*`, in
 // `*out`). Returns 0, `-EINVAL` or `-EIO`. Thread-safe; moves no
@@ -406,10 +417,10 @@ int hugepunch_is_punched(const struct hugepunch_file *file,
 //
 // # Safety
 //
-// Every pointer is null or valid for the access its parameter names (a live handle from `hugepunch_new`; out-parameters writable; input arrays readable for their count).
-int hugepunch_subpage_state(const struct hugepunch_file *file,
-                            uint64_t offset,
-                            uint32_t *out);
+// Every pointer is null or valid for the access its parameter names (a
+// live handle from `hugepunch_new`; out-parameters writable; input arrays
+// readable for their count).
+int hugepunch_subpage_state(const struct hugepunch_file *file, uint64_t offset, uint32_t *out);
 
 // The punched (pending) runs inside `offset .. offset + len`, in order:
 // the first `min(cap, n)` are written to `out` and `n` to `*count`.
@@ -419,7 +430,9 @@ int hugepunch_subpage_state(const struct hugepunch_file *file,
 //
 // # Safety
 //
-// Every pointer is null or valid for the access its parameter names (a live handle from `hugepunch_new`; out-parameters writable; input arrays readable for their count).
+// Every pointer is null or valid for the access its parameter names (a
+// live handle from `hugepunch_new`; out-parameters writable; input arrays
+// readable for their count).
 int hugepunch_pending_ranges(const struct hugepunch_file *file,
                              uint64_t offset,
                              uint64_t len,
@@ -434,7 +447,9 @@ int hugepunch_pending_ranges(const struct hugepunch_file *file,
 //
 // # Safety
 //
-// Every pointer is null or valid for the access its parameter names (a live handle from `hugepunch_new`; out-parameters writable; input arrays readable for their count).
+// Every pointer is null or valid for the access its parameter names (a
+// live handle from `hugepunch_new`; out-parameters writable; input arrays
+// readable for their count).
 int hugepunch_max_mapping_order(const struct hugepunch_file *file,
                                 uint64_t huge_page,
                                 uint8_t *out);
@@ -445,19 +460,20 @@ int hugepunch_max_mapping_order(const struct hugepunch_file *file,
 //
 // # Safety
 //
-// Every pointer is null or valid for the access its parameter names (a live handle from `hugepunch_new`; out-parameters writable; input arrays readable for their count).
-int hugepunch_backing(const struct hugepunch_file *file,
-                      uint64_t huge_page,
-                      uint32_t *out);
+// Every pointer is null or valid for the access its parameter names (a
+// live handle from `hugepunch_new`; out-parameters writable; input arrays
+// readable for their count).
+int hugepunch_backing(const struct hugepunch_file *file, uint64_t huge_page, uint32_t *out);
 
 // A snapshot of the statistics, in `*out`. Returns 0 or `-EINVAL`.
 // Thread-safe; may be called from a callback; moves no counter.
 //
 // # Safety
 //
-// Every pointer is null or valid for the access its parameter names (a live handle from `hugepunch_new`; out-parameters writable; input arrays readable for their count).
-int hugepunch_get_stats(const struct hugepunch_file *file,
-                        struct hugepunch_stats *out);
+// Every pointer is null or valid for the access its parameter names (a
+// live handle from `hugepunch_new`; out-parameters writable; input arrays
+// readable for their count).
+int hugepunch_get_stats(const struct hugepunch_file *file, struct hugepunch_stats *out);
 
 // The file's size in bytes, its huge page order and huge page size
 // (each out-pointer may be null). Returns 0 or `-EINVAL` (null handle).
@@ -465,7 +481,9 @@ int hugepunch_get_stats(const struct hugepunch_file *file,
 //
 // # Safety
 //
-// Every pointer is null or valid for the access its parameter names (a live handle from `hugepunch_new`; out-parameters writable; input arrays readable for their count).
+// Every pointer is null or valid for the access its parameter names (a
+// live handle from `hugepunch_new`; out-parameters writable; input arrays
+// readable for their count).
 int hugepunch_geometry(const struct hugepunch_file *file,
                        uint64_t *size,
                        uint8_t *order,

@@ -457,7 +457,9 @@ fn policy_of(p: u32) -> Option<Policy> {
 ///
 /// # Safety
 ///
-/// `cfg` and `host` are null or readable; `out` is null or writable; the callbacks are valid, thread-safe functions for `host->opaque` until `hugepunch_destroy`.
+/// `cfg` and `host` are null or readable; `out` is null or writable; the
+/// callbacks are valid, thread-safe functions for `host->opaque` until
+/// `hugepunch_destroy`.
 #[no_mangle]
 pub unsafe extern "C" fn hugepunch_new(
     cfg: *const hugepunch_config,
@@ -510,7 +512,8 @@ pub unsafe extern "C" fn hugepunch_new(
 ///
 /// # Safety
 ///
-/// `file` is null or a live handle, with no other call on it in flight or to come.
+/// `file` is null or a live handle, with no other call on it in flight or
+/// to come.
 #[no_mangle]
 pub unsafe extern "C" fn hugepunch_destroy(file: *mut hugepunch_file) {
     guard(|| {
@@ -533,7 +536,8 @@ pub unsafe extern "C" fn hugepunch_destroy(file: *mut hugepunch_file) {
 ///
 /// # Safety
 ///
-/// `file` is null or a live handle; `host` is null or readable, with callbacks as `hugepunch_new` requires.
+/// `file` is null or a live handle; `host` is null or readable, with
+/// callbacks as `hugepunch_new` requires.
 #[no_mangle]
 pub unsafe extern "C" fn hugepunch_set_host(
     file: *const hugepunch_file,
@@ -558,7 +562,9 @@ pub unsafe extern "C" fn hugepunch_set_host(
 ///
 /// # Safety
 ///
-/// Every pointer is null or valid for the access its parameter names (a live handle from `hugepunch_new`; out-parameters writable; input arrays readable for their count).
+/// Every pointer is null or valid for the access its parameter names (a
+/// live handle from `hugepunch_new`; out-parameters writable; input arrays
+/// readable for their count).
 #[no_mangle]
 pub unsafe extern "C" fn hugepunch_set_policy(file: *const hugepunch_file, policy: u32) -> c_int {
     guard(|| {
@@ -580,7 +586,9 @@ pub unsafe extern "C" fn hugepunch_set_policy(file: *const hugepunch_file, polic
 ///
 /// # Safety
 ///
-/// Every pointer is null or valid for the access its parameter names (a live handle from `hugepunch_new`; out-parameters writable; input arrays readable for their count).
+/// Every pointer is null or valid for the access its parameter names (a
+/// live handle from `hugepunch_new`; out-parameters writable; input arrays
+/// readable for their count).
 #[no_mangle]
 pub unsafe extern "C" fn hugepunch_punch(
     file: *const hugepunch_file,
@@ -610,7 +618,9 @@ const BATCH_ON_STACK: usize = 256;
 ///
 /// # Safety
 ///
-/// Every pointer is null or valid for the access its parameter names (a live handle from `hugepunch_new`; out-parameters writable; input arrays readable for their count).
+/// Every pointer is null or valid for the access its parameter names (a
+/// live handle from `hugepunch_new`; out-parameters writable; input arrays
+/// readable for their count).
 #[no_mangle]
 pub unsafe extern "C" fn hugepunch_punch_many(
     file: *const hugepunch_file,
@@ -661,7 +671,9 @@ pub unsafe extern "C" fn hugepunch_punch_many(
 ///
 /// # Safety
 ///
-/// Every pointer is null or valid for the access its parameter names (a live handle from `hugepunch_new`; out-parameters writable; input arrays readable for their count).
+/// Every pointer is null or valid for the access its parameter names (a
+/// live handle from `hugepunch_new`; out-parameters writable; input arrays
+/// readable for their count).
 #[no_mangle]
 pub unsafe extern "C" fn hugepunch_convert(
     file: *const hugepunch_file,
@@ -700,7 +712,9 @@ pub unsafe extern "C" fn hugepunch_convert(
 ///
 /// # Safety
 ///
-/// Every pointer is null or valid for the access its parameter names (a live handle from `hugepunch_new`; out-parameters writable; input arrays readable for their count).
+/// Every pointer is null or valid for the access its parameter names (a
+/// live handle from `hugepunch_new`; out-parameters writable; input arrays
+/// readable for their count).
 #[no_mangle]
 pub unsafe extern "C" fn hugepunch_populate(
     file: *const hugepunch_file,
@@ -731,7 +745,9 @@ pub unsafe extern "C" fn hugepunch_populate(
 ///
 /// # Safety
 ///
-/// Every pointer is null or valid for the access its parameter names (a live handle from `hugepunch_new`; out-parameters writable; input arrays readable for their count).
+/// Every pointer is null or valid for the access its parameter names (a
+/// live handle from `hugepunch_new`; out-parameters writable; input arrays
+/// readable for their count).
 #[no_mangle]
 pub unsafe extern "C" fn hugepunch_flush(
     file: *const hugepunch_file,
@@ -758,7 +774,9 @@ pub unsafe extern "C" fn hugepunch_flush(
 ///
 /// # Safety
 ///
-/// Every pointer is null or valid for the access its parameter names (a live handle from `hugepunch_new`; out-parameters writable; input arrays readable for their count).
+/// Every pointer is null or valid for the access its parameter names (a
+/// live handle from `hugepunch_new`; out-parameters writable; input arrays
+/// readable for their count).
 #[no_mangle]
 pub unsafe extern "C" fn hugepunch_teardown(
     file: *const hugepunch_file,
@@ -788,7 +806,9 @@ pub unsafe extern "C" fn hugepunch_teardown(
 ///
 /// # Safety
 ///
-/// Every pointer is null or valid for the access its parameter names (a live handle from `hugepunch_new`; out-parameters writable; input arrays readable for their count).
+/// Every pointer is null or valid for the access its parameter names (a
+/// live handle from `hugepunch_new`; out-parameters writable; input arrays
+/// readable for their count).
 #[no_mangle]
 pub unsafe extern "C" fn hugepunch_is_punched(
     file: *const hugepunch_file,
@@ -818,7 +838,9 @@ pub unsafe extern "C" fn hugepunch_is_punched(
 ///
 /// # Safety
 ///
-/// Every pointer is null or valid for the access its parameter names (a live handle from `hugepunch_new`; out-parameters writable; input arrays readable for their count).
+/// Every pointer is null or valid for the access its parameter names (a
+/// live handle from `hugepunch_new`; out-parameters writable; input arrays
+/// readable for their count).
 #[no_mangle]
 pub unsafe extern "C" fn hugepunch_subpage_state(
     file: *const hugepunch_file,
@@ -853,7 +875,9 @@ pub unsafe extern "C" fn hugepunch_subpage_state(
 ///
 /// # Safety
 ///
-/// Every pointer is null or valid for the access its parameter names (a live handle from `hugepunch_new`; out-parameters writable; input arrays readable for their count).
+/// Every pointer is null or valid for the access its parameter names (a
+/// live handle from `hugepunch_new`; out-parameters writable; input arrays
+/// readable for their count).
 #[no_mangle]
 pub unsafe extern "C" fn hugepunch_pending_ranges(
     file: *const hugepunch_file,
@@ -901,7 +925,9 @@ pub unsafe extern "C" fn hugepunch_pending_ranges(
 ///
 /// # Safety
 ///
-/// Every pointer is null or valid for the access its parameter names (a live handle from `hugepunch_new`; out-parameters writable; input arrays readable for their count).
+/// Every pointer is null or valid for the access its parameter names (a
+/// live handle from `hugepunch_new`; out-parameters writable; input arrays
+/// readable for their count).
 #[no_mangle]
 pub unsafe extern "C" fn hugepunch_max_mapping_order(
     file: *const hugepunch_file,
@@ -931,7 +957,9 @@ pub unsafe extern "C" fn hugepunch_max_mapping_order(
 ///
 /// # Safety
 ///
-/// Every pointer is null or valid for the access its parameter names (a live handle from `hugepunch_new`; out-parameters writable; input arrays readable for their count).
+/// Every pointer is null or valid for the access its parameter names (a
+/// live handle from `hugepunch_new`; out-parameters writable; input arrays
+/// readable for their count).
 #[no_mangle]
 pub unsafe extern "C" fn hugepunch_backing(
     file: *const hugepunch_file,
@@ -963,7 +991,9 @@ pub unsafe extern "C" fn hugepunch_backing(
 ///
 /// # Safety
 ///
-/// Every pointer is null or valid for the access its parameter names (a live handle from `hugepunch_new`; out-parameters writable; input arrays readable for their count).
+/// Every pointer is null or valid for the access its parameter names (a
+/// live handle from `hugepunch_new`; out-parameters writable; input arrays
+/// readable for their count).
 #[no_mangle]
 pub unsafe extern "C" fn hugepunch_get_stats(
     file: *const hugepunch_file,
@@ -1011,7 +1041,9 @@ pub unsafe extern "C" fn hugepunch_get_stats(
 ///
 /// # Safety
 ///
-/// Every pointer is null or valid for the access its parameter names (a live handle from `hugepunch_new`; out-parameters writable; input arrays readable for their count).
+/// Every pointer is null or valid for the access its parameter names (a
+/// live handle from `hugepunch_new`; out-parameters writable; input arrays
+/// readable for their count).
 #[no_mangle]
 pub unsafe extern "C" fn hugepunch_geometry(
     file: *const hugepunch_file,
