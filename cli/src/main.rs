@@ -8,6 +8,7 @@ mod progress;
 #[cfg(target_os = "linux")]
 mod real;
 mod report;
+mod stream;
 mod svg;
 #[cfg(target_os = "linux")]
 mod vm;
@@ -45,6 +46,11 @@ enum Command {
     Replay(ReplayArgs),
     /// Write an adversarial trace to stdout (or --output).
     Gen(GenArgs),
+    /// The conversion stream of a confidential guest (SWIOTLB, virtio
+    /// rings, coherent DMA, balloon, free page reporting) handled as VMMs do
+    /// today and through hugepunch, on the kernel model and, with
+    /// --backend, on real memory.
+    Stream(stream::Args),
     /// Run a pattern on real kernel memory (memfd or KVM guest_memfd), once
     /// punching 4 KiB directly as VMMs do today and once through the engine,
     /// and compare.
@@ -356,6 +362,7 @@ fn main() {
         Some(Command::Demo(a)) => demo::run(a),
         Some(Command::Replay(a)) => report::run(a),
         Some(Command::Gen(a)) => gen(a),
+        Some(Command::Stream(a)) => stream::run(a),
         #[cfg(target_os = "linux")]
         Some(Command::Real(a)) => real::run(a),
         #[cfg(target_os = "linux")]

@@ -738,3 +738,79 @@ fn vm_refuses_bad_sizes_and_vcpu_counts_in_one_line() {
         assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
     }
 }
+
+/// `hugepunch stream`: the conversion stream on the kernel model — direct
+/// 4 KiB punching splits huge pages, skipping the discard holds the shared
+/// pages twice, the engine splits none — and its trace replays.
+#[test]
+fn stream_compares_the_ways_a_vmm_handles_conversions() {
+    let trace = tmp("stream.trace", "");
+    let out = run(&[
+        "stream",
+        "--size",
+        "64M",
+        "--dma-churn",
+        "512",
+        "--json",
+        "--write-trace",
+        trace.to_str().unwrap(),
+    ]);
+    let v = json(&out);
+    let rows = v["on_the_model"].as_array().unwrap();
+    let row = |name: &str| rows.iter().find(|r| r["strategy"] == name).unwrap().clone();
+    let (direct, kept, engine) = (row("direct 4 KiB"), row("no discard"), row("hugepunch"));
+    let given = v["given_back_bytes"].as_u64().unwrap();
+    let size = 64u64 << 20;
+    assert_eq!(
+        direct["private_bytes"].as_u64().unwrap(),
+        size - given,
+        "direct punching releases everything given back"
+    );
+    assert!(kept["private_bytes"].as_u64() > direct["private_bytes"].as_u64());
+    assert!(direct["huge_pages_split"].as_u64().unwrap() > 0);
+    assert_eq!(engine["huge_pages_split"].as_u64(), Some(0));
+    assert!(engine["free_calls"].as_u64().unwrap() * 10 < direct["free_calls"].as_u64().unwrap());
+    // The trace it wrote replays, and the engine's statistics agree.
+    let replayed = json(&run(&["replay", trace.to_str().unwrap(), "--json"]));
+    assert_eq!(
+        replayed["stats"]["free_calls"].as_u64(),
+        engine["free_calls"].as_u64(),
+        "{replayed}"
+    );
+    if cfg!(target_os = "linux") {
+        let v = json(&run(&[
+            "stream",
+            "--size",
+            "64M",
+            "--dma-churn",
+            "512",
+            "--backend",
+            "memfd",
+            "--json",
+        ]));
+        let real = &v["on_real_memory"];
+        assert_eq!(real["pattern"], "conversion-stream");
+        assert_eq!(
+            real["direct"]["resident_bytes"].as_u64(),
+            direct["private_bytes"].as_u64(),
+            "the model and the kernel agree on direct punching"
+        );
+        assert_eq!(
+            real["engine"]["resident_bytes"].as_u64(),
+            engine["private_bytes"].as_u64(),
+            "and on the engine"
+        );
+    }
+}
+
+#[test]
+fn stream_refuses_a_bad_model_in_one_line() {
+    let out = run(&["stream", "--size", "64M", "--swiotlb", "48M"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("SWIOTLB") && err.contains("hugepunch stream --help"),
+        "{err}"
+    );
+}

@@ -7,9 +7,9 @@ use std::process::{Command, Output};
 
 /// The subcommands (`real` and `vm` only on Linux).
 const SUBCOMMANDS: &[&str] = if cfg!(target_os = "linux") {
-    &["demo", "replay", "gen", "real", "vm"]
+    &["demo", "replay", "gen", "stream", "real", "vm"]
 } else {
-    &["demo", "replay", "gen"]
+    &["demo", "replay", "gen", "stream"]
 };
 
 const PATTERNS: [&str; 8] = [
@@ -216,7 +216,7 @@ fn help_shows_every_default_and_the_pattern_names() {
                     );
                 }
             }
-            if sub != "replay" {
+            if !matches!(sub, "replay" | "stream") {
                 for p in PATTERNS {
                     assert!(text.contains(p), "{sub} {flag}: pattern {p} not listed");
                 }

@@ -444,12 +444,22 @@ pub fn run_with(opts: &RunOptions) -> Result<RealReport, RealError> {
         huge_page_size: hp,
     })?;
     let ops = ops_in(opts.pattern, geo, opts.seed);
-    let expect = expectations(&ops, opts.size);
-    let touched = touched_huge_pages(&ops, hp);
-    let (direct, host, _) = run_side(opts, &ops, &expect, false)?;
+    run_ops(opts, opts.pattern.name(), &ops)
+}
+
+/// Run `ops` (any workload: the conversion stream, say) like a pattern:
+/// directly, then through the engine, on two fresh files of
+/// `opts.backend` (`opts.pattern` is ignored; `name` names the workload in
+/// the report). The operations must lie inside `opts.size` bytes of the
+/// backend's huge pages.
+pub fn run_ops(opts: &RunOptions, name: &str, ops: &[Op]) -> Result<RealReport, RealError> {
+    let hp = LinuxHost::huge_page_size_of(&opts.backend)?;
+    let expect = expectations(ops, opts.size);
+    let touched = touched_huge_pages(ops, hp);
+    let (direct, host, _) = run_side(opts, ops, &expect, false)?;
     let info = host.info().clone();
     drop(host);
-    let (engine, host, stats) = run_side(opts, &ops, &expect, true)?;
+    let (engine, host, stats) = run_side(opts, ops, &expect, true)?;
     drop(host);
     let ratios = Ratios {
         fallocate_calls: ratio(direct.fallocate_calls as f64, engine.fallocate_calls as f64),
@@ -463,7 +473,7 @@ pub fn run_with(opts: &RunOptions) -> Result<RealReport, RealError> {
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
         backend: opts.backend.clone(),
         size: opts.size,
-        pattern: opts.pattern.name().to_string(),
+        pattern: name.to_string(),
         seed: opts.seed,
         operations: ops.len() as u64,
         huge_backing: info.huge_backing.describe(),

@@ -15,6 +15,9 @@
 //!   directly, a benchmark's tracker).
 //! - [`guest`]: a guest's writes and reads among the operations, for the
 //!   demo, and the demo's workloads.
+//! - [`stream`]: the conversion stream a confidential guest sends
+//!   (SWIOTLB, virtio rings, coherent DMA, balloon, free page reporting),
+//!   from a documented model ([`StreamModel`]).
 //!
 //! ```
 //! use hugepunch::Geometry;
@@ -50,12 +53,14 @@
 pub mod guest;
 pub mod pattern;
 pub mod rng;
+pub mod stream;
 pub mod target;
 pub mod trace;
 
 pub use guest::{demo_window, demo_workloads, run_step, Guest, Step, Workload};
 pub use pattern::{Pattern, UnknownPattern, DEFAULT_SEED};
 pub use rng::Rng;
+pub use stream::{BadModel, StreamModel};
 pub use target::{apply, apply_all, Target};
 pub use trace::{
     number, parse_number, Limits, NumberError, Op, ParseError, Parser, Trace, MAX_LINE_BYTES,
