@@ -502,14 +502,19 @@ impl<'a> Page<'a> {
     /// Set the bits of `first .. first + count`; returns how many were newly
     /// set. Caller is registered (or owns the huge page).
     pub fn set_bits(&self, first: u32, count: u32) -> u32 {
-        let mut newly = 0;
+        // Every bit of the range, less those that were set already
+        // (counted only where there are some: a fresh range needs no
+        // population count).
+        let mut newly = count;
         for (w, mask) in word_masks(first, count) {
             // ORDERING: Release. Among registered operations the entry
             // and exit order the bits; but lock-free readers (the populate
             // fast path, queries) read a bit and then the state word, and a
             // reader that sees this bit must then see our registration.
             let prev = self.words[w].fetch_or(mask, Ordering::Release);
-            newly += ones(mask & !prev);
+            if mask & prev != 0 {
+                newly -= ones(mask & prev);
+            }
         }
         newly
     }

@@ -775,6 +775,18 @@ impl Counters {
         self.shards.populate_one(k)
     }
 
+    /// The statistics of a punch that went the lean way (`newly` bits set,
+    /// `inval` immediate invalidations), without a budget; `None`: take
+    /// the general path.
+    #[inline]
+    pub fn punch_lean(&self, newly: u64, inval: u64) -> Option<()> {
+        let shard = self.punch_one(newly)?;
+        for _ in 0..inval {
+            shard.count_immediate_invalidation();
+        }
+        Some(())
+    }
+
     /// The statistics of a deferred 4 KiB punch without a budget, in one
     /// go (see `Shards::punch_one`); `None`: take the general path.
     ///

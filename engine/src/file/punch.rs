@@ -115,37 +115,153 @@ impl HugePunch {
         after: Snapshot,
         wanted: bool,
     ) {
-        let h = self.geo.huge_page_of(offset);
-        let r = ByteRange::new(offset, SUBPAGE_SIZE);
+        let part = PagePart {
+            huge_page: self.geo.huge_page_of(offset),
+            first: (offset >> SUBPAGE_SHIFT) as u32 & (page.full() - 1),
+            count: 1,
+        };
         let mut d = Delta::default();
         d.add(C::PunchCalls, 1);
-        d.add(C::PunchedSubpages, newly as u64);
-        d.pending += newly as i64;
+        self.after_exit(cb, part, page, newly, after, wanted, &mut d);
+        self.finish(cb, &mut d, true);
+    }
+
+    /// What a partial punch of `part` does after its exit, which set
+    /// `newly` bits and left the state word `after` (`COMPLETING` if it
+    /// claimed the completion), clearing `WANTED` if `wanted`: count, the
+    /// shared-state check and the immediate invalidation, the completion.
+    /// (The body of `punch_part` after its exit, for a partial part.)
+    #[allow(clippy::too_many_arguments)]
+    fn after_exit(
+        &self,
+        cb: &Callbacks,
+        part: PagePart,
+        page: Page<'_>,
+        newly: u32,
+        after: Snapshot,
+        wanted: bool,
+        d: &mut Delta,
+    ) {
+        let h = part.huge_page;
+        let r = self.part_range(part);
         d.shrink_wanted |= wanted;
+        d.pending += newly as i64;
+        d.add(C::PunchedSubpages, newly as u64);
+        // BROKEN on purpose under `hugepunch_broken="conversion"`: as in
+        // `punch_part`.
         #[cfg(not(hugepunch_broken = "conversion"))]
         let converting = after.converting() > 0;
         #[cfg(hugepunch_broken = "conversion")]
         let converting = false;
-        if (converting || !self.is_shared(cb, r, &mut d)) && self.invalidate(cb, r, h, &mut d) {
+        if (converting || !self.is_shared(cb, r, d)) && self.invalidate(cb, r, h, d) {
             d.add(C::InvalidationsImmediate, 1);
         }
         if after.is(COMPLETING) {
-            self.complete(cb, h, page, &mut d);
+            self.complete(cb, h, page, d);
         }
-        self.finish(cb, &mut d, true);
+    }
+
+    /// A partial part of a `HUGE` huge page whose chunk exists, punched
+    /// with the fast entry and exit and no `Delta` (the general path's
+    /// lean half, issue 13): the protocol of `punch_part`.
+    #[inline]
+    fn punch_part_lean<'a>(
+        &'a self,
+        cb: &Callbacks,
+        part: PagePart,
+        caught: &mut Caught,
+    ) -> Lean<'a> {
+        let Some(page) = self.index.existing(part.huge_page) else {
+            return Lean::NotStarted;
+        };
+        if part.count == page.full() || !page.try_enter_punch() {
+            return Lean::NotStarted;
+        }
+        let newly = page.set_bits(part.first, part.count);
+        let (after, wanted) = page.exit_punch(newly);
+        if after.is(COMPLETING) || wanted {
+            return Lean::Exited {
+                page,
+                newly,
+                after,
+                wanted,
+            };
+        }
+        #[cfg(not(hugepunch_broken = "conversion"))]
+        let converting = after.converting() > 0;
+        #[cfg(hugepunch_broken = "conversion")]
+        let converting = false;
+        let r = self.part_range(part);
+        let mut inval = 0;
+        if converting || !caught.call(|| cb.host().is_shared(r)).unwrap_or(false) {
+            let hint = self.hint(part.huge_page);
+            if caught
+                .call(|| cb.host().invalidate_begin(r, hint))
+                .is_some()
+            {
+                // A panicking end: the invalidation happened all the same.
+                let _ = caught.call(|| cb.host().invalidate_end(r));
+                inval = 1;
+            }
+        }
+        Lean::Done { newly, inval }
     }
 
     /// Every other punch: validation, the split per huge page, `punch_part`.
     #[inline(never)]
+    ///
+    /// Its parts go the lean way (`punch_part_lean`: partial parts of
+    /// `HUGE` huge pages, counted together at the end with one look-up of
+    /// this thread's shard) until one cannot; from there on, the
+    /// operation goes on through a `Delta` and `punch_part`, with what the
+    /// lean parts did counted in it.
     fn punch_general(&self, offset: u64, len: u64) -> Result<(), Error> {
         let r = self.check(offset, len)?;
         let cb = self.callbacks.load();
-        let mut d = Delta::default();
-        d.add(C::PunchCalls, 1);
-        for part in self.geo.parts(r) {
-            self.punch_part(cb, part, &mut d);
+        let (mut newly, mut inval) = (0u64, 0u64);
+        let mut caught = Caught::default();
+        let mut parts = self.geo.parts(r);
+        while let Some(part) = parts.next() {
+            let rest = match self.punch_part_lean(cb, part, &mut caught) {
+                Lean::Done { newly: n, inval: i } => {
+                    newly += n as u64;
+                    inval += i;
+                    continue;
+                }
+                rest => rest,
+            };
+            let mut d = Delta::default();
+            d.caught = caught;
+            d.add(C::PunchCalls, 1);
+            d.add(C::PunchedSubpages, newly);
+            d.pending += newly as i64;
+            d.add(C::Invalidations, inval);
+            d.add(C::InvalidationsImmediate, inval);
+            match rest {
+                Lean::Exited {
+                    page,
+                    newly,
+                    after,
+                    wanted,
+                } => self.after_exit(cb, part, page, newly, after, wanted, &mut d),
+                _ => self.punch_part(cb, part, &mut d),
+            }
+            for part in parts {
+                self.punch_part(cb, part, &mut d);
+            }
+            self.finish(cb, &mut d, true);
+            return Ok(());
         }
-        self.finish(cb, &mut d, true);
+        if caught.any() || self.counters.punch_lean(newly, inval).is_none() {
+            let mut d = Delta::default();
+            d.caught = caught;
+            d.add(C::PunchCalls, 1);
+            d.add(C::PunchedSubpages, newly);
+            d.pending += newly as i64;
+            d.add(C::Invalidations, inval);
+            d.add(C::InvalidationsImmediate, inval);
+            self.finish(cb, &mut d, true);
+        }
         Ok(())
     }
 
@@ -273,4 +389,21 @@ impl HugePunch {
             d.pending -= page.full() as i64;
         }
     }
+}
+
+/// How a part went on the lean path.
+enum Lean<'a> {
+    /// Punched and checked: `newly` bits set, `inval` immediate
+    /// invalidations (0 or 1) issued; nothing else to do.
+    Done { newly: u32, inval: u64 },
+    /// Not started (nothing changed): `punch_part` handles it.
+    NotStarted,
+    /// Exited with a completion claimed or `WANTED` cleared: `after_exit`
+    /// goes on.
+    Exited {
+        page: Page<'a>,
+        newly: u32,
+        after: Snapshot,
+        wanted: bool,
+    },
 }
