@@ -18,7 +18,7 @@
 //! less than `BATCH` subpages (256 KiB) per other thread with a residue,
 //! either way (see `docs/CONTRACT.md` §6).
 
-use crate::sync::{AtomicI64, AtomicU64, Ordering};
+use crate::sync::{AtomicU64, Ordering};
 use crate::unwind::Caught;
 use crossbeam_utils::CachePadded;
 use serde::{Deserialize, Serialize};
@@ -160,11 +160,14 @@ pub(crate) struct Counters {
 }
 
 /// Residues of this many subpages (either way) move the global count.
+#[cfg(not(hugepunch_loom))]
 pub(crate) const BATCH: i64 = 64;
 /// Slot of a shard holding its thread's pending residue (an `i64` stored
 /// as its bits).
+#[cfg(not(hugepunch_loom))]
 const RESIDUE: usize = N;
 /// Slot of a shard holding the largest pending subpages its threads saw.
+#[cfg(not(hugepunch_loom))]
 const PEAK: usize = N + 1;
 
 type Shard = CachePadded<[AtomicU64; N + 2]>;
@@ -175,7 +178,8 @@ fn new_shard() -> Shard {
 
 /// The global pending count, shared by the file and by the shards (a
 /// thread's residue is flushed into it when the thread exits).
-type Global = CachePadded<AtomicI64>;
+#[cfg(not(hugepunch_loom))]
+type Global = CachePadded<crate::sync::AtomicI64>;
 
 /// What the sum of the shards says.
 pub(crate) struct Sum {
@@ -186,6 +190,7 @@ pub(crate) struct Sum {
 
 /// Record `bytes` in a shard's peak slot if larger (its owner only writes it).
 #[inline]
+#[cfg(not(hugepunch_loom))]
 fn raise_peak(slot: &AtomicU64, pending: i64) {
     // In subpages, as an `i64` (a transiently negative estimate never
     // raises it): no conversion on the hot path.
@@ -648,7 +653,7 @@ mod shards {
 /// registry add nothing the models need to explore).
 #[cfg(hugepunch_loom)]
 mod shards {
-    use super::{new_shard, Delta, Shard, Sum, N};
+    use super::{new_shard, Delta, Shard, Sum};
     use crate::sync::{AtomicI64, AtomicU64, Ordering};
 
     pub(crate) struct Shards(Shard, AtomicI64, AtomicU64);
