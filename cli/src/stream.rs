@@ -44,6 +44,10 @@ pub struct Args {
     /// Seed of the scattered pages.
     #[arg(long, default_value_t = hugepunch_workload::DEFAULT_SEED)]
     seed: u64,
+    /// Also run the engine with this pending-memory budget (a row of its
+    /// own; on real memory, the engine side uses it) [default: none]
+    #[arg(long, value_parser = crate::number)]
+    budget: Option<u64>,
     /// Also replay it on real memory: memfd, guest-memfd, thp or file
     /// (with --path) [default: none, the kernel model only]
     #[cfg(target_os = "linux")]
@@ -66,7 +70,7 @@ pub struct Args {
 #[derive(Debug, Clone, Serialize)]
 struct ModelRow {
     /// Who does it this way.
-    strategy: &'static str,
+    strategy: String,
     /// Private memory still held at the end (the guest_memfd).
     private_bytes: u64,
     /// Shared memory in use at the end (the same for every strategy).
@@ -123,7 +127,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     // The kernel model: today's VMMs (eager 4 KiB frees), and hugepunch.
     let steps: Vec<Step> = ops.iter().map(|&op| Step::Op(op)).collect();
     let cfg = ModelConfig::new(model.size);
-    let contenders = [
+    let mut contenders = vec![
         Contender {
             kind: StrategyKind::Eager,
             options: Options::default(),
@@ -133,6 +137,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             options: Options::default(),
         },
     ];
+    if let Some(b) = a.budget {
+        contenders.push(Contender {
+            kind: StrategyKind::HugePunch,
+            options: Options {
+                budget: Some(b),
+                ..Options::default()
+            },
+        });
+    }
     let pb = crate::progress::bar((steps.len() * contenders.len()) as u64, !a.json, "model");
     let rows = compare::run_all(cfg, &contenders, &steps, &pb)?;
     pb.finish_and_clear();
@@ -143,8 +156,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             let m = &r.model.memory;
             ModelRow {
                 strategy: match r.strategy {
-                    StrategyKind::Eager => "direct 4 KiB",
-                    _ => "hugepunch",
+                    StrategyKind::Eager => "direct 4 KiB".to_string(),
+                    _ => r.label.clone(),
                 },
                 private_bytes: m.resident_bytes,
                 shared_bytes: shared,
@@ -181,7 +194,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     on_the_model.insert(
         1,
         ModelRow {
-            strategy: "no discard",
+            strategy: "no discard".to_string(),
             private_bytes: m.resident_bytes,
             shared_bytes: shared,
             held_bytes: m.resident_bytes + shared,
@@ -202,7 +215,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 size: model.size,
                 pattern: hugepunch_workload::Pattern::Ascending,
                 seed: model.seed,
-                budget: None,
+                budget: a.budget,
             };
             let r = hugepunch_linux::real::run_ops(&opts, "conversion-stream", &ops)
                 .with_context(|| format!("the conversion stream on {backend}"))?;
@@ -282,7 +295,7 @@ fn render(r: &Report) -> String {
         .iter()
         .map(|x| {
             vec![
-                x.strategy.to_string(),
+                x.strategy.clone(),
                 bytes(x.private_bytes),
                 bytes(x.shared_bytes),
                 bytes(x.held_bytes),
