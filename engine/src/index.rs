@@ -41,6 +41,10 @@ pub(crate) struct Index {
     stride: usize,
     chunk_pages: u64,
     chunk_shift: u32,
+    /// log2 of a huge page's bytes, and of a chunk's: a byte offset
+    /// shifted right by them is its huge page, and its chunk.
+    page_bytes_shift: u32,
+    chunk_bytes_shift: u32,
     initial: u64,
     huge_pages: u64,
     n_chunks: usize,
@@ -112,6 +116,10 @@ impl Index {
             stride,
             chunk_pages,
             chunk_shift: chunk_pages.ilog2(),
+            page_bytes_shift: crate::range::SUBPAGE_SHIFT + geo.order() as u32,
+            chunk_bytes_shift: crate::range::SUBPAGE_SHIFT
+                + geo.order() as u32
+                + chunk_pages.ilog2(),
             initial,
             huge_pages,
             n_chunks,
@@ -278,6 +286,32 @@ impl Index {
         // SAFETY: a directory has `dir_len` pointers, and `c < n_chunks`
         // puts `c & (DIR_CHUNKS - 1)` below it; it lives until `drop`.
         Some(unsafe { &*d.add(c & (DIR_CHUNKS - 1)) })
+    }
+
+    /// The huge page holding byte `offset` (inside the file) if its chunk
+    /// is in directory 0 and exists: `existing` for the 4 KiB fast paths,
+    /// straight from the byte offset (two shifts, one chunk-pointer load).
+    /// `None` also for a chunk beyond directory 0: the caller's general
+    /// path finds it.
+    #[inline(always)]
+    pub fn existing_at(&self, offset: u64) -> Option<Page<'_>> {
+        let c = (offset >> self.chunk_bytes_shift) as usize;
+        if c >= self.dir0_len {
+            return None;
+        }
+        // SAFETY: `dir0` is directory 0, installed in `new`, with
+        // `dir0_len` chunk pointers; it lives until `drop`.
+        let slot = unsafe { &*self.dir0.add(c) };
+        // ORDERING: Acquire, as in `get_or_install`.
+        let chunk = slot.load(Ordering::Acquire);
+        if chunk.is_null() {
+            return None;
+        }
+        let at =
+            ((offset >> self.page_bytes_shift) & (self.chunk_pages - 1)) as usize * self.stride;
+        // SAFETY: an installed chunk (or sentinel) of this index; `at` is
+        // below `chunk_pages * stride`.
+        Some(unsafe { self.page_in(chunk, at) })
     }
 
     /// Huge page `h` if its chunk exists (`None`: it is in the initial

@@ -36,8 +36,7 @@ impl HugePunch {
     /// little lives across the host call.
     #[inline(always)]
     fn punch_one(&self, offset: u64) -> bool {
-        let h = self.geo.huge_page_of(offset);
-        let Some(page) = self.index.existing(h) else {
+        let Some(page) = self.index.existing_at(offset) else {
             return false;
         };
         let sub = (offset >> SUBPAGE_SHIFT) as u32 & (page.full() - 1);
@@ -71,7 +70,7 @@ impl HugePunch {
         let mut caught = Caught::default();
         // A panic counts as "not shared".
         if converting || !caught.call(|| cb.host().is_shared(r)).unwrap_or(false) {
-            self.invalidate_one(cb, r, h, caught, shard);
+            self.invalidate_one(cb, r, self.geo.huge_page_of(offset), caught, shard);
         }
         true
     }
