@@ -50,6 +50,17 @@ pub fn bytes(n: u64) -> String {
     }
 }
 
+/// Seconds for people: `1.234 s`, `15.06 ms`, `26.6 us`.
+pub fn seconds(s: f64) -> String {
+    if s >= 1.0 {
+        format!("{s:.3} s")
+    } else if s >= 1e-3 {
+        format!("{:.2} ms", s * 1e3)
+    } else {
+        format!("{:.1} us", s * 1e6)
+    }
+}
+
 /// A count with thousands separators: `131,072`.
 pub fn count(n: u64) -> String {
     let s = n.to_string();

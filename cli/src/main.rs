@@ -114,6 +114,21 @@ fn pattern_values(all: bool) -> Vec<PossibleValue> {
     v
 }
 
+/// The patterns a `--pattern` of `real` and `vm` names: one, or `all` of
+/// them.
+#[derive(Debug, Clone)]
+struct Patterns(Vec<Pattern>);
+
+/// A pattern name or `all` (listed in `--help`).
+fn patterns_arg() -> impl TypedValueParser<Value = Patterns> {
+    PossibleValuesParser::new(pattern_values(true)).map(|s| match s.as_str() {
+        "all" => Patterns(Pattern::ALL.to_vec()),
+        s => Patterns(vec![s
+            .parse()
+            .unwrap_or_else(|_| unreachable!("{s} is a listed name"))]),
+    })
+}
+
 /// A pattern name (listed in `--help`).
 fn pattern_arg() -> impl TypedValueParser<Value = Pattern> {
     PossibleValuesParser::new(pattern_values(false)).map(|s| {

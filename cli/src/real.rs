@@ -2,10 +2,9 @@
 //! directly and through the engine (hugepunch-linux does the work).
 
 use anyhow::Context as _;
-use clap::builder::{PossibleValuesParser, TypedValueParser};
-use hugepunch_cli::format::{bytes, count, paragraph, table};
+use clap::builder::PossibleValuesParser;
+use hugepunch_cli::format::{bytes, count, paragraph, seconds, table};
 use hugepunch_linux::{Backend, RealReport, RunOptions};
-use hugepunch_workload::Pattern;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -30,8 +29,8 @@ pub struct Args {
     #[arg(long, default_value = "1G", value_parser = crate::number)]
     size: u64,
     /// The pattern, or all of them one after the other.
-    #[arg(long, default_value = "ascending", value_parser = patterns())]
-    pattern: Patterns,
+    #[arg(long, default_value = "ascending", value_parser = crate::patterns_arg())]
+    pattern: crate::Patterns,
     /// Seed of the random patterns (the same operations as `gen` writes
     /// for the same pattern, size and seed).
     #[arg(long, default_value_t = hugepunch_workload::DEFAULT_SEED)]
@@ -39,19 +38,6 @@ pub struct Args {
     /// One JSON object per pattern.
     #[arg(long)]
     json: bool,
-}
-
-/// The patterns `--pattern` names: one, or `all` of them.
-#[derive(Debug, Clone)]
-struct Patterns(Vec<Pattern>);
-
-fn patterns() -> impl TypedValueParser<Value = Patterns> {
-    PossibleValuesParser::new(crate::pattern_values(true)).map(|s| match s.as_str() {
-        "all" => Patterns(Pattern::ALL.to_vec()),
-        s => Patterns(vec![s
-            .parse()
-            .unwrap_or_else(|_| unreachable!("{s} is a listed name"))]),
-    })
 }
 
 /// `--backend` and `--path` together: `file` needs a directory, and only
@@ -204,17 +190,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         ))?;
     }
     Ok(())
-}
-
-/// Seconds for people: `1.234 s`, `15.06 ms`, `26.6 us`.
-fn seconds(s: f64) -> String {
-    if s >= 1.0 {
-        format!("{s:.3} s")
-    } else if s >= 1e-3 {
-        format!("{:.2} ms", s * 1e3)
-    } else {
-        format!("{:.1} us", s * 1e6)
-    }
 }
 
 /// `r`x `more` (r >= 1), or 1/r x `less`; `-` when there is no ratio.

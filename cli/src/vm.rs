@@ -3,10 +3,8 @@
 //! engine, side by side (hugepunch-linux's `vm` module does the work).
 
 use anyhow::Context as _;
-use clap::builder::{PossibleValuesParser, TypedValueParser};
-use hugepunch_cli::format::{bytes, count, paragraph, table};
+use hugepunch_cli::format::{bytes, count, paragraph, seconds, table};
 use hugepunch_linux::vm::{VmOptions, VmReport, VmSide};
-use hugepunch_workload::Pattern;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -19,26 +17,14 @@ pub struct Args {
     size: u64,
     /// The order in which the guest gives pages back, or all of them one
     /// after the other.
-    #[arg(long, default_value = "ascending", value_parser = patterns())]
-    pattern: Patterns,
+    #[arg(long, default_value = "ascending", value_parser = crate::patterns_arg())]
+    pattern: crate::Patterns,
     /// Seed of the random patterns.
     #[arg(long, default_value_t = hugepunch_workload::DEFAULT_SEED)]
     seed: u64,
     /// One JSON object per pattern.
     #[arg(long)]
     json: bool,
-}
-
-#[derive(Debug, Clone)]
-struct Patterns(Vec<Pattern>);
-
-fn patterns() -> impl TypedValueParser<Value = Patterns> {
-    PossibleValuesParser::new(crate::pattern_values(true)).map(|s| match s.as_str() {
-        "all" => Patterns(Pattern::ALL.to_vec()),
-        s => Patterns(vec![s
-            .parse()
-            .unwrap_or_else(|_| unreachable!("{s} is a listed name"))]),
-    })
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -72,16 +58,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-fn seconds(s: f64) -> String {
-    if s >= 1.0 {
-        format!("{s:.3} s")
-    } else if s >= 1e-3 {
-        format!("{:.2} ms", s * 1e3)
-    } else {
-        format!("{:.1} us", s * 1e6)
-    }
 }
 
 /// Per GiB given back.
