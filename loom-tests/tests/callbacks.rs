@@ -3,10 +3,9 @@
 //! to end: every call it makes goes to one host. Concurrent replacements
 //! of the host and of the policy are both kept.
 //!
-//! What loom sees is the callback slot's stand-in under `hugepunch_loom`
-//! (a loom `AtomicPtr` to an immutable set), not `arc-swap`, which is
-//! invisible to loom: this model checks the engine's use of the slot and
-//! the stand-in, not arc-swap itself (see docs/RELIABILITY.md).
+//! What loom sees is the callback slot itself (issue 13: an `AtomicPtr` to
+//! an immutable set, every set kept until the file is dropped, in every
+//! build; it replaced `arc-swap`, which loom could not see).
 #![cfg(hugepunch_loom)]
 
 use hugepunch::{Attribute, Policy};
