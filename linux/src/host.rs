@@ -56,6 +56,7 @@
 //! VMM reads through [`HugePunch::is_punched`](hugepunch::HugePunch::is_punched)
 //! (CONTRACT.md "Queries for the VMM's own accesses").
 
+use crate::attributes::SharedBits;
 use crate::sync::{AtomicI64, AtomicU64, Ordering};
 use crate::sys::{self, Mapping};
 use hugepunch::{Attribute, ByteRange, Hint, Host, HostError, SUBPAGE_SIZE};
@@ -445,7 +446,7 @@ pub struct LinuxHost {
     fd: OwnedFd,
     info: FileInfo,
     /// One bit per subpage, set = shared.
-    shared: Box<[AtomicU64]>,
+    shared: SharedBits,
     /// One bit per 2 MiB huge page: broken by a partial free.
     split: Box<[AtomicU64]>,
     counters: Counters,
@@ -483,9 +484,7 @@ impl LinuxHost {
             kvm,
             map,
             fd,
-            shared: (0..subpages.div_ceil(64))
-                .map(|_| AtomicU64::new(0))
-                .collect(),
+            shared: SharedBits::new(subpages),
             split: (0..(info.size / info.huge_page_size).div_ceil(64))
                 .map(|_| AtomicU64::new(0))
                 .collect(),
@@ -758,11 +757,7 @@ impl LinuxHost {
 
     /// Mark every subpage shared (or private) in the backend's tracking.
     pub fn set_all(&self, to: Attribute) {
-        let v = if to == Attribute::Shared { u64::MAX } else { 0 };
-        for w in self.shared.iter() {
-            // ORDERING: Release, as in `set_attributes`.
-            w.store(v, Ordering::Release);
-        }
+        self.shared.set_all(to);
     }
 
     /// What the backend did so far.
@@ -906,52 +901,17 @@ impl LinuxHost {
             "the engine passed a range outside the file: {r:?}"
         );
     }
-
-    /// Word masks of the subpages of `r`: (word index, mask).
-    fn masks(r: ByteRange) -> impl Iterator<Item = (usize, u64)> {
-        let first = r.first_subpage();
-        let end = first + r.subpages();
-        let mut at = first;
-        std::iter::from_fn(move || {
-            if at >= end {
-                return None;
-            }
-            let w = at / 64;
-            let hi = ((w + 1) * 64).min(end);
-            let n = hi - at;
-            let mask = if n == 64 {
-                u64::MAX
-            } else {
-                ((1u64 << n) - 1) << (at % 64)
-            };
-            at = hi;
-            Some((w as usize, mask))
-        })
-    }
 }
 
 impl Host for LinuxHost {
     fn is_shared(&self, range: ByteRange) -> bool {
         self.check(range);
-        Self::masks(range).all(|(w, mask)| {
-            // ORDERING: Acquire pairs with the Release of `set_attributes`:
-            // a conversion that finished before this check is seen. (The
-            // engine's own converting marks order conversions that are
-            // still in flight; answering from an older value is only ever
-            // "private", the safe answer, for a range turning shared.)
-            self.shared[w].load(Ordering::Acquire) & mask == mask
-        })
+        self.shared.all_shared(range)
     }
 
     fn set_attributes(&self, range: ByteRange, to: Attribute) {
         self.check(range);
-        for (w, mask) in Self::masks(range) {
-            // ORDERING: Release pairs with the Acquire of `is_shared`.
-            match to {
-                Attribute::Shared => self.shared[w].fetch_or(mask, Ordering::Release),
-                Attribute::Private => self.shared[w].fetch_and(!mask, Ordering::Release),
-            };
-        }
+        self.shared.set(range, to);
     }
 
     fn invalidate_begin(&self, range: ByteRange, _hint: Hint) {
@@ -1003,14 +963,6 @@ impl Host for LinuxHost {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn masks_cover_exactly_the_range() {
-        let m: Vec<_> = LinuxHost::masks(ByteRange::new(62 * 4096, 4 * 4096)).collect();
-        assert_eq!(m, vec![(0, 0b11 << 62), (1, 0b11)]);
-        let m: Vec<_> = LinuxHost::masks(ByteRange::new(64 * 4096, 64 * 4096)).collect();
-        assert_eq!(m, vec![(1, u64::MAX)]);
-    }
 
     #[test]
     fn backend_names_round_trip() {

@@ -63,8 +63,9 @@
 //! instead zero the partial pages.
 #![cfg(target_os = "linux")]
 #![deny(clippy::undocumented_unsafe_blocks)]
-#![warn(missing_docs)]
+#![deny(missing_docs)]
 
+mod attributes;
 mod host;
 pub mod kernel;
 pub mod pattern;

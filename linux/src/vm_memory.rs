@@ -58,6 +58,7 @@
 //! ```
 #![cfg(feature = "vm-memory")]
 
+use crate::attributes::SharedBits;
 use crate::HUGE_PAGE_SIZE;
 use hugepunch::{Attribute, ByteRange, Config, Hint, Host, HostError, SUBPAGE_SHIFT, SUBPAGE_SIZE};
 use rustix::fs::FallocateFlags;
@@ -137,7 +138,7 @@ pub struct GuestMemoryHost<B: Bitmap + 'static = ()> {
     /// Is `private` the file `mapping` maps (zero through the mapping)?
     mapped: bool,
     /// One bit per subpage, set = shared.
-    shared: Box<[AtomicU64]>,
+    shared: SharedBits,
     invalidate: Option<InvalidateHook>,
     counters: Counters,
 }
@@ -195,9 +196,7 @@ impl<B: Bitmap + 'static> GuestMemoryHost<B> {
             len,
             private,
             mapped,
-            shared: (0..subpages.div_ceil(64))
-                .map(|_| AtomicU64::new(0))
-                .collect(),
+            shared: SharedBits::new(subpages),
             invalidate: None,
             counters: Counters::default(),
         })
@@ -258,11 +257,7 @@ impl<B: Bitmap + 'static> GuestMemoryHost<B> {
 
     /// Record every subpage as `to` (the VMM's initial attributes).
     pub fn set_all(&self, to: Attribute) {
-        let v = if to == Attribute::Shared { u64::MAX } else { 0 };
-        for w in self.shared.iter() {
-            // ORDERING: Release pairs with the Acquire of `is_shared`.
-            w.store(v, Ordering::Release);
-        }
+        self.shared.set_all(to);
     }
 
     /// What the host did so far.
@@ -278,27 +273,6 @@ impl<B: Bitmap + 'static> GuestMemoryHost<B> {
             zeroed_bytes: get(&c.zeroed_bytes),
             invalidations: get(&c.invalidations),
         }
-    }
-
-    /// `(word, mask)` of the attribute bits of `range`.
-    fn masks(range: ByteRange) -> impl Iterator<Item = (usize, u64)> {
-        let mut at = range.first_subpage();
-        let end = at + range.subpages();
-        std::iter::from_fn(move || {
-            if at >= end {
-                return None;
-            }
-            let w = at / 64;
-            let hi = ((w + 1) * 64).min(end);
-            let n = hi - at;
-            let mask = if n == 64 {
-                u64::MAX
-            } else {
-                ((1u64 << n) - 1) << (at % 64)
-            };
-            at = hi;
-            Some((w as usize, mask))
-        })
     }
 
     fn check(&self, range: ByteRange) {
@@ -343,23 +317,12 @@ static ZEROS: [u8; 4096] = [0; 4096];
 impl<B: Bitmap + Send + Sync + 'static> Host for GuestMemoryHost<B> {
     fn is_shared(&self, range: ByteRange) -> bool {
         self.check(range);
-        Self::masks(range).all(|(w, mask)| {
-            // ORDERING: Acquire pairs with the Release of `set_attributes`:
-            // a conversion that finished before this check is seen; an
-            // older value is only ever "private", the safe answer.
-            self.shared[w].load(Ordering::Acquire) & mask == mask
-        })
+        self.shared.all_shared(range)
     }
 
     fn set_attributes(&self, range: ByteRange, to: Attribute) {
         self.check(range);
-        for (w, mask) in Self::masks(range) {
-            // ORDERING: Release pairs with the Acquire of `is_shared`.
-            match to {
-                Attribute::Shared => self.shared[w].fetch_or(mask, Ordering::Release),
-                Attribute::Private => self.shared[w].fetch_and(!mask, Ordering::Release),
-            };
-        }
+        self.shared.set(range, to);
     }
 
     fn invalidate_begin(&self, range: ByteRange, hint: Hint) {
