@@ -238,6 +238,10 @@ fn op_strategy(setup: &Setup) -> BoxedStrategy<Op> {
         1 => range(setup).prop_map(|(o, l)| Op::PendingRanges(o, l)),
         1 => prop_oneof![0..hps + 2, Just(u64::MAX)].prop_map(Op::Backing),
         1 => prop_oneof![0..hps + 2, Just(u64::MAX)].prop_map(Op::MaxMappingOrder),
+        // `punch_many` (issue 13): compared with its ranges one by one but
+        // for its invalidations and its peak (`testing::run_case`).
+        3 => (0..setup.subpages(), 0u8..=40, 1u64..=9, prop_oneof![9 => Just(u8::MAX), 1 => 0u8..40])
+            .prop_map(|(first, count, step, invalid_at)| Op::PunchMany { first, count, step, invalid_at }),
     ]
     .boxed()
 }

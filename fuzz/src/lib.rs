@@ -122,10 +122,19 @@ pub fn decode_op(setup: &Setup, k: u8, a: u8, b: u8) -> Op {
         }
     };
     match k % 16 {
-        0..=3 => {
+        0..=2 => {
             let (o, l) = range();
             Op::Punch(o, l)
         }
+        // A batch (issue 13): up to 16 ranges of 4 KiB from subpage `a`,
+        // 1 to 16 subpages apart (`b`'s halves); `a == 255`: the range at
+        // index `b % 16` is invalid.
+        3 => Op::PunchMany {
+            first: u64::from(a) % n,
+            count: 1 + (b & 15),
+            step: 1 + u64::from(b >> 4),
+            invalid_at: if a == 255 { b & 15 } else { u8::MAX },
+        },
         4 | 5 => {
             let (o, l) = range();
             Op::Convert(o, l, Attribute::Private)

@@ -269,7 +269,10 @@ impl HugePunch {
             Entry::Registered => {
                 let words = page.full().div_ceil(64) as usize;
                 let mut newly = 0;
-                let mut before = [0u64; GROUP_WORDS];
+                // The bitmap before the group's bits, where it touched it;
+                // a word it did not touch counts as full (a completion it
+                // claims had every subpage punched there already).
+                let mut before = [u64::MAX; GROUP_WORDS];
                 for (w, &m) in g.mask[..words].iter().enumerate() {
                     if m != 0 {
                         let (n, prev) = page.or_word(w, m);
@@ -349,7 +352,12 @@ impl HugePunch {
         ranges: &[ByteRange],
     ) -> Group {
         let full = self.geo.subpages_per_huge_page();
-        let mut acc = *before;
+        // Only the huge page's own bits (a word of a small huge page holds
+        // fewer than 64).
+        let mut acc = [0u64; GROUP_WORDS];
+        for (w, m) in page::word_masks(0, full) {
+            acc[w] = before[w] & m;
+        }
         let mut missing = full - acc.iter().map(|w| w.count_ones()).sum::<u32>();
         let mut upto = Group::new(g.h, g.start);
         for r in &ranges[g.start..g.end] {

@@ -111,6 +111,19 @@ pub enum Op {
     Backing(u64),
     /// `max_mapping_order(huge_page)`.
     MaxMappingOrder(u64),
+    /// `punch_many` of `count` 4 KiB ranges: range `i` punches subpage
+    /// `(first + i * step) % subpages`, except range `invalid_at` (if below
+    /// `count`), which is one byte off (invalid). See [`Op::batch`].
+    PunchMany {
+        /// First subpage.
+        first: u64,
+        /// Ranges in the batch (0 to 255).
+        count: u8,
+        /// Subpages between consecutive ranges.
+        step: u64,
+        /// The index of the invalid range (none when `>= count`).
+        invalid_at: u8,
+    },
 }
 
 impl std::fmt::Debug for Op {
@@ -128,11 +141,44 @@ impl std::fmt::Debug for Op {
             Op::PendingRanges(o, l) => write!(f, "pending_ranges({o:#x}, {l:#x})"),
             Op::Backing(h) => write!(f, "backing({h})"),
             Op::MaxMappingOrder(h) => write!(f, "max_mapping_order({h})"),
+            Op::PunchMany {
+                first,
+                count,
+                step,
+                invalid_at,
+            } => write!(
+                f,
+                "punch_many(first {first}, count {count}, step {step}, invalid at {invalid_at})"
+            ),
         }
     }
 }
 
 impl Op {
+    /// The ranges of a `PunchMany` step over a file of `subpages`
+    /// subpages (empty for any other step).
+    pub fn batch(&self, subpages: u64) -> Vec<ByteRange> {
+        let Op::PunchMany {
+            first,
+            count,
+            step,
+            invalid_at,
+        } = *self
+        else {
+            return Vec::new();
+        };
+        (0..u64::from(count))
+            .map(|i| {
+                let sub = first.wrapping_add(i.wrapping_mul(step)) % subpages.max(1);
+                if i == u64::from(invalid_at) {
+                    ByteRange::new(sub * SUB + 1, SUB)
+                } else {
+                    ByteRange::new(sub * SUB, SUB)
+                }
+            })
+            .collect()
+    }
+
     /// The byte range the operation names, if any.
     pub fn range(&self) -> Option<(u64, u64)> {
         match *self {
@@ -197,7 +243,59 @@ pub fn run_engine(e: &HugePunch, host: &RecordingHost, op: Op) -> Outcome {
         Op::PendingRanges(o, l) => Outcome::Ranges(e.pending_ranges(o, l)),
         Op::Backing(h) => Outcome::Backing(vague(e.backing(h))),
         Op::MaxMappingOrder(h) => Outcome::Order(vague(e.max_mapping_order(h))),
+        Op::PunchMany { .. } => Outcome::Unit(e.punch_many(&op.batch(e.geometry().subpages()))),
     }
+}
+
+/// A `PunchMany` step on the engine range by range (where a budget or a
+/// failing free makes a batch differ from its ranges in order by design):
+/// the same validation first (a batch that fails, fails as `punch_many`
+/// does, changing nothing), then `punch` for each range.
+fn run_engine_ranges(e: &HugePunch, ranges: &[ByteRange]) -> Outcome {
+    let geo = e.geometry();
+    if ranges.is_empty()
+        || ranges
+            .iter()
+            .any(|r| geo.validate(r.offset, r.len).is_none())
+    {
+        // Torn down, empty or invalid: `punch_many` changes nothing.
+        return Outcome::Unit(e.punch_many(ranges));
+    }
+    for r in ranges {
+        if let Err(err) = e.punch(r.offset, r.len) {
+            // Torn down (checked before the ranges by `punch_many`).
+            return Outcome::Unit(Err(err));
+        }
+    }
+    Outcome::Unit(Ok(()))
+}
+
+/// A `PunchMany` step on the model: `punch_many`'s validation (torn down,
+/// then the first invalid range, each counted once), then the ranges one
+/// by one.
+fn model_punch_many(m: &mut Model, ranges: &[ByteRange]) -> Result<(), Error> {
+    if m.torn {
+        m.stats.errors_torn_down += 1;
+        return Err(Error::TornDown);
+    }
+    let valid = |r: &ByteRange| {
+        r.offset % SUB == 0
+            && r.len % SUB == 0
+            && r.len > 0
+            && r.offset.checked_add(r.len).is_some_and(|e| e <= m.size)
+    };
+    if let Some((index, r)) = ranges.iter().enumerate().find(|(_, r)| !valid(r)) {
+        m.stats.errors_invalid_range += 1;
+        return Err(Error::InvalidRangeInBatch {
+            index,
+            offset: r.offset,
+            len: r.len,
+        });
+    }
+    for r in ranges {
+        m.punch(r.offset, r.len)?;
+    }
+    Ok(())
 }
 
 /// Run one step on the model.
@@ -221,6 +319,10 @@ pub fn run_model(m: &mut Model, op: Op) -> Outcome {
         Op::PendingRanges(o, l) => Outcome::Ranges(m.pending_ranges(o, l)),
         Op::Backing(h) => Outcome::Backing(m.backing(h)),
         Op::MaxMappingOrder(h) => Outcome::Order(m.max_mapping_order(h)),
+        Op::PunchMany { .. } => {
+            let ranges = op.batch(m.size / SUB);
+            Outcome::Unit(model_punch_many(m, &ranges))
+        }
     }
 }
 
@@ -389,6 +491,75 @@ pub fn check_state(
     Ok(())
 }
 
+/// The host events and statistics of a `punch_many` step against the
+/// model's ranges one by one: every event but the invalidations equal (as
+/// a multiset); every subpage the model invalidated, invalidated by the
+/// batch (invariant 2); `invalidations`, `invalidations_immediate` and
+/// `pending_bytes_peak` no more than the model's, every other statistic
+/// equal. The model then takes the engine's values of those three, so the
+/// steps after it compare exactly.
+fn compare_batch(
+    engine: &HugePunch,
+    model: &mut Model,
+    got: &[Event],
+    want: &[Event],
+    step: usize,
+    op: Op,
+) -> Result<(), Mismatch> {
+    let others = |events: &[Event]| {
+        let mut v: Vec<String> = events
+            .iter()
+            .filter(|e| !matches!(e, Event::InvalidateBegin(..)))
+            .map(|e| format!("{e:?}"))
+            .collect();
+        v.sort();
+        v
+    };
+    ensure_eq!(
+        others(got),
+        others(want),
+        "step {}: {:?}: host events other than invalidations",
+        step,
+        op
+    );
+    let invalidated = |events: &[Event]| -> BTreeSet<u64> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                Event::InvalidateBegin(r, _) => {
+                    Some(r.first_subpage()..r.first_subpage() + r.subpages())
+                }
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    };
+    let (have, need) = (invalidated(got), invalidated(want));
+    ensure!(
+        need.is_subset(&have),
+        "step {}: {:?}: invariant 2: subpages {:?} not invalidated by the batch",
+        step,
+        op,
+        need.difference(&have).collect::<Vec<_>>()
+    );
+    let e = engine.stats();
+    let m = &mut model.stats;
+    ensure!(
+        e.invalidations <= m.invalidations
+            && e.invalidations_immediate <= m.invalidations_immediate
+            && e.pending_bytes_peak <= m.pending_bytes_peak,
+        "step {}: {:?}: a batch invalidated more, or saw a higher peak, than its ranges: engine {:?}, model {:?}",
+        step,
+        op,
+        e,
+        m
+    );
+    m.invalidations = e.invalidations;
+    m.invalidations_immediate = e.invalidations_immediate;
+    m.pending_bytes_peak = e.pending_bytes_peak;
+    Ok(())
+}
+
 /// Run a whole case on a fresh engine with a [`RecordingHost`] and on a
 /// fresh [`Model`], comparing after every step the result, the host events
 /// (see [`normalise`]), the whole statistics snapshot, the budget
@@ -426,19 +597,35 @@ pub fn run_case(setup: &Setup, ops: &[Op]) -> Result<(), Mismatch> {
     }
 
     for (step, &op) in ops.iter().enumerate() {
-        let got = run_engine(&engine, &host, op);
+        // A batch is its ranges one by one but for its invalidations, its
+        // one budget check and its one peak observation (CONTRACT.md
+        // §3.3a): with no budget and no failing free, the engine runs
+        // `punch_many` and those are compared apart; otherwise it runs the
+        // ranges one by one, as the model does.
+        let batch = matches!(op, Op::PunchMany { .. })
+            && setup.budget.is_none()
+            && model.fail_next_frees == 0;
+        let got = if matches!(op, Op::PunchMany { .. }) && !batch {
+            run_engine_ranges(&engine, &op.batch(setup.subpages()))
+        } else {
+            run_engine(&engine, &host, op)
+        };
         let want = run_model(&mut model, op);
         ensure_eq!(&got, &want, "step {}: {:?}: result", step, op);
 
         let got_events = normalise(host.take_events())?;
         let want_events = merge_zeros(std::mem::take(&mut model.events));
-        ensure_eq!(
-            &got_events,
-            &want_events,
-            "step {}: {:?}: host events",
-            step,
-            op
-        );
+        if batch {
+            compare_batch(&engine, &mut model, &got_events, &want_events, step, op)?;
+        } else {
+            ensure_eq!(
+                &got_events,
+                &want_events,
+                "step {}: {:?}: host events",
+                step,
+                op
+            );
+        }
 
         // The statistics by their serialised names (so a renamed counter
         // fails); the struct comparison first only saves the maps' cost
