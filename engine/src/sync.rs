@@ -57,6 +57,9 @@ pub(crate) fn lock(m: &Mutex<()>) -> MutexGuard<'_, ()> {
 /// or not: each is one locked instruction on x86) counted in a per-thread
 /// counter that [`crate::rmw_count`] reads. `engine/tests/rmw_count.rs`
 /// asserts how many a deferred 4 KiB punch and a batch make (issue 13).
+/// Each wrapper passes its caller's orderings through unchanged (the call
+/// sites carry the `ORDERING:` lines); the counter is a plain per-thread
+/// `Cell`, no atomic.
 #[cfg(all(feature = "rmw-count", not(hugepunch_loom)))]
 mod counting {
     use std::cell::Cell;
