@@ -2,4 +2,4 @@
 //! The backend is not model-checked with loom (its atomics are counters and
 //! an attribute bitmap, see `host`), so this is plain `std`.
 
-pub(crate) use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+pub(crate) use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
