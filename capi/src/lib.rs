@@ -406,6 +406,37 @@ unsafe fn put<T>(out: *mut T, value: T) {
     }
 }
 
+/// A query entry point: the file behind `file`, `query` run on it, its
+/// answer stored in `*out`. Returns 0, `-EINVAL` for a null handle or
+/// `out`, or the engine's negative errno.
+///
+/// # Safety
+///
+/// `file` is null or a live handle; `out` is null or valid for a write of
+/// a `T`.
+unsafe fn answer<T>(
+    file: *const hugepunch_file,
+    out: *mut T,
+    query: impl FnOnce(&HugePunch) -> Result<T, Error>,
+) -> c_int {
+    guard(|| {
+        // SAFETY: null or a live handle, the caller's promise.
+        let Some(f) = (unsafe { file_ref(file) }) else {
+            return -EINVAL;
+        };
+        if out.is_null() {
+            return -EINVAL;
+        }
+        match query(f) {
+            // SAFETY: not null (checked above), and writable by the
+            // caller's promise.
+            Ok(v) => unsafe { put(out, v) },
+            Err(e) => return -e.errno(),
+        }
+        0
+    })
+}
+
 /// Fill `cfg` with the defaults for a file of `size` bytes: populated,
 /// 2 MiB huge pages, the `REJECT` policy, no budget.
 ///
@@ -815,21 +846,9 @@ pub unsafe extern "C" fn hugepunch_is_punched(
     offset: u64,
     out: *mut bool,
 ) -> c_int {
-    guard(|| {
-        // SAFETY: null or a live handle, the caller's promise.
-        let Some(f) = (unsafe { file_ref(file) }) else {
-            return -EINVAL;
-        };
-        if out.is_null() {
-            return -EINVAL;
-        }
-        match f.is_punched(offset) {
-            // SAFETY: not null, and writable by the caller's promise.
-            Ok(p) => unsafe { put(out, p) },
-            Err(e) => return -e.errno(),
-        }
-        0
-    })
+    // SAFETY: the caller's promise on `file` and `out` (this function's
+    // own contract).
+    unsafe { answer(file, out, |f| f.is_punched(offset)) }
 }
 
 /// The state of the subpage at `offset` (`HUGEPUNCH_SUBPAGE_*`, in
@@ -847,24 +866,17 @@ pub unsafe extern "C" fn hugepunch_subpage_state(
     offset: u64,
     out: *mut u32,
 ) -> c_int {
-    guard(|| {
-        // SAFETY: null or a live handle, the caller's promise.
-        let Some(f) = (unsafe { file_ref(file) }) else {
-            return -EINVAL;
-        };
-        if out.is_null() {
-            return -EINVAL;
-        }
-        let state = match f.subpage_state(offset) {
-            Ok(SubpageState::Absent) => HUGEPUNCH_SUBPAGE_ABSENT,
-            Ok(SubpageState::Present) => HUGEPUNCH_SUBPAGE_PRESENT,
-            Ok(SubpageState::Punched) => HUGEPUNCH_SUBPAGE_PUNCHED,
-            Err(e) => return -e.errno(),
-        };
-        // SAFETY: not null, and writable by the caller's promise.
-        unsafe { put(out, state) };
-        0
-    })
+    // SAFETY: the caller's promise on `file` and `out` (this function's
+    // own contract).
+    unsafe {
+        answer(file, out, |f| {
+            Ok(match f.subpage_state(offset)? {
+                SubpageState::Absent => HUGEPUNCH_SUBPAGE_ABSENT,
+                SubpageState::Present => HUGEPUNCH_SUBPAGE_PRESENT,
+                SubpageState::Punched => HUGEPUNCH_SUBPAGE_PUNCHED,
+            })
+        })
+    }
 }
 
 /// The punched (pending) runs inside `offset .. offset + len`, in order:
@@ -934,21 +946,9 @@ pub unsafe extern "C" fn hugepunch_max_mapping_order(
     huge_page: u64,
     out: *mut u8,
 ) -> c_int {
-    guard(|| {
-        // SAFETY: null or a live handle, the caller's promise.
-        let Some(f) = (unsafe { file_ref(file) }) else {
-            return -EINVAL;
-        };
-        if out.is_null() {
-            return -EINVAL;
-        }
-        match f.max_mapping_order(huge_page) {
-            // SAFETY: not null, and writable by the caller's promise.
-            Ok(o) => unsafe { put(out, o) },
-            Err(e) => return -e.errno(),
-        }
-        0
-    })
+    // SAFETY: the caller's promise on `file` and `out` (this function's
+    // own contract).
+    unsafe { answer(file, out, |f| f.max_mapping_order(huge_page)) }
 }
 
 /// How huge page `huge_page` is backed now (`HUGEPUNCH_BACKING_*`, in
@@ -966,24 +966,17 @@ pub unsafe extern "C" fn hugepunch_backing(
     huge_page: u64,
     out: *mut u32,
 ) -> c_int {
-    guard(|| {
-        // SAFETY: null or a live handle, the caller's promise.
-        let Some(f) = (unsafe { file_ref(file) }) else {
-            return -EINVAL;
-        };
-        if out.is_null() {
-            return -EINVAL;
-        }
-        let b = match f.backing(huge_page) {
-            Ok(Backing::Absent) => HUGEPUNCH_BACKING_ABSENT,
-            Ok(Backing::Huge) => HUGEPUNCH_BACKING_HUGE,
-            Ok(Backing::Split) => HUGEPUNCH_BACKING_SPLIT,
-            Err(e) => return -e.errno(),
-        };
-        // SAFETY: not null, and writable by the caller's promise.
-        unsafe { put(out, b) };
-        0
-    })
+    // SAFETY: the caller's promise on `file` and `out` (this function's
+    // own contract).
+    unsafe {
+        answer(file, out, |f| {
+            Ok(match f.backing(huge_page)? {
+                Backing::Absent => HUGEPUNCH_BACKING_ABSENT,
+                Backing::Huge => HUGEPUNCH_BACKING_HUGE,
+                Backing::Split => HUGEPUNCH_BACKING_SPLIT,
+            })
+        })
+    }
 }
 
 /// A snapshot of the statistics, in `*out`. Returns 0 or `-EINVAL`.
