@@ -508,6 +508,42 @@ impl Host for Checked {
     }
 }
 
+/// Where the vCPUs wait for each other (between giving back and taking
+/// back): a barrier that a failing vCPU opens for the others, so that one
+/// vCPU's error ends the run instead of hanging the rest.
+struct Gate {
+    state: std::sync::Mutex<(usize, bool)>,
+    changed: std::sync::Condvar,
+    parties: usize,
+}
+
+impl Gate {
+    fn new(parties: usize) -> Self {
+        Gate {
+            state: std::sync::Mutex::new((0, false)),
+            changed: std::sync::Condvar::new(),
+            parties,
+        }
+    }
+
+    /// Wait for every party; `false` if one failed instead.
+    fn wait(&self) -> bool {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.0 += 1;
+        self.changed.notify_all();
+        while s.0 < self.parties && !s.1 {
+            s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        !s.1
+    }
+
+    /// A party failed: release every waiter, now and later.
+    fn fail(&self) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).1 = true;
+        self.changed.notify_all();
+    }
+}
+
 /// What one vCPU thread did.
 #[derive(Default)]
 struct VcpuRun {
@@ -542,7 +578,7 @@ struct Shared<'a> {
     vcpus: u64,
     /// Where the vCPUs wait for each other between giving back and taking
     /// back.
-    barrier: std::sync::Barrier,
+    barrier: Gate,
     given_back: &'a [AtomicU64],
     done: AtomicU64,
     total: u64,
@@ -651,7 +687,11 @@ fn run_vcpu(id: usize, mut vcpu: kvm_ioctls::VcpuFd, sh: &Shared<'_>) -> Result<
             EXIT_NOT_ZERO => r.not_zero.push(r.takes),
             EXIT_FILLED => r.started = Some(Instant::now()),
             EXIT_SYNC => {
-                sh.barrier.wait();
+                if !sh.barrier.wait() {
+                    return Err(VmError::Options(format!(
+                        "vCPU {id} stopped: another vCPU failed"
+                    )));
+                }
             }
             EXIT_DONE => {
                 r.finished = Some(Instant::now());
@@ -771,7 +811,7 @@ fn side(
             None => Strategy::Direct(&host),
         },
         vcpus: opts.vcpus as u64,
-        barrier: std::sync::Barrier::new(opts.vcpus),
+        barrier: Gate::new(opts.vcpus),
         given_back: &given_back,
         done: AtomicU64::new(0),
         total,
@@ -793,14 +833,37 @@ fn side(
                 let sh = &shared;
                 std::thread::Builder::new()
                     .name(format!("vcpu{i}"))
-                    .spawn_scoped(scope, move || run_vcpu(i, v, sh))
+                    .spawn_scoped(scope, move || {
+                        let run = run_vcpu(i, v, sh);
+                        if run.is_err() {
+                            // No vCPU may wait for this one any more.
+                            sh.barrier.fail();
+                        }
+                        run
+                    })
                     .expect("spawn a vCPU thread")
             })
             .collect();
-        handles
+        let results: Vec<Result<VcpuRun, VmError>> = handles
             .into_iter()
             .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-            .collect::<Result<Vec<_>, _>>()
+            .collect();
+        // The first vCPU's own error, not a vCPU that stopped because of it.
+        let secondary =
+            |e: &VmError| matches!(e, VmError::Options(m) if m.ends_with("another vCPU failed"));
+        let mut errors: Vec<VmError> = Vec::new();
+        let mut runs = Vec::new();
+        for r in results {
+            match r {
+                Ok(run) => runs.push(run),
+                Err(e) => errors.push(e),
+            }
+        }
+        errors.sort_by_key(secondary);
+        match errors.into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(runs),
+        }
     })?;
     let after = read_all(&stats)?;
     let counts = host.counts();
@@ -1012,6 +1075,23 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_failing_vcpu_opens_the_gate_for_the_others() {
+        let gate = Gate::new(3);
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| gate.wait());
+            gate.fail();
+            assert!(!waiter.join().unwrap(), "released, told of the failure");
+        });
+        assert!(!gate.wait(), "a later waiter does not block either");
+        let gate = Gate::new(2);
+        std::thread::scope(|s| {
+            let other = s.spawn(|| gate.wait());
+            assert!(gate.wait());
+            assert!(other.join().unwrap());
+        });
     }
 
     #[test]
