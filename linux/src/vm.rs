@@ -1079,6 +1079,9 @@ mod tests {
 
     #[test]
     fn a_failing_vcpu_opens_the_gate_for_the_others() {
+        let _watchdog = hugepunch::testing::watchdog::Watchdog::arm(
+            "a_failing_vcpu_opens_the_gate_for_the_others",
+        );
         let gate = Gate::new(3);
         std::thread::scope(|s| {
             let waiter = s.spawn(|| gate.wait());
