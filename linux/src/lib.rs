@@ -7,7 +7,9 @@
 //! `huge=always` tmpfs made for it ([`Backend::Thp`]: real transparent huge
 //! pages with no set-up). [`real::run`] replays a pattern on real files
 //! twice, directly and through the engine, and reports what each cost and
-//! released; [`kernel`] reads what the kernel says about huge pages.
+//! released; [`kernel`] reads what the kernel says about huge pages;
+//! [`vm`] runs a real guest (vCPUs at CPL3 on a guest_memfd memslot) that
+//! gives memory back while the VMM releases it both ways.
 //!
 //! # The THP backend leaves nothing behind
 //!
