@@ -24,7 +24,7 @@
 //! assert!(k.violations().is_empty());
 //! ```
 #![forbid(unsafe_code)]
-#![warn(missing_docs)]
+#![deny(missing_docs)]
 
 pub mod geometry;
 pub mod host;
