@@ -259,6 +259,7 @@ mod tests {
 
     #[test]
     fn the_sampler_stops_and_counts() {
+        let _watchdog = hugepunch::testing::watchdog::Watchdog::arm("the_sampler_stops_and_counts");
         let s = Sampler::start(HugeCounters::read().unwrap(), 2 << 20, || Some(0));
         std::thread::sleep(Duration::from_millis(20));
         assert!(s.finish().count > 0);

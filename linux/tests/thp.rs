@@ -372,6 +372,7 @@ fn file_backend_on_a_huge_always_tmpfs() {
 #[test]
 #[cfg_attr(miri, ignore)]
 fn file_backend_on_a_plain_tmpfs_has_no_huge_pages() {
+    let _watchdog = Watchdog::arm("file_backend_on_a_plain_tmpfs_has_no_huge_pages");
     let _thp = lock();
     let run = in_private_mount("tmpfs", format!("size={SIZE}"), |dir| {
         let host = LinuxHost::open(&Backend::File(dir.to_path_buf()), SIZE).unwrap();
@@ -438,6 +439,7 @@ fn file_backend_on_hugetlbfs_releases_what_direct_punching_cannot() {
 #[test]
 #[cfg_attr(miri, ignore)]
 fn file_backend_reads_the_hugetlbfs_page_size() {
+    let _watchdog = Watchdog::arm("file_backend_reads_the_hugetlbfs_page_size");
     let sizes: Vec<u64> = std::fs::read_dir("/sys/kernel/mm/hugepages")
         .map(|d| {
             d.filter_map(Result::ok)
