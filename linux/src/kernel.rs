@@ -186,7 +186,7 @@ impl Sampler {
         }
     }
 
-    /// Stop sampling and take one last sample's worth of results.
+    /// Stop sampling and return what the samples saw.
     pub fn finish(mut self) -> Samples {
         self.halt()
     }

@@ -153,7 +153,7 @@ pub struct RealReport {
     pub backend: Backend,
     /// File size in bytes.
     pub size: u64,
-    /// Pattern name.
+    /// The pattern (or workload: `conversion-stream`) replayed.
     pub pattern: String,
     /// Seed of the pattern (what `random`, `pin` and `straddling` draw).
     pub seed: u64,

@@ -555,7 +555,7 @@ struct VcpuRun {
     gives: u64,
     takes: u64,
     exits: u64,
-    not_zero: Vec<u64>,
+    not_zero: u64,
 }
 
 /// How a side releases and takes back memory.
@@ -595,7 +595,7 @@ fn run_vcpu(id: usize, mut vcpu: kvm_ioctls::VcpuFd, sh: &Shared<'_>) -> Result<
         if r.started.is_some() {
             r.run_nanos += ran;
         }
-        let (port, data) = match exit {
+        let (which, data) = match exit {
             Ok(VcpuExit::MmioWrite(addr, data)) if (MMIO_GPA..MMIO_GPA + 64).contains(&addr) => {
                 let mut w = [0u8; 4];
                 w[..data.len().min(4)].copy_from_slice(&data[..data.len().min(4)]);
@@ -620,7 +620,7 @@ fn run_vcpu(id: usize, mut vcpu: kvm_ioctls::VcpuFd, sh: &Shared<'_>) -> Result<
         };
         r.exits += 1;
         let offset = data * SUBPAGE_SIZE;
-        match port {
+        match which {
             EXIT_GIVE => {
                 let (w, b) = bit(sh.given_back, data);
                 // ORDERING: Release: the free callback that may follow
@@ -684,7 +684,7 @@ fn run_vcpu(id: usize, mut vcpu: kvm_ioctls::VcpuFd, sh: &Shared<'_>) -> Result<
                 w.fetch_and(!b, Ordering::Release);
                 r.takes += 1;
             }
-            EXIT_NOT_ZERO => r.not_zero.push(r.takes),
+            EXIT_NOT_ZERO => r.not_zero += 1,
             EXIT_FILLED => r.started = Some(Instant::now()),
             EXIT_SYNC => {
                 if !sh.barrier.wait() {
@@ -705,7 +705,7 @@ fn run_vcpu(id: usize, mut vcpu: kvm_ioctls::VcpuFd, sh: &Shared<'_>) -> Result<
                 })
             }
         }
-        if matches!(port, EXIT_GIVE | EXIT_TAKE) {
+        if matches!(which, EXIT_GIVE | EXIT_TAKE) {
             // ORDERING: Relaxed: a progress count.
             let done = sh.done.fetch_add(1, Ordering::Relaxed) + 1;
             if done.is_multiple_of(4096) || done == sh.total {
@@ -873,7 +873,7 @@ fn side(
     })?;
 
     // Checks.
-    let not_zero: usize = runs.iter().map(|r| r.not_zero.len()).sum();
+    let not_zero: u64 = runs.iter().map(|r| r.not_zero).sum();
     if not_zero > 0 {
         return Err(check(format!(
             "{not_zero} taken-back pages did not read zeros in the guest"
