@@ -6,6 +6,8 @@ mod compare;
 mod demo;
 mod progress;
 #[cfg(target_os = "linux")]
+mod qemu;
+#[cfg(target_os = "linux")]
 mod real;
 mod report;
 mod stream;
@@ -61,6 +63,11 @@ enum Command {
     /// through the engine, and compare (needs /dev/kvm).
     #[cfg(target_os = "linux")]
     Vm(vm::Args),
+    /// A Debian guest kernel's virtio-balloon on QEMU as it is and on QEMU
+    /// with hugepunch (vmm/qemu/), side by side, on guest RAM in real
+    /// transparent huge pages (root).
+    #[cfg(target_os = "linux")]
+    Qemu(qemu::Args),
 }
 
 /// The trace format in brief, after `replay --help` (docs/CONTRACT.md §7
@@ -382,6 +389,8 @@ fn main() {
         Some(Command::Real(a)) => real::run(a),
         #[cfg(target_os = "linux")]
         Some(Command::Vm(a)) => vm::run(a),
+        #[cfg(target_os = "linux")]
+        Some(Command::Qemu(a)) => qemu::run(a),
     };
     if let Err(e) = res {
         eprintln!("hugepunch: error: {}", format!("{e:#}").replace('\n', " "));
