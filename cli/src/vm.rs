@@ -215,6 +215,12 @@ fn render(r: &VmReport) -> String {
             bytes(e.pending_bytes),
             String::new(),
         ),
+        row(
+            "held, not used by the guest",
+            bytes(d.held_unused_bytes),
+            bytes(e.held_unused_bytes),
+            String::new(),
+        ),
         counter("KVM: exits", "exits", false),
         counter(
             "  remote TLB flush requests / GiB",
