@@ -771,6 +771,8 @@ impl Drop for Mapping {
 mod tests {
     use super::*;
 
+    hugepunch_probe::include_needs!();
+
     /// A fresh memfd of `len` bytes and a mapping of it.
     fn mapped(len: usize) -> (OwnedFd, Arc<Mapping>) {
         let fd = memfd("sys-test", len as u64, false).expect("memfd_create");
@@ -838,49 +840,39 @@ mod tests {
         );
     }
 
-    /// The memslot keeps its mapping alive, a second bind is refused, and
-    /// unbinding really deletes the slot (the kernel accepts the same range
-    /// again; it refuses two memslots over one guest_memfd range).
-    #[test]
-    fn a_memslot_holds_its_mapping_until_deleted() {
-        let mut kvm = match Kvm::open() {
-            Ok(kvm) => kvm,
-            Err(e) => {
-                eprintln!("skipped: {e}");
-                return;
-            }
-        };
-        let want = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
-        if kvm.guest_memfd_flags & want != want {
-            eprintln!("skipped: no mmap()able guest_memfd here");
-            return;
+    needs! { guest_memfd;
+        /// The memslot keeps its mapping alive, a second bind is refused, and
+        /// unbinding really deletes the slot (the kernel accepts the same range
+        /// again; it refuses two memslots over one guest_memfd range).
+        #[test]
+        fn a_memslot_holds_its_mapping_until_deleted() {
+            let mut kvm = Kvm::open().expect("a VM with guest_memfd");
+            let want = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
+            assert_eq!(kvm.guest_memfd_flags & want, want, "mmap()able guest_memfd");
+            let size = 2 << 20;
+            let fd = kvm.guest_memfd(size, want).unwrap();
+            // SAFETY: our own guest_memfd of `size` bytes, created
+            // `MMAP | INIT_SHARED` (a guest_memfd cannot be truncated).
+            let map = Arc::new(unsafe { Mapping::new(&fd, size as usize) }.unwrap());
+            kvm.bind_memslot(&fd, &map).expect("a memslot2 over the guest_memfd");
+            assert!(kvm.memslot_bound());
+            assert_eq!(Arc::strong_count(&map), 2, "the memslot holds the mapping");
+            assert_eq!(kvm.bind_memslot(&fd, &map).unwrap_err().errno, libc::EEXIST);
+            kvm.unbind_memslot().unwrap();
+            assert_eq!(
+                Arc::strong_count(&map),
+                1,
+                "deleted: the mapping is released"
+            );
+            kvm.bind_memslot(&fd, &map)
+                .expect("the deleted slot's range binds again");
+            drop(kvm);
+            assert_eq!(
+                Arc::strong_count(&map),
+                1,
+                "dropping the VM deleted the slot"
+            );
         }
-        let size = 2 << 20;
-        let fd = kvm.guest_memfd(size, want).unwrap();
-        // SAFETY: our own guest_memfd of `size` bytes, created
-        // `MMAP | INIT_SHARED` (a guest_memfd cannot be truncated).
-        let map = Arc::new(unsafe { Mapping::new(&fd, size as usize) }.unwrap());
-        if let Err(e) = kvm.bind_memslot(&fd, &map) {
-            eprintln!("skipped: {e}");
-            return;
-        }
-        assert!(kvm.memslot_bound());
-        assert_eq!(Arc::strong_count(&map), 2, "the memslot holds the mapping");
-        assert_eq!(kvm.bind_memslot(&fd, &map).unwrap_err().errno, libc::EEXIST);
-        kvm.unbind_memslot().unwrap();
-        assert_eq!(
-            Arc::strong_count(&map),
-            1,
-            "deleted: the mapping is released"
-        );
-        kvm.bind_memslot(&fd, &map)
-            .expect("the deleted slot's range binds again");
-        drop(kvm);
-        assert_eq!(
-            Arc::strong_count(&map),
-            1,
-            "dropping the VM deleted the slot"
-        );
     }
 }
 

@@ -1162,8 +1162,11 @@ pub fn run(opts: &VmOptions, progress: Progress<'_>) -> Result<VmReport, VmError
 mod tests {
     use super::*;
 
+    hugepunch_probe::include_needs!();
+
     fn opts(vcpus: usize, pattern: &str) -> VmOptions {
         VmOptions {
+            backend: Backend::Memfd,
             size: 4 << 20,
             vcpus,
             pattern: pattern.parse().unwrap(),
@@ -1269,36 +1272,35 @@ mod tests {
         assert_eq!(pd[384], MMIO_GPA | 0x87);
     }
 
-    /// The bytes above are what `guest.S` assembles to, where binutils are
-    /// installed.
-    #[test]
-    fn guest_code_matches_its_source() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/vm");
-        let out = std::env::temp_dir().join(format!("hugepunch-guest-{}", std::process::id()));
-        let obj = out.with_extension("o");
-        let bin = out.with_extension("bin");
-        let assembled = std::process::Command::new("as")
-            .args(["--64", "-o"])
-            .arg(&obj)
-            .arg(dir.join("guest.S"))
-            .status()
-            .is_ok_and(|s| s.success())
-            && std::process::Command::new("objcopy")
-                .args(["-O", "binary", "-j", ".text"])
+    needs! { binutils;
+        /// The bytes above are what `guest.S` assembles to (ignored where
+        /// binutils are not installed).
+        #[test]
+        fn guest_code_matches_its_source() {
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/vm");
+            let out = std::env::temp_dir().join(format!("hugepunch-guest-{}", std::process::id()));
+            let obj = out.with_extension("o");
+            let bin = out.with_extension("bin");
+            let assembled = std::process::Command::new("as")
+                .args(["--64", "-o"])
                 .arg(&obj)
-                .arg(&bin)
+                .arg(dir.join("guest.S"))
                 .status()
-                .is_ok_and(|s| s.success());
-        if !assembled {
-            eprintln!("skipped: no `as`/`objcopy` (binutils) to assemble guest.S");
-            return;
+                .is_ok_and(|s| s.success())
+                && std::process::Command::new("objcopy")
+                    .args(["-O", "binary", "-j", ".text"])
+                    .arg(&obj)
+                    .arg(&bin)
+                    .status()
+                    .is_ok_and(|s| s.success());
+            assert!(assembled, "`as` and `objcopy` assemble guest.S");
+            let bytes = std::fs::read(&bin).unwrap();
+            let _ = std::fs::remove_file(&obj);
+            let _ = std::fs::remove_file(&bin);
+            assert_eq!(
+                bytes, GUEST_CODE,
+                "re-assemble guest.S and update GUEST_CODE"
+            );
         }
-        let bytes = std::fs::read(&bin).unwrap();
-        let _ = std::fs::remove_file(&obj);
-        let _ = std::fs::remove_file(&bin);
-        assert_eq!(
-            bytes, GUEST_CODE,
-            "re-assemble guest.S and update GUEST_CODE"
-        );
     }
 }
