@@ -18,8 +18,9 @@ pub struct Args {
     /// process may mount, else memfd, saying why]
     #[arg(long, value_parser = PossibleValuesParser::new(Backend::NAMES))]
     backend: Option<String>,
-    /// The directory of --backend file (a tmpfs mounted with -o huge=,
-    /// hugetlbfs, or any other filesystem)
+    /// The directory of --backend file: a tmpfs mounted with -o huge=,
+    /// hugetlbfs, or any other filesystem [default: none; --backend file
+    /// needs it]
     #[arg(long, value_name = "DIR")]
     path: Option<std::path::PathBuf>,
     /// vCPUs, each on its own thread (pages are dealt to them round-robin,

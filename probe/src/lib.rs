@@ -131,7 +131,8 @@ pub fn build_script() {
     build_script_with(&[]);
 }
 
-/// Run the built-in probes and `extra` (a crate's own), and tell cargo:
+/// Run the built-in probes and `extra` (a crate's own, which replace
+/// built-in ones of the same name), and tell cargo:
 /// for each probe the cfg `hugepunch_has_<name>` where it passed (declared
 /// with `cargo::rustc-check-cfg`), and the macro `needs!` in
 /// `$OUT_DIR/hugepunch_needs.rs` (see the crate documentation). Never
@@ -143,7 +144,13 @@ pub fn build_script_with(extra: &[Probe]) {
         println!("cargo::rerun-if-env-changed={var}");
     }
     let skip = not_probed();
-    let probes: Vec<&Probe> = BUILTIN.iter().chain(extra).collect();
+    // A crate's own probe replaces a built-in one of the same name (cargo
+    // may unify the `builtin` feature into a crate that asked without it).
+    let probes: Vec<&Probe> = BUILTIN
+        .iter()
+        .filter(|b| extra.iter().all(|e| e.name != b.name))
+        .chain(extra)
+        .collect();
     let mut results = Vec::new();
     for p in &probes {
         println!("cargo::rustc-check-cfg=cfg(hugepunch_has_{})", p.name);
