@@ -136,3 +136,26 @@ impl KvmMappings {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kvm_mappings_are_read_where_this_kvm_exposes_them() {
+        let stats: BTreeMap<String, u64> =
+            [("pages_4k", 6), ("pages_2m", 2), ("remote_tlb_flush", 1)]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect();
+        assert_eq!(
+            KvmMappings::from_stats(&stats),
+            Some(KvmMappings {
+                pages_4k: 6,
+                pages_2m: 2,
+                pages_1g: 0
+            })
+        );
+        assert_eq!(KvmMappings::from_stats(&BTreeMap::new()), None);
+    }
+}
