@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PUBLISHED=(hugepunch hugepunch-workload hugepunch-linux hugepunch-capi)
+PUBLISHED=(hugepunch hugepunch-workload hugepunch-probe hugepunch-linux hugepunch-capi)
 
 echo "--- metadata"
 cargo metadata --format-version 1 --no-deps | python3 -c '

@@ -58,9 +58,10 @@ enum Command {
     /// and compare.
     #[cfg(target_os = "linux")]
     Real(real::Args),
-    /// Run a real guest on KVM guest_memfd (vCPUs at CPL3) that gives
-    /// memory back; release it 4 KiB at a time as VMMs do today, then
-    /// through the engine, and compare (needs /dev/kvm).
+    /// Run a real guest (vCPUs at CPL3) on KVM guest_memfd or on ordinary
+    /// guest memory (THP, memfd, a file) that gives memory back; release it
+    /// 4 KiB at a time as VMMs do today, then through the engine, and
+    /// compare (needs /dev/kvm).
     #[cfg(target_os = "linux")]
     Vm(vm::Args),
     /// A Debian guest kernel's virtio-balloon on QEMU as it is and on QEMU

@@ -42,24 +42,28 @@ pub struct Args {
 
 /// `--backend` and `--path` together: `file` needs a directory, and only
 /// `file` takes one.
-fn backend(name: Option<&str>, path: Option<&std::path::Path>) -> anyhow::Result<Option<Backend>> {
+pub fn backend(
+    command: &'static str,
+    name: Option<&str>,
+    path: Option<&std::path::Path>,
+) -> anyhow::Result<Option<Backend>> {
     match (name, path) {
         (Some("file"), Some(dir)) => Ok(Some(Backend::File(dir.to_path_buf()))),
         (Some("file"), None) => Err(crate::arg_error(
-            "real",
+            command,
             "--backend file needs --path DIR: the directory to make the file in (a tmpfs \
              mounted with -o huge=always, or hugetlbfs)"
                 .to_string(),
         )),
         (name, Some(_)) => Err(crate::arg_error(
-            "real",
+            command,
             format!(
                 "--path is for --backend file, not {}",
                 name.unwrap_or("the default backend")
             ),
         )),
         (Some(name), None) => Ok(Some(name.parse().map_err(
-            |e: hugepunch_linux::SetupError| crate::arg_error("real", e.to_string()),
+            |e: hugepunch_linux::SetupError| crate::arg_error(command, e.to_string()),
         )?)),
         (None, None) => Ok(None),
     }
@@ -141,7 +145,7 @@ fn choose_backend(
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     check_memory(a.size, mem_available())?;
-    let asked = backend(a.backend.as_deref(), a.path.as_deref())?;
+    let asked = backend("real", a.backend.as_deref(), a.path.as_deref())?;
     let (backend, note) = choose_backend(asked, hugepunch_linux::guest_memfd_unavailable);
     if let Some(note) = note {
         if a.json {

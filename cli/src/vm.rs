@@ -1,13 +1,28 @@
-//! `hugepunch vm`: a real guest on KVM guest_memfd giving memory back, the
-//! VMM releasing it 4 KiB at a time as VMMs do today and through the
-//! engine, side by side (hugepunch-linux's `vm` module does the work).
+//! `hugepunch vm`: a real guest on KVM guest_memfd or on ordinary guest
+//! memory (THP, memfd, a file) giving memory back, the VMM releasing it
+//! 4 KiB at a time as VMMs do today and through the engine, side by side
+//! (hugepunch-linux's `vm` module does the work).
 
 use anyhow::Context as _;
+use clap::builder::PossibleValuesParser;
 use hugepunch_cli::format::{bytes, count, paragraph, seconds, table};
-use hugepunch_linux::vm::{VmOptions, VmReport, VmSide};
+use hugepunch_linux::vm::{KvmMappings, VmOptions, VmReport, VmSide};
+use hugepunch_linux::Backend;
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// The guest's memory: guest-memfd (its own memslot), or thp (a private
+    /// huge=always tmpfs, root only), memfd, or file (a file in --path, as
+    /// QEMU's mem-path=) through an ordinary memslot over the VMM's mapping
+    /// [default: guest-memfd where KVM offers it, else thp where this
+    /// process may mount, else memfd, saying why]
+    #[arg(long, value_parser = PossibleValuesParser::new(Backend::NAMES))]
+    backend: Option<String>,
+    /// The directory of --backend file: a tmpfs mounted with -o huge=,
+    /// hugetlbfs, or any other filesystem [default: none; --backend file
+    /// needs it]
+    #[arg(long, value_name = "DIR")]
+    path: Option<std::path::PathBuf>,
     /// vCPUs, each on its own thread (pages are dealt to them round-robin,
     /// so they give back neighbouring pages of the same huge pages).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=8))]
@@ -28,16 +43,36 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    if let Some(why) = hugepunch_linux::guest_memfd_unavailable() {
-        anyhow::bail!(
-            "vm needs KVM with mmap()able guest_memfd: {why}. It needs read and write access to \
-             /dev/kvm (root, or the kvm group) and a kernel offering GUEST_MEMFD_FLAG_MMAP and \
-             GUEST_MEMFD_FLAG_INIT_SHARED (Linux 6.18); `hugepunch real` runs without KVM"
-        );
-    }
+    let asked = crate::real::backend("vm", a.backend.as_deref(), a.path.as_deref())?;
     crate::real::check_memory(a.size, crate::real::mem_available())?;
+    let backend = match asked {
+        Some(Backend::GuestMemfd) => {
+            if let Some(why) = hugepunch_linux::guest_memfd_unavailable() {
+                anyhow::bail!(
+                    "vm --backend guest-memfd needs KVM with mmap()able guest_memfd: {why}. It \
+                     needs read and write access to /dev/kvm (root, or the kvm group) and a \
+                     kernel offering GUEST_MEMFD_FLAG_MMAP and GUEST_MEMFD_FLAG_INIT_SHARED \
+                     (Linux 6.18); --backend thp, memfd or file run on any KVM"
+                );
+            }
+            Backend::GuestMemfd
+        }
+        Some(b) => b,
+        None => {
+            let (b, why) = hugepunch_linux::vm::default_backend();
+            let note = format!("guest memory: {b}, because {why}");
+            if a.json {
+                // Standard output is the JSON objects only.
+                eprintln!("hugepunch: {note}");
+            } else {
+                crate::write_stdout(&format!("{}\n", paragraph(&note, 2)))?;
+            }
+            b
+        }
+    };
     for p in a.pattern.0 {
         let opts = VmOptions {
+            backend: backend.clone(),
             size: a.size,
             vcpus: a.vcpus.into(),
             pattern: p,
@@ -78,11 +113,14 @@ fn render(r: &VmReport) -> String {
     let (d, e) = (&r.direct, &r.engine);
     let mut out = paragraph(
         &format!(
-            "hugepunch vm: pattern {} (seed {}), {} of guest_memfd guest memory, {} vCPU{} at \
+            "hugepunch vm: pattern {} (seed {}), {} of {} guest memory ({}; {}), {} vCPU{} at \
              CPL{}, kernel {}, {} CPUs",
             r.pattern,
             r.seed,
             bytes(r.size),
+            r.backend,
+            r.huge_backing,
+            r.memslot,
             r.vcpus,
             if r.vcpus == 1 { "" } else { "s" },
             r.guest_cpl,
@@ -92,6 +130,9 @@ fn render(r: &VmReport) -> String {
         2,
     );
     out += &paragraph(&format!("invalidation: {}", r.invalidation), 2);
+    if let Some(note) = &r.huge_figures_note {
+        out += &paragraph(&format!("note: {note}"), 2);
+    }
     out.push('\n');
     let row = |name: &str, a: String, b: String, c: String| vec![name.to_string(), a, b, c];
     let ratio = |a: f64, b: f64, more: &str| {
@@ -175,6 +216,12 @@ fn render(r: &VmReport) -> String {
             bytes(e.pending_bytes),
             String::new(),
         ),
+        row(
+            "held, not used by the guest",
+            bytes(d.held_unused_bytes),
+            bytes(e.held_unused_bytes),
+            String::new(),
+        ),
         counter("KVM: exits", "exits", false),
         counter(
             "  remote TLB flush requests / GiB",
@@ -183,21 +230,72 @@ fn render(r: &VmReport) -> String {
         ),
         counter("  TLB flushes / GiB", "tlb_flush", true),
         counter("  page faults taken", "pf_taken", false),
-        row(
-            "guest data kept / zeroed",
-            format!(
-                "{} / {}",
-                count(d.data.kept_pages),
-                count(d.data.taken_back_zeroed)
-            ),
-            format!(
-                "{} / {}",
-                count(e.data.kept_pages),
-                count(e.data.taken_back_zeroed)
-            ),
-            "checked".into(),
-        ),
     ];
+    let mut rows = rows;
+    rows.extend(huge_rows(d, e));
+    rows.extend([row(
+        "guest data kept / zeroed",
+        format!(
+            "{} / {}",
+            count(d.data.kept_pages),
+            count(d.data.taken_back_zeroed)
+        ),
+        format!(
+            "{} / {}",
+            count(e.data.kept_pages),
+            count(e.data.taken_back_zeroed)
+        ),
+        "checked".into(),
+    )]);
     out += &table(&["", "direct 4 KiB", "hugepunch", "ratio"], &rows);
     out
+}
+
+/// The kernel's huge page figures (THP, hugetlb) and the mappings KVM
+/// keeps, where this host has them.
+fn huge_rows(d: &VmSide, e: &VmSide) -> Vec<Vec<String>> {
+    let row = |name: &str, a: String, b: String| vec![name.to_string(), a, b, String::new()];
+    let mut rows = Vec::new();
+    if let (Some(dk), Some(ek)) = (&d.kernel, &e.kernel) {
+        let n = |k: &hugepunch_linux::kernel::KernelHuge, v: u64| {
+            format!("{} / {}", count(v), count(k.whole_at_start))
+        };
+        rows.push(row(
+            "kernel: huge pages whole at start",
+            count(dk.whole_at_start),
+            count(ek.whole_at_start),
+        ));
+        rows.push(row(
+            "  split (thp_split_page)",
+            n(dk, dk.split),
+            n(ek, ek.split),
+        ));
+        rows.push(row(
+            "  freed whole",
+            n(dk, dk.freed_whole),
+            n(ek, ek.freed_whole),
+        ));
+        rows.push(row(
+            "  still whole at the end",
+            n(dk, dk.whole_at_end),
+            n(ek, ek.whole_at_end),
+        ));
+    }
+    let maps = |m: &Option<KvmMappings>| match m {
+        Some(m) => format!("{} / {}", count(m.pages_2m), count(m.pages_4k)),
+        None => "-".into(),
+    };
+    if d.kvm_mappings_at_start.is_some() || e.kvm_mappings_at_start.is_some() {
+        rows.push(row(
+            "KVM: 2 MiB / 4 KiB mappings at start",
+            maps(&d.kvm_mappings_at_start),
+            maps(&e.kvm_mappings_at_start),
+        ));
+        rows.push(row(
+            "  at the end (pages_2m / pages_4k)",
+            maps(&d.kvm_mappings_at_end),
+            maps(&e.kvm_mappings_at_end),
+        ));
+    }
+    rows
 }

@@ -1,5 +1,8 @@
 //! The `hugepunch` binary, as a user runs it.
 
+#[cfg(target_os = "linux")]
+hugepunch_probe::include_needs!();
+
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -671,43 +674,29 @@ fn real_runs_on_a_file_in_a_directory() {
     std::fs::remove_dir(&dir).unwrap();
 }
 
-/// `--backend thp` on real transparent huge pages, where this process may
-/// mount: the kernel's figures are in the JSON, the engine splits nothing.
 #[cfg(target_os = "linux")]
-#[test]
-fn real_thp_reports_what_the_kernel_counted() {
-    if let Err(why) = hugepunch_linux::LinuxHost::thp(2 << 20) {
-        eprintln!("skipped: {why}");
-        return;
+needs! { mount;
+    /// `--backend thp` on real transparent huge pages, where this process may
+    /// mount: the kernel's figures are in the JSON, the engine splits nothing.
+    #[test]
+    fn real_thp_reports_what_the_kernel_counted() {
+        let out = run(&["real", "--backend", "thp", "--size", "8M", "--json"]);
+        let v = json(&out);
+        let k = &v["engine"]["kernel"];
+        assert_eq!(k["whole_at_start"].as_u64(), Some(4), "{k}");
+        assert_eq!(k["split"].as_u64(), Some(0), "{k}");
+        assert_eq!(k["freed_whole"].as_u64(), Some(4), "{k}");
+        assert!(v["direct"]["kernel"]["split"].as_u64().unwrap() >= 4);
+        let out = run(&["real", "--backend", "thp", "--size", "8M"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("split (thp_split_page)"), "{text}");
     }
-    let out = run(&["real", "--backend", "thp", "--size", "8M", "--json"]);
-    let v = json(&out);
-    let k = &v["engine"]["kernel"];
-    assert_eq!(k["whole_at_start"].as_u64(), Some(4), "{k}");
-    assert_eq!(k["split"].as_u64(), Some(0), "{k}");
-    assert_eq!(k["freed_whole"].as_u64(), Some(4), "{k}");
-    assert!(v["direct"]["kernel"]["split"].as_u64().unwrap() >= 4);
-    let out = run(&["real", "--backend", "thp", "--size", "8M"]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("split (thp_split_page)"), "{text}");
 }
 
-/// `hugepunch vm` runs a real guest where /dev/kvm offers guest_memfd: both
-/// sides in the JSON, the guest at CPL3, the data checked.
+/// What every guest run's JSON says: both sides, the guest at CPL3, the
+/// data checked, one 2 MiB free per huge page through the engine.
 #[cfg(target_os = "linux")]
-#[test]
-fn vm_runs_a_real_guest_or_says_why_not() {
-    let out = run(&["vm", "--size", "8M", "--vcpus", "2", "--json"]);
-    if let Some(why) = hugepunch_linux::guest_memfd_unavailable() {
-        assert!(!out.status.success());
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            err.contains("/dev/kvm") && err.lines().count() == 1,
-            "{why}: {err}"
-        );
-        return;
-    }
-    let v = json(&out);
+fn check_vm_json(v: &Value) {
     assert_eq!(v["guest_cpl"], 3);
     assert_eq!(v["vcpus"], 2);
     let (d, e) = (&v["direct"], &v["engine"]);
@@ -715,12 +704,118 @@ fn vm_runs_a_real_guest_or_says_why_not() {
     assert_eq!(e["give_backs"].as_u64(), Some(2048));
     assert_eq!(d["punch_calls"].as_u64(), Some(2048));
     assert_eq!(e["punch_calls"].as_u64(), Some(4));
-    assert!(d["kvm"]["remote_tlb_flush_requests"].as_u64().unwrap() >= 2048);
-    let out = run(&["vm", "--size", "8M"]);
+    assert_eq!(d["data"], e["data"]);
+}
+
+#[cfg(target_os = "linux")]
+needs! { kvm_guest;
+    /// `hugepunch vm` on its default backend says which and why, and runs
+    /// a real guest.
+    #[test]
+    fn vm_runs_a_real_guest_on_the_default_backend_and_says_which() {
+        let out = run(&["vm", "--size", "8M", "--vcpus", "2", "--json"]);
+        let v = json(&out);
+        check_vm_json(&v);
+        let note = String::from_utf8_lossy(&out.stderr);
+        assert!(note.contains("guest memory: ") && note.contains("because"), "{note}");
+        let out = run(&["vm", "--size", "8M"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("at CPL3") && text.contains("remote TLB flush requests"),
+            "{text}"
+        );
+        assert!(text.starts_with("guest memory: "), "{text}");
+    }
+}
+
+#[cfg(target_os = "linux")]
+needs! { kvm_guest, guest_memfd;
+    /// `hugepunch vm --backend guest-memfd`: KVM asks for a remote TLB flush
+    /// at every 4 KiB punch.
+    #[test]
+    fn vm_runs_a_real_guest_on_guest_memfd() {
+        let v = json(&run(&[
+            "vm", "--backend", "guest-memfd", "--size", "8M", "--vcpus", "2", "--json",
+        ]));
+        check_vm_json(&v);
+        assert_eq!(v["backend"], "guest-memfd");
+        assert!(v["direct"]["kvm"]["remote_tlb_flush_requests"].as_u64().unwrap() >= 2048);
+    }
+}
+
+#[cfg(target_os = "linux")]
+needs! { kvm_guest, mount;
+    /// `hugepunch vm --backend thp`: the kernel's huge page figures and the
+    /// 2 MiB mappings KVM keeps, in the JSON and the table.
+    #[test]
+    fn vm_runs_a_real_guest_on_thp_with_the_kernel_figures() {
+        let v = json(&run(&[
+            "vm", "--backend", "thp", "--size", "8M", "--vcpus", "2", "--json",
+        ]));
+        check_vm_json(&v);
+        assert_eq!(v["backend"], "thp");
+        let k = &v["engine"]["kernel"];
+        assert_eq!(k["whole_at_start"].as_u64(), Some(4), "{k}");
+        assert_eq!(k["split"].as_u64(), Some(0), "{k}");
+        assert!(v["direct"]["kernel"]["split"].as_u64().unwrap() >= 4);
+        let out = run(&["vm", "--backend", "thp", "--size", "8M"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("split (thp_split_page)"), "{text}");
+        assert!(
+            text.contains("2 MiB / 4 KiB mappings") || text.contains("exposes no pages_4k"),
+            "{text}"
+        );
+    }
+}
+
+/// Where this KVM has no guest_memfd, `vm --backend guest-memfd` and `real
+/// --backend guest-memfd` fail in one line that says why, and `real`
+/// without `--backend` falls back to memfd, saying so.
+#[cfg(target_os = "linux")]
+#[test]
+#[cfg_attr(
+    hugepunch_has_guest_memfd,
+    ignore = "this KVM has mmap()able guest_memfd: nothing to refuse"
+)]
+fn guest_memfd_is_refused_in_one_line_where_kvm_has_none() {
+    let why = hugepunch_linux::guest_memfd_unavailable()
+        .expect("the build-time probe found no guest_memfd; now there is one: rebuild");
+    for args in [
+        &["vm", "--backend", "guest-memfd", "--size", "8M"][..],
+        &["real", "--backend", "guest-memfd", "--size", "8M"][..],
+    ] {
+        let out = run(args);
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains("guest_memfd"), "{why}: {err}");
+    }
+    let out = run(&["real", "--size", "8M"]);
+    assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.contains("at CPL3") && text.contains("remote TLB flush requests"),
+        text.contains("note: running on memfd, not KVM guest_memfd"),
         "{text}"
+    );
+}
+
+/// Where this KVM cannot run the guest at all (no /dev/kvm, or it refuses
+/// the memory slot, the vCPU or the guest's first instruction), `hugepunch
+/// vm` fails in one line naming the step and its errno.
+#[cfg(target_os = "linux")]
+#[test]
+#[cfg_attr(
+    hugepunch_has_kvm_guest,
+    ignore = "this KVM runs the guest: no refusal to see"
+)]
+fn vm_fails_in_one_line_naming_the_step_where_kvm_cannot_run_the_guest() {
+    let out = run(&["vm", "--backend", "memfd", "--size", "8M"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("failed: ") && err.contains("os error"),
+        "{err}"
     );
 }
 

@@ -687,6 +687,12 @@ impl LinuxHost {
         self.kvm.as_ref()
     }
 
+    /// The backend's own shared mapping of the whole file (2 MiB aligned):
+    /// what a VMM hands KVM as an ordinary memslot's `userspace_addr`.
+    pub fn mapping(&self) -> &Arc<Mapping> {
+        &self.map
+    }
+
     /// How the file was made.
     pub fn info(&self) -> &FileInfo {
         &self.info

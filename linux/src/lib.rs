@@ -8,7 +8,8 @@
 //! pages with no set-up). [`real::run`] replays a pattern on real files
 //! twice, directly and through the engine, and reports what each cost and
 //! released; [`kernel`] reads what the kernel says about huge pages;
-//! [`vm`] runs a real guest (vCPUs at CPL3 on a guest_memfd memslot) that
+//! [`vm`] runs a real guest (vCPUs at CPL3 on a memslot of guest_memfd, or
+//! of ordinary memory: THP, memfd, a file) that
 //! gives memory back while the VMM releases it both ways.
 //!
 //! # The THP backend leaves nothing behind

@@ -179,6 +179,22 @@ impl Kvm {
     /// the kernel offers. Fails where /dev/kvm is missing or refuses, or
     /// where the kernel has no guest_memfd at all.
     pub fn open() -> Result<Self, KvmError> {
+        let kvm = Self::create_vm()?;
+        if kvm.vm.check_extension_raw(KVM_CAP_GUEST_MEMFD as _) <= 0 {
+            return Err(KvmError {
+                step: "KVM_CAP_GUEST_MEMFD",
+                errno: libc::EOPNOTSUPP,
+            });
+        }
+        Ok(kvm)
+    }
+
+    /// Open /dev/kvm and create a type-0 VM, whether or not the kernel has
+    /// guest_memfd: a VM whose guest memory is an ordinary memslot
+    /// ([`add_memslot`](Self::add_memslot)) over a VMM's shared mapping,
+    /// as QEMU, Cloud Hypervisor and Firecracker back ordinary guests.
+    /// `guest_memfd_flags` is 0 where guest_memfd is missing.
+    pub fn create_vm() -> Result<Self, KvmError> {
         let kvm = kvm_ioctls::Kvm::new().map_err(|e| KvmError {
             step: "open /dev/kvm",
             errno: e.errno(),
@@ -187,15 +203,12 @@ impl Kvm {
             step: "KVM_CREATE_VM (type 0)",
             errno: e.errno(),
         })?;
-        if vm.check_extension_raw(KVM_CAP_GUEST_MEMFD as _) <= 0 {
-            return Err(KvmError {
-                step: "KVM_CAP_GUEST_MEMFD",
-                errno: libc::EOPNOTSUPP,
-            });
-        }
-        let flags = vm
-            .check_extension_raw(KVM_CAP_GUEST_MEMFD_FLAGS as _)
-            .max(0) as u64;
+        let flags = if vm.check_extension_raw(KVM_CAP_GUEST_MEMFD as _) > 0 {
+            vm.check_extension_raw(KVM_CAP_GUEST_MEMFD_FLAGS as _)
+                .max(0) as u64
+        } else {
+            0
+        };
         Ok(Kvm {
             _kvm: kvm,
             vm,
@@ -284,17 +297,17 @@ impl Kvm {
         self.memslot.is_some()
     }
 
-    /// Add memslot `slot` (not 0, which is the guest_memfd's) of ordinary
-    /// memory at guest physical address `gpa`: the whole of `map`, with
-    /// `KVM_SET_USER_MEMORY_REGION`. Like memslot 0 it holds its mapping
-    /// until it is deleted, when this `Kvm` is dropped.
+    /// Add memslot `slot` of ordinary memory at guest physical address
+    /// `gpa`: the whole of `map`, with `KVM_SET_USER_MEMORY_REGION` (slot 0
+    /// only while no guest_memfd is bound to it). Like memslot 0 it holds
+    /// its mapping until it is deleted, when this `Kvm` is dropped.
     pub fn add_memslot(&self, slot: u32, gpa: u64, map: &Arc<Mapping>) -> Result<(), KvmError> {
         let err = |errno| KvmError {
             step: "KVM_SET_USER_MEMORY_REGION",
             errno,
         };
         let mut slots = self.plain_slots.lock().unwrap_or_else(|p| p.into_inner());
-        if slot == 0 || slots.iter().any(|(s, _)| *s == slot) {
+        if (slot == 0 && self.memslot.is_some()) || slots.iter().any(|(s, _)| *s == slot) {
             return Err(err(libc::EEXIST));
         }
         let region = kvm_bindings::kvm_userspace_memory_region {
@@ -445,6 +458,9 @@ impl Drop for Kvm {
     }
 }
 
+/// Where every [`Mapping`] starts: a multiple of 2 MiB.
+pub const MAPPING_ALIGN: usize = 2 << 20;
+
 /// A `MAP_SHARED` read-write mapping of a whole file, unmapped on drop.
 /// Guest memory: every access is volatile (see the module documentation)
 /// and no reference into it is ever handed out.
@@ -536,22 +552,68 @@ impl Mapping {
     /// the end of a truncated file, or to guest_memfd memory that is not
     /// shared, raises SIGBUS, and a volatile access to memory outside every
     /// Rust allocation must not trap (`ptr::read_volatile`).
+    ///
+    /// The mapping starts on a 2 MiB boundary ([`MAPPING_ALIGN`]): a huge
+    /// page of the file can then be mapped by one page-table entry (a PMD),
+    /// and KVM maps guest memory with 2 MiB pages only where the VMM's
+    /// mapping does. (The kernel chooses such an address for a file of a
+    /// `huge=` tmpfs by itself, but not for every file; QEMU's mapping of a
+    /// tmpfs file is 4 KiB aligned, and a guest faulting it in gets no huge
+    /// page.) Made by reserving `len + 2 MiB` of address space
+    /// (`PROT_NONE`, anonymous), mapping the file over its first aligned
+    /// address (`MAP_FIXED`), and unmapping the rest of the reservation.
     pub unsafe fn new(fd: &OwnedFd, len: usize) -> Result<Self, i32> {
-        // SAFETY: a fresh mapping at an address the kernel chooses (null
-        // hint, no MAP_FIXED), so no existing Rust object is aliased or
-        // replaced; the returned pointer is owned by `Mapping` and unmapped
-        // once, in `drop`.
-        let ptr = unsafe {
-            rustix::mm::mmap(
+        let align = MAPPING_ALIGN;
+        let span = len.checked_add(align).ok_or(libc::ENOMEM)?;
+        // SAFETY: a fresh anonymous reservation at an address the kernel
+        // chooses (null hint, no MAP_FIXED): nothing existing is aliased
+        // or replaced, and no Rust object lives in it; it is inaccessible
+        // (PROT_NONE) until the file is mapped over part of it.
+        let base = unsafe {
+            rustix::mm::mmap_anonymous(
                 std::ptr::null_mut(),
-                len,
-                ProtFlags::READ | ProtFlags::WRITE,
-                MapFlags::SHARED,
-                fd.as_fd(),
-                0,
+                span,
+                ProtFlags::empty(),
+                MapFlags::PRIVATE | MapFlags::NORESERVE,
             )
         }
         .map_err(errno)?;
+        let head = (base as usize).wrapping_neg() % align;
+        let at = base.cast::<u8>().wrapping_add(head).cast::<c_void>();
+        // SAFETY: `at .. at + len` lies inside the reservation just made
+        // (head < align, so head + len <= span), which this function owns
+        // and no Rust object lives in: MAP_FIXED replaces only that
+        // reservation. The file is mapped shared, read-write, from offset 0.
+        let mapped = unsafe {
+            rustix::mm::mmap(
+                at,
+                len,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED | MapFlags::FIXED,
+                fd.as_fd(),
+                0,
+            )
+        };
+        let tail = span - head - len;
+        // SAFETY: the head and tail of the reservation (outside the file's
+        // mapping, inside the reservation) are unmapped; nothing uses them.
+        // On failure the whole reservation goes.
+        unsafe {
+            match &mapped {
+                Ok(_) => {
+                    if head > 0 {
+                        let _ = rustix::mm::munmap(base, head);
+                    }
+                    if tail > 0 {
+                        let _ = rustix::mm::munmap(at.cast::<u8>().add(len).cast(), tail);
+                    }
+                }
+                Err(_) => {
+                    let _ = rustix::mm::munmap(base, span);
+                }
+            }
+        }
+        let ptr = mapped.map_err(errno)?;
         let ptr = NonNull::new(ptr).ok_or(libc::ENOMEM)?;
         Ok(Mapping { ptr, len })
     }
@@ -709,6 +771,8 @@ impl Drop for Mapping {
 mod tests {
     use super::*;
 
+    hugepunch_probe::include_needs!();
+
     /// A fresh memfd of `len` bytes and a mapping of it.
     fn mapped(len: usize) -> (OwnedFd, Arc<Mapping>) {
         let fd = memfd("sys-test", len as u64, false).expect("memfd_create");
@@ -723,6 +787,11 @@ mod tests {
     fn volatile_fill_and_read_match_the_naive_oracle() {
         const LEN: usize = 4096;
         let (_fd, map) = mapped(LEN);
+        assert_eq!(
+            map.addr() % MAPPING_ALIGN,
+            0,
+            "mappings start 2 MiB aligned"
+        );
         let mut oracle = vec![0u8; LEN];
         let mut step = 0u8;
         for offset in 0..24usize {
@@ -771,49 +840,39 @@ mod tests {
         );
     }
 
-    /// The memslot keeps its mapping alive, a second bind is refused, and
-    /// unbinding really deletes the slot (the kernel accepts the same range
-    /// again; it refuses two memslots over one guest_memfd range).
-    #[test]
-    fn a_memslot_holds_its_mapping_until_deleted() {
-        let mut kvm = match Kvm::open() {
-            Ok(kvm) => kvm,
-            Err(e) => {
-                eprintln!("skipped: {e}");
-                return;
-            }
-        };
-        let want = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
-        if kvm.guest_memfd_flags & want != want {
-            eprintln!("skipped: no mmap()able guest_memfd here");
-            return;
+    needs! { guest_memfd;
+        /// The memslot keeps its mapping alive, a second bind is refused, and
+        /// unbinding really deletes the slot (the kernel accepts the same range
+        /// again; it refuses two memslots over one guest_memfd range).
+        #[test]
+        fn a_memslot_holds_its_mapping_until_deleted() {
+            let mut kvm = Kvm::open().expect("a VM with guest_memfd");
+            let want = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
+            assert_eq!(kvm.guest_memfd_flags & want, want, "mmap()able guest_memfd");
+            let size = 2 << 20;
+            let fd = kvm.guest_memfd(size, want).unwrap();
+            // SAFETY: our own guest_memfd of `size` bytes, created
+            // `MMAP | INIT_SHARED` (a guest_memfd cannot be truncated).
+            let map = Arc::new(unsafe { Mapping::new(&fd, size as usize) }.unwrap());
+            kvm.bind_memslot(&fd, &map).expect("a memslot2 over the guest_memfd");
+            assert!(kvm.memslot_bound());
+            assert_eq!(Arc::strong_count(&map), 2, "the memslot holds the mapping");
+            assert_eq!(kvm.bind_memslot(&fd, &map).unwrap_err().errno, libc::EEXIST);
+            kvm.unbind_memslot().unwrap();
+            assert_eq!(
+                Arc::strong_count(&map),
+                1,
+                "deleted: the mapping is released"
+            );
+            kvm.bind_memslot(&fd, &map)
+                .expect("the deleted slot's range binds again");
+            drop(kvm);
+            assert_eq!(
+                Arc::strong_count(&map),
+                1,
+                "dropping the VM deleted the slot"
+            );
         }
-        let size = 2 << 20;
-        let fd = kvm.guest_memfd(size, want).unwrap();
-        // SAFETY: our own guest_memfd of `size` bytes, created
-        // `MMAP | INIT_SHARED` (a guest_memfd cannot be truncated).
-        let map = Arc::new(unsafe { Mapping::new(&fd, size as usize) }.unwrap());
-        if let Err(e) = kvm.bind_memslot(&fd, &map) {
-            eprintln!("skipped: {e}");
-            return;
-        }
-        assert!(kvm.memslot_bound());
-        assert_eq!(Arc::strong_count(&map), 2, "the memslot holds the mapping");
-        assert_eq!(kvm.bind_memslot(&fd, &map).unwrap_err().errno, libc::EEXIST);
-        kvm.unbind_memslot().unwrap();
-        assert_eq!(
-            Arc::strong_count(&map),
-            1,
-            "deleted: the mapping is released"
-        );
-        kvm.bind_memslot(&fd, &map)
-            .expect("the deleted slot's range binds again");
-        drop(kvm);
-        assert_eq!(
-            Arc::strong_count(&map),
-            1,
-            "dropping the VM deleted the slot"
-        );
     }
 }
 

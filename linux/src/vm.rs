@@ -1,15 +1,21 @@
-//! A real guest: vCPUs running guest code on a guest_memfd memslot, giving
-//! memory back the way a balloon or a confidential guest does, while the
-//! VMM releases it — directly, 4 KiB per give-back as QEMU's
+//! A real guest: vCPUs running guest code on a memslot of guest_memfd or
+//! of ordinary guest memory (THP, memfd, a file), giving memory back the
+//! way a balloon or a confidential guest does, while the VMM releases it —
+//! directly, 4 KiB per give-back as QEMU's `ram_block_discard_range` /
 //! `ram_block_discard_guest_memfd_range` and Cloud Hypervisor's
 //! `punch_holes_in_guest_memfd` do today, or through hugepunch.
 //! `hugepunch vm` runs it.
 //!
 //! # The VM
 //!
-//! One type-0 VM per side. Guest memory is a guest_memfd created
-//! `MMAP | INIT_SHARED`, fully allocated, bound to memslot 0 at guest
-//! physical address 0 (`KVM_SET_USER_MEMORY_REGION2`, by [`LinuxHost`]).
+//! One type-0 VM per side. Guest memory ([`VmOptions::backend`],
+//! [`default_backend`]) is bound to memslot 0 at guest physical address 0:
+//! a guest_memfd created `MMAP | INIT_SHARED` through
+//! `KVM_SET_USER_MEMORY_REGION2` (by [`LinuxHost`]), or any other backend's
+//! file through `KVM_SET_USER_MEMORY_REGION` over the VMM's shared, 2 MiB
+//! aligned mapping of it, as QEMU backs an ordinary guest (`memory` below).
+//! Either way it is allocated whole before the guest starts, and the guest
+//! faults it in.
 //! The guest's code, page tables and scripts live in a second, ordinary
 //! memslot at [`SYSTEM_GPA`], so that punching guest memory never touches
 //! them. Page tables identity-map both with 2 MiB pages, user-accessible.
@@ -55,7 +61,12 @@
 //! balloon. Direct punching zaps (and flushes the TLB of every vCPU) at each
 //! 4 KiB give-back; the engine once per 2 MiB.
 
-use crate::host::{LinuxHost, SetupError};
+mod memory;
+
+pub use memory::{default_backend, KvmMappings};
+
+use crate::host::{Backend, LinuxHost, SetupError};
+use crate::kernel::{HugeCounters, KernelHuge, Samples};
 use crate::pattern::engine_allocated_bytes;
 use crate::sync::{AtomicU64, Ordering};
 use crate::sys::{self, KvmStats};
@@ -172,6 +183,8 @@ fn kvm_err(step: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
 /// What a guest run runs.
 #[derive(Debug, Clone)]
 pub struct VmOptions {
+    /// What the guest's memory is ([`default_backend`] chooses one).
+    pub backend: Backend,
     /// Guest memory: a positive multiple of 2 MiB, at most [`MAX_SIZE`].
     pub size: u64,
     /// vCPUs, 1 to 8, each on its own thread.
@@ -233,9 +246,29 @@ pub struct VmSide {
     pub bytes_released: u64,
     /// Bytes given back and still held, deferred (the engine's pending).
     pub pending_bytes: u64,
-    /// KVM's own counters over the run (binary statistics): the VM's and
-    /// every vCPU's, summed, only those that moved.
+    /// Bytes the file holds beyond the pages the guest uses at the end: the
+    /// engine's pending bytes, and what the kernel allocated around a
+    /// take-back (a huge=always tmpfs backs a 4 KiB allocation in a 2 MiB
+    /// hole with a whole huge page).
+    pub held_unused_bytes: u64,
+    /// KVM's own counters over the run, from the end of the guest's setup
+    /// fill (binary statistics): the VM's and every vCPU's, summed, only
+    /// those that moved.
     pub kvm: BTreeMap<String, u64>,
+    /// What KVM mapped of guest memory, by page size, once the guest had
+    /// faulted it all in (`None`: this KVM exposes no `pages_4k` /
+    /// `pages_2m` statistic).
+    pub kvm_mappings_at_start: Option<KvmMappings>,
+    /// The same at the end of the run.
+    pub kvm_mappings_at_end: Option<KvmMappings>,
+    /// What the kernel counted about the guest's huge pages (THP and
+    /// hugetlb backings; `None` for 4 KiB memory): whole once the guest
+    /// had faulted them in, whole at the end, split, freed whole. System
+    /// wide counters: the run's own while nothing else on the machine
+    /// makes or splits huge pages of the kind.
+    pub kernel: Option<KernelHuge>,
+    /// The guest memory's huge page backing, for humans.
+    pub huge_backing: String,
     /// The data check.
     pub data: GuestData,
 }
@@ -249,6 +282,13 @@ pub struct VmReport {
     pub cpus: usize,
     /// Guest memory, bytes.
     pub size: u64,
+    /// What backs it (`guest-memfd`, `thp`, `memfd`, `file:DIR`).
+    pub backend: Backend,
+    /// Its huge page backing, for humans.
+    pub huge_backing: String,
+    /// The memslot: `KVM_SET_USER_MEMORY_REGION2` (guest_memfd) or
+    /// `KVM_SET_USER_MEMORY_REGION` over the VMM's mapping.
+    pub memslot: &'static str,
     /// vCPUs.
     pub vcpus: usize,
     /// The pattern.
@@ -259,6 +299,9 @@ pub struct VmReport {
     pub guest_cpl: u8,
     /// What invalidation means on this backend, for humans.
     pub invalidation: &'static str,
+    /// Why the kernel's and KVM's huge page figures are what they are here
+    /// (set where one of them is missing), for humans.
+    pub huge_figures_note: Option<String>,
     /// Give-backs punched directly, 4 KiB each.
     pub direct: VmSide,
     /// Give-backs through the engine.
@@ -267,7 +310,14 @@ pub struct VmReport {
     pub release_time_ratio: Option<f64>,
 }
 
-/// What [`VmReport::invalidation`] says.
+/// What [`VmReport::invalidation`] says for an ordinary memslot.
+pub const INVALIDATION_MEMSLOT: &str = "an ordinary memslot over the VMM's shared mapping of the \
+file: every page is shared; fallocate(PUNCH_HOLE) unmaps the range from the VMM's mapping, whose \
+MMU notifier zaps KVM's mapping of it and asks for a remote TLB flush. A deferred give-back stays \
+mapped to the guest until its huge page is freed whole (the allowed deferral of shared memory, \
+SPEC.md §2); the guest does not touch it until it takes it back.";
+
+/// What [`VmReport::invalidation`] says for guest_memfd.
 pub const INVALIDATION: &str = "guest_memfd of a type-0 VM: every page is shared \
 (KVM_CAP_MEMORY_ATTRIBUTES is 0) and no userspace call unmaps a page from the guest short of \
 freeing it; the kernel zaps the guest's mapping inside fallocate(PUNCH_HOLE). A deferred \
@@ -537,6 +587,21 @@ impl Gate {
         !s.1
     }
 
+    /// Wait for every party, the last to arrive first running `last`
+    /// (before any party goes on); `false` if one failed instead.
+    fn wait_last(&self, last: impl FnOnce()) -> bool {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.0 += 1;
+        if s.0 == self.parties && !s.1 {
+            last();
+        }
+        self.changed.notify_all();
+        while s.0 < self.parties && !s.1 {
+            s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        !s.1
+    }
+
     /// A party failed: release every waiter, now and later.
     fn fail(&self) {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).1 = true;
@@ -573,9 +638,21 @@ impl Strategy<'_> {
     }
 }
 
+/// The readings taken when every vCPU has finished its setup fill, before
+/// any gives memory back.
+struct Start {
+    kvm: Result<Vec<BTreeMap<String, u64>>, i32>,
+    huge: Option<HugeCounters>,
+}
+
 struct Shared<'a> {
     strategy: Strategy<'a>,
     vcpus: u64,
+    /// Where the vCPUs wait for each other at the end of their setup fill
+    /// (the last one in takes the start readings).
+    filled: Gate,
+    stats: &'a [KvmStats],
+    start: std::sync::Mutex<Option<Start>>,
     /// Where the vCPUs wait for each other between giving back and taking
     /// back.
     barrier: Gate,
@@ -685,7 +762,21 @@ fn run_vcpu(id: usize, mut vcpu: kvm_ioctls::VcpuFd, sh: &Shared<'_>) -> Result<
                 r.takes += 1;
             }
             EXIT_NOT_ZERO => r.not_zero += 1,
-            EXIT_FILLED => r.started = Some(Instant::now()),
+            EXIT_FILLED => {
+                let read = || {
+                    let start = Start {
+                        kvm: sh.stats.iter().map(KvmStats::read).collect(),
+                        huge: HugeCounters::read(),
+                    };
+                    *sh.start.lock().unwrap_or_else(|p| p.into_inner()) = Some(start);
+                };
+                if !sh.filled.wait_last(read) {
+                    return Err(VmError::Options(format!(
+                        "vCPU {id} stopped: another vCPU failed"
+                    )));
+                }
+                r.started = Some(Instant::now());
+            }
             EXIT_SYNC => {
                 if !sh.barrier.wait() {
                     return Err(VmError::Options(format!(
@@ -746,20 +837,10 @@ fn side(
         strategy: strategy_name,
         what,
     };
-    let host = Arc::new(LinuxHost::guest_memfd(opts.size)?);
-    if !host.info().memslot {
-        return Err(VmError::Options(
-            "the kernel refused to bind the guest_memfd to a memslot".into(),
-        ));
-    }
-    host.set_all(Attribute::Shared);
-    // Allocated, not mapped by the VMM: the guest's setup fill faults every
-    // page in through KVM, as a guest's first touch does.
-    host.allocate_all().map_err(|e| VmError::Syscall {
-        step: "fallocate (allocate guest memory)",
-        errno: e.errno,
-    })?;
-    let kvm = host.kvm().expect("a guest_memfd host has its VM");
+    let empty = HugeCounters::read();
+    let memory = memory::GuestMemory::new(&opts.backend, opts.size)?;
+    let host = memory.host.clone();
+    let kvm = memory.kvm();
     let (sys_size, writes, starts) = system_image(opts.size, scripts);
     let (_sys_fd, sys_map) =
         sys::private_memory("hugepunch-vm-system", sys_size).map_err(|errno| VmError::Syscall {
@@ -811,6 +892,9 @@ fn side(
             None => Strategy::Direct(&host),
         },
         vcpus: opts.vcpus as u64,
+        filled: Gate::new(opts.vcpus),
+        stats: &stats,
+        start: std::sync::Mutex::new(None),
         barrier: Gate::new(opts.vcpus),
         given_back: &given_back,
         done: AtomicU64::new(0),
@@ -824,7 +908,6 @@ fn side(
             .map(|s| s.read().map_err(stat_err))
             .collect::<Result<Vec<_>, _>>()
     };
-    let before = read_all(&stats)?;
     let runs = std::thread::scope(|scope| {
         let handles: Vec<_> = vcpus
             .into_iter()
@@ -838,6 +921,7 @@ fn side(
                         if run.is_err() {
                             // No vCPU may wait for this one any more.
                             sh.barrier.fail();
+                            sh.filled.fail();
                         }
                         run
                     })
@@ -866,6 +950,26 @@ fn side(
         }
     })?;
     let after = read_all(&stats)?;
+    let end_huge = HugeCounters::read();
+    let start = shared
+        .start
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+        .expect("every vCPU finished its setup fill");
+    let before = start.kvm.map_err(stat_err)?;
+    let backing = &host.info().huge_backing;
+    let kernel = match (&empty, &start.huge, &end_huge) {
+        (Some(empty), Some(start), Some(end)) => KernelHuge::from_counters(
+            backing,
+            host.huge_page_size(),
+            empty,
+            start,
+            end,
+            &Samples::default(),
+        ),
+        _ => None,
+    };
     let counts = host.counts();
     let resident = host.resident_bytes().map_err(|errno| VmError::Syscall {
         step: "mincore",
@@ -933,15 +1037,34 @@ fn side(
             e.stats().pending_subpages * SUBPAGE_SIZE
         }
         None => {
+            // The pages the guest uses, and at most the rest of each huge
+            // page a take-back landed in: a file of huge pages may back a
+            // 4 KiB allocation in a hole with a larger folio, up to a whole
+            // huge page (a huge=always tmpfs does, where the whole 2 MiB
+            // around it is a hole).
             let want = opts.size - data.given_back_pages * SUBPAGE_SIZE;
-            if resident != want {
+            let hp = host.huge_page_size();
+            let landed: std::collections::BTreeSet<u64> = scripts
+                .iter()
+                .flatten()
+                .filter(|(op, _)| *op == OP_TAKE)
+                .map(|(_, addr)| addr / hp)
+                .collect();
+            let slack = if host.info().huge_backing.available() || resident > want {
+                landed.len() as u64 * hp
+            } else {
+                0
+            };
+            if resident < want || resident > want + slack {
                 return Err(check(format!(
-                    "guest memory holds {resident:#x} bytes, {want:#x} expected"
+                    "guest memory holds {resident:#x} bytes, {want:#x} expected (at most \
+                     {slack:#x} more: the huge pages take-backs landed in)"
                 )));
             }
             0
         }
     };
+    let held_unused = resident.saturating_sub(data.kept_pages * SUBPAGE_SIZE);
     let start = runs.iter().filter_map(|r| r.started).min();
     let end = runs.iter().filter_map(|r| r.finished).max();
     let wall = match (start, end) {
@@ -969,8 +1092,13 @@ fn side(
         punch_calls: counts.punch_calls - counts0.punch_calls,
         // Every page is resident once the guest's setup fill has written it.
         bytes_released: opts.size.saturating_sub(resident),
+        held_unused_bytes: held_unused,
         pending_bytes,
         kvm: stats_delta(&before, &after),
+        kvm_mappings_at_start: KvmMappings::from_stats(&before[0]),
+        kvm_mappings_at_end: KvmMappings::from_stats(&after[0]),
+        kernel,
+        huge_backing: backing.describe(),
         data,
     })
 }
@@ -991,15 +1119,38 @@ pub fn run(opts: &VmOptions, progress: Progress<'_>) -> Result<VmReport, VmError
     let scripts = scripts(opts, &ops);
     let direct = side(opts, &scripts, false, progress)?;
     let engine = side(opts, &scripts, true, progress)?;
+    let gmem = opts.backend == Backend::GuestMemfd;
+    let huge_backing = engine.huge_backing.clone();
+    let mut notes = Vec::new();
+    if engine.kvm_mappings_at_start.is_none() {
+        notes.push("this KVM exposes no pages_4k / pages_2m statistic".to_string());
+    }
+    if engine.kernel.is_none() {
+        notes.push(format!(
+            "no kernel huge page figures: the guest's memory has no huge pages ({huge_backing})"
+        ));
+    }
     Ok(VmReport {
         kernel: crate::real::kernel_release(),
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
         size: opts.size,
+        backend: opts.backend.clone(),
+        huge_backing,
+        memslot: if gmem {
+            "KVM_SET_USER_MEMORY_REGION2 (guest_memfd)"
+        } else {
+            "KVM_SET_USER_MEMORY_REGION over the VMM's shared mapping (2 MiB aligned)"
+        },
+        huge_figures_note: (!notes.is_empty()).then(|| notes.join("; ")),
         vcpus: opts.vcpus,
         pattern: opts.pattern.name().to_string(),
         seed: opts.seed,
         guest_cpl: 3,
-        invalidation: INVALIDATION,
+        invalidation: if gmem {
+            INVALIDATION
+        } else {
+            INVALIDATION_MEMSLOT
+        },
         release_time_ratio: (engine.release_seconds > 0.0)
             .then(|| direct.release_seconds / engine.release_seconds),
         direct,
@@ -1011,8 +1162,11 @@ pub fn run(opts: &VmOptions, progress: Progress<'_>) -> Result<VmReport, VmError
 mod tests {
     use super::*;
 
+    hugepunch_probe::include_needs!();
+
     fn opts(vcpus: usize, pattern: &str) -> VmOptions {
         VmOptions {
+            backend: Backend::Memfd,
             size: 4 << 20,
             vcpus,
             pattern: pattern.parse().unwrap(),
@@ -1118,36 +1272,35 @@ mod tests {
         assert_eq!(pd[384], MMIO_GPA | 0x87);
     }
 
-    /// The bytes above are what `guest.S` assembles to, where binutils are
-    /// installed.
-    #[test]
-    fn guest_code_matches_its_source() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/vm");
-        let out = std::env::temp_dir().join(format!("hugepunch-guest-{}", std::process::id()));
-        let obj = out.with_extension("o");
-        let bin = out.with_extension("bin");
-        let assembled = std::process::Command::new("as")
-            .args(["--64", "-o"])
-            .arg(&obj)
-            .arg(dir.join("guest.S"))
-            .status()
-            .is_ok_and(|s| s.success())
-            && std::process::Command::new("objcopy")
-                .args(["-O", "binary", "-j", ".text"])
+    needs! { binutils;
+        /// The bytes above are what `guest.S` assembles to (ignored where
+        /// binutils are not installed).
+        #[test]
+        fn guest_code_matches_its_source() {
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/vm");
+            let out = std::env::temp_dir().join(format!("hugepunch-guest-{}", std::process::id()));
+            let obj = out.with_extension("o");
+            let bin = out.with_extension("bin");
+            let assembled = std::process::Command::new("as")
+                .args(["--64", "-o"])
                 .arg(&obj)
-                .arg(&bin)
+                .arg(dir.join("guest.S"))
                 .status()
-                .is_ok_and(|s| s.success());
-        if !assembled {
-            eprintln!("skipped: no `as`/`objcopy` (binutils) to assemble guest.S");
-            return;
+                .is_ok_and(|s| s.success())
+                && std::process::Command::new("objcopy")
+                    .args(["-O", "binary", "-j", ".text"])
+                    .arg(&obj)
+                    .arg(&bin)
+                    .status()
+                    .is_ok_and(|s| s.success());
+            assert!(assembled, "`as` and `objcopy` assemble guest.S");
+            let bytes = std::fs::read(&bin).unwrap();
+            let _ = std::fs::remove_file(&obj);
+            let _ = std::fs::remove_file(&bin);
+            assert_eq!(
+                bytes, GUEST_CODE,
+                "re-assemble guest.S and update GUEST_CODE"
+            );
         }
-        let bytes = std::fs::read(&bin).unwrap();
-        let _ = std::fs::remove_file(&obj);
-        let _ = std::fs::remove_file(&bin);
-        assert_eq!(
-            bytes, GUEST_CODE,
-            "re-assemble guest.S and update GUEST_CODE"
-        );
     }
 }

@@ -162,7 +162,7 @@ fn agree(faulty: &Faulty, engine: &HugePunch, when: &str) {
 #[test]
 #[cfg_attr(miri, ignore)]
 fn failed_completions_stay_pending_and_flush_frees_them() {
-    let inner = Arc::new(host(Backend::Memfd, SIZE).unwrap());
+    let inner = Arc::new(host(Backend::Memfd, SIZE));
     // Free calls 0 and 2: the completions of huge pages 0 and 2.
     let faulty = Faulty::failing_calls(inner.clone(), SIZE, vec![0, 2]);
     let engine = faulty.engine(Config::new(SIZE));
@@ -210,7 +210,7 @@ fn failed_completions_stay_pending_and_flush_frees_them() {
 #[test]
 #[cfg_attr(miri, ignore)]
 fn failed_teardown_free_is_reported_and_retried() {
-    let inner = Arc::new(host(Backend::Memfd, SIZE).unwrap());
+    let inner = Arc::new(host(Backend::Memfd, SIZE));
     let armed = AtomicBool::new(true);
     let h1 = ByteRange::new(HP, HP);
     let faulty = Faulty::new(inner.clone(), SIZE, move |_, r| {
@@ -243,7 +243,7 @@ fn failed_teardown_free_is_reported_and_retried() {
 #[test]
 #[cfg_attr(miri, ignore)]
 fn failed_small_free_leaves_zeroed_subpages_present() {
-    let inner = Arc::new(host(Backend::Memfd, SIZE).unwrap());
+    let inner = Arc::new(host(Backend::Memfd, SIZE));
     let target = ByteRange::new(3 * HP + 100 * SUB, 2 * SUB);
     let faulty = Faulty::new(inner.clone(), SIZE, move |_, r| {
         (r == target).then_some(libc::EIO)
@@ -289,7 +289,7 @@ fn failed_small_free_leaves_zeroed_subpages_present() {
 #[cfg_attr(miri, ignore)]
 fn every_third_free_failing_loses_nothing() {
     for name in hugepunch_linux::pattern::PATTERNS {
-        let inner = Arc::new(host(Backend::Memfd, SIZE).unwrap());
+        let inner = Arc::new(host(Backend::Memfd, SIZE));
         let faulty = Faulty::new(inner.clone(), SIZE, |n, _| {
             (n % 3 == 0).then_some(libc::EIO)
         });

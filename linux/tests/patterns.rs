@@ -7,9 +7,12 @@
 //!
 //! memfd and THP: residency by `st_blocks` (fstat), reads by pread. guest_memfd:
 //! residency by `mincore` over its mapping (its `st_blocks` is always 0),
-//! reads through the mapping where resident. guest_memfd tests print why
-//! they skip where /dev/kvm does not offer an mmap()able guest_memfd.
+//! reads through the mapping where resident. The guest_memfd and THP tests
+//! are ignored, with the probe's reason, where the host lacks them
+//! (hugepunch-probe's `needs!`).
 #![cfg(target_os = "linux")]
+
+hugepunch_probe::include_needs!();
 
 mod common;
 
@@ -21,9 +24,7 @@ use hugepunch_linux::Backend;
 use std::sync::Arc;
 
 fn check_pattern(backend: Backend, name: &str) {
-    let Some(host) = host(backend.clone(), SIZE) else {
-        return;
-    };
+    let host = host(backend.clone(), SIZE);
     let host = Arc::new(host);
     let engine = HugePunch::new(Config::new(SIZE), host.clone()).unwrap();
     let mut expect = Expect::new(SIZE);
@@ -114,13 +115,24 @@ fn check_pattern(backend: Backend, name: &str) {
 }
 
 macro_rules! pattern_tests {
-    ($($(#[$attr:meta])* $test:ident => ($backend:expr, $name:literal),)*) => {
+    ($($test:ident => ($backend:expr, $name:literal),)*) => {
         $(
             #[test]
             #[cfg_attr(miri, ignore)]
-            $(#[$attr])*
             fn $test() {
                 check_pattern($backend, $name);
+            }
+        )*
+    };
+    // Tests that need a capability of the host (hugepunch-probe).
+    ($($test:ident => ($backend:expr, $name:literal) needs $probe:ident,)*) => {
+        $(
+            needs! { $probe;
+                #[test]
+                #[cfg_attr(miri, ignore)]
+                fn $test() {
+                    check_pattern($backend, $name);
+                }
             }
         )*
     };
@@ -135,33 +147,31 @@ pattern_tests! {
     memfd_pin => (Backend::Memfd, "pin"),
     memfd_conversion_churn => (Backend::Memfd, "conversion-churn"),
     memfd_straddling => (Backend::Memfd, "straddling"),
-    #[cfg_attr(hugepunch_no_kvm, ignore = "needs /dev/kvm, which the test build could not open")]
-    guest_memfd_ascending => (Backend::GuestMemfd, "ascending"),
-    #[cfg_attr(hugepunch_no_kvm, ignore = "needs /dev/kvm, which the test build could not open")]
-    guest_memfd_descending => (Backend::GuestMemfd, "descending"),
-    #[cfg_attr(hugepunch_no_kvm, ignore = "needs /dev/kvm, which the test build could not open")]
-    guest_memfd_random => (Backend::GuestMemfd, "random"),
-    #[cfg_attr(hugepunch_no_kvm, ignore = "needs /dev/kvm, which the test build could not open")]
-    guest_memfd_strided => (Backend::GuestMemfd, "strided"),
-    #[cfg_attr(hugepunch_no_kvm, ignore = "needs /dev/kvm, which the test build could not open")]
-    guest_memfd_round_robin => (Backend::GuestMemfd, "round-robin"),
-    #[cfg_attr(hugepunch_no_kvm, ignore = "needs /dev/kvm, which the test build could not open")]
-    guest_memfd_pin => (Backend::GuestMemfd, "pin"),
-    #[cfg_attr(hugepunch_no_kvm, ignore = "needs /dev/kvm, which the test build could not open")]
-    guest_memfd_conversion_churn => (Backend::GuestMemfd, "conversion-churn"),
-    #[cfg_attr(hugepunch_no_kvm, ignore = "needs /dev/kvm, which the test build could not open")]
-    guest_memfd_straddling => (Backend::GuestMemfd, "straddling"),
-    // Real transparent huge pages (a private huge=always tmpfs; skipped,
+}
+
+pattern_tests! {
+    guest_memfd_ascending => (Backend::GuestMemfd, "ascending") needs guest_memfd,
+    guest_memfd_descending => (Backend::GuestMemfd, "descending") needs guest_memfd,
+    guest_memfd_random => (Backend::GuestMemfd, "random") needs guest_memfd,
+    guest_memfd_strided => (Backend::GuestMemfd, "strided") needs guest_memfd,
+    guest_memfd_round_robin => (Backend::GuestMemfd, "round-robin") needs guest_memfd,
+    guest_memfd_pin => (Backend::GuestMemfd, "pin") needs guest_memfd,
+    guest_memfd_conversion_churn => (Backend::GuestMemfd, "conversion-churn") needs guest_memfd,
+    guest_memfd_straddling => (Backend::GuestMemfd, "straddling") needs guest_memfd,
+}
+
+pattern_tests! {
+    // Real transparent huge pages (a private huge=always tmpfs; ignored,
     // saying why, where the process may not mount). The kernel's own
     // counts of splits and whole frees are asserted in tests/thp.rs.
-    thp_ascending => (Backend::Thp, "ascending"),
-    thp_descending => (Backend::Thp, "descending"),
-    thp_random => (Backend::Thp, "random"),
-    thp_strided => (Backend::Thp, "strided"),
-    thp_round_robin => (Backend::Thp, "round-robin"),
-    thp_pin => (Backend::Thp, "pin"),
-    thp_conversion_churn => (Backend::Thp, "conversion-churn"),
-    thp_straddling => (Backend::Thp, "straddling"),
+    thp_ascending => (Backend::Thp, "ascending") needs mount,
+    thp_descending => (Backend::Thp, "descending") needs mount,
+    thp_random => (Backend::Thp, "random") needs mount,
+    thp_strided => (Backend::Thp, "strided") needs mount,
+    thp_round_robin => (Backend::Thp, "round-robin") needs mount,
+    thp_pin => (Backend::Thp, "pin") needs mount,
+    thp_conversion_churn => (Backend::Thp, "conversion-churn") needs mount,
+    thp_straddling => (Backend::Thp, "straddling") needs mount,
 }
 
 #[test]
@@ -174,9 +184,7 @@ fn every_pattern_has_a_test() {
 /// frees punched subpages 4 KiB at a time, and the file still holds
 /// exactly what the engine says.
 fn check_budget(backend: Backend, name: &str) {
-    let Some(host) = host(backend, SIZE) else {
-        return;
-    };
+    let host = host(backend, SIZE);
     let host = Arc::new(host);
     let engine = HugePunch::new(Config::new(SIZE).budget(64 << 10), host.clone()).unwrap();
     let mut expect = Expect::new(SIZE);
@@ -220,14 +228,12 @@ fn memfd_pin_with_budget_splits_and_accounts() {
     check_budget(Backend::Memfd, "pin");
 }
 
-#[test]
-#[cfg_attr(miri, ignore)]
-#[cfg_attr(
-    hugepunch_no_kvm,
-    ignore = "needs /dev/kvm, which the test build could not open"
-)]
-fn guest_memfd_random_with_budget_splits_and_accounts() {
-    check_budget(Backend::GuestMemfd, "random");
+needs! { guest_memfd;
+    #[test]
+    #[cfg_attr(miri, ignore)]
+    fn guest_memfd_random_with_budget_splits_and_accounts() {
+        check_budget(Backend::GuestMemfd, "random");
+    }
 }
 
 /// Two threads replay halves of the random pattern (each taking every
@@ -239,9 +245,7 @@ fn guest_memfd_random_with_budget_splits_and_accounts() {
 #[cfg_attr(miri, ignore)]
 fn memfd_two_threads_share_huge_pages() {
     let _watchdog = Watchdog::arm("memfd_two_threads_share_huge_pages");
-    let Some(host) = host(Backend::Memfd, SIZE) else {
-        return;
-    };
+    let host = host(Backend::Memfd, SIZE);
     let host = Arc::new(host);
     let engine = HugePunch::new(Config::new(SIZE), host.clone()).unwrap();
     let ops = pattern("random", SIZE).unwrap();

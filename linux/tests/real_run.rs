@@ -2,8 +2,10 @@
 //! the report serialises and prints.
 #![cfg(target_os = "linux")]
 
+hugepunch_probe::include_needs!();
+
 use hugepunch_linux::real::run;
-use hugepunch_linux::{guest_memfd_unavailable, Backend};
+use hugepunch_linux::Backend;
 
 const SIZE: u64 = 16 << 20;
 const HUGE_PAGES: u64 = SIZE / (2 << 20);
@@ -36,18 +38,12 @@ fn real_run_memfd_ascending() {
     check_ascending(Backend::Memfd);
 }
 
-#[test]
-#[cfg_attr(miri, ignore)]
-#[cfg_attr(
-    hugepunch_no_kvm,
-    ignore = "needs /dev/kvm, which the test build could not open"
-)]
-fn real_run_guest_memfd_ascending() {
-    if let Some(why) = guest_memfd_unavailable() {
-        eprintln!("skipped: guest_memfd unavailable here: {why}");
-        return;
+needs! { guest_memfd;
+    #[test]
+    #[cfg_attr(miri, ignore)]
+    fn real_run_guest_memfd_ascending() {
+        check_ascending(Backend::GuestMemfd);
     }
-    check_ascending(Backend::GuestMemfd);
 }
 
 /// `pin` never completes a huge page: the engine releases nothing and holds

@@ -6,8 +6,11 @@
 //! The counters are system wide (/proc/meminfo `ShmemHugePages`,
 //! /proc/vmstat `thp_split_page`), so every test here holds [`THP`]: the
 //! only other shmem huge pages on a test machine are its own. The tests
-//! skip, saying why, where the process may not mount (not root).
+//! are ignored, with the probe's reason, where the process may not mount
+//! (not root) or no hugetlb page is reserved (hugepunch-probe's `needs!`).
 #![cfg(target_os = "linux")]
+
+hugepunch_probe::include_needs!();
 
 mod common;
 
@@ -29,9 +32,8 @@ fn lock() -> MutexGuard<'static, ()> {
     THP.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// The THP host of `size`, populated and written, or `None` (after saying
-/// why) where it cannot be made.
-fn thp_host(size: u64) -> Option<LinuxHost> {
+/// The THP host of `size`, populated and written.
+fn thp_host(size: u64) -> LinuxHost {
     host(Backend::Thp, size)
 }
 
@@ -40,9 +42,9 @@ fn counters() -> HugeCounters {
 }
 
 /// What the kernel counted over `run` on a fresh THP file of `SIZE`.
-fn measured(run: impl FnOnce(&Arc<LinuxHost>) -> u64) -> Option<(KernelHuge, u64, Arc<LinuxHost>)> {
+fn measured(run: impl FnOnce(&Arc<LinuxHost>) -> u64) -> (KernelHuge, u64, Arc<LinuxHost>) {
     let empty = counters();
-    let host = Arc::new(thp_host(SIZE)?);
+    let host = Arc::new(thp_host(SIZE));
     let backing = host.info().huge_backing.clone();
     assert!(matches!(backing, HugeBacking::Thp(_)), "{backing:?}");
     let start = counters();
@@ -50,7 +52,7 @@ fn measured(run: impl FnOnce(&Arc<LinuxHost>) -> u64) -> Option<(KernelHuge, u64
     let end = counters();
     let k = KernelHuge::from_counters(&backing, HP, &empty, &start, &end, &Samples::default())
         .expect("THP backing has kernel figures");
-    Some((k, extra, host))
+    (k, extra, host)
 }
 
 fn check_pattern(name: &str) {
@@ -62,14 +64,12 @@ fn check_pattern(name: &str) {
     // Through the engine: nothing split, every huge page it completes freed
     // whole, the rest still whole; the accounting checks of the other
     // backends hold.
-    let Some((k, completed, host)) = measured(|host| {
+    let (k, completed, host) = measured(|host| {
         let engine = HugePunch::new(host.config(), host.clone()).unwrap();
         replay_engine(&engine, &ops);
         assert_accounting(host, &engine, &format!("{name}: after the replay"));
         engine.stats().huge_frees
-    }) else {
-        return;
-    };
+    });
     assert_eq!(
         k.whole_at_start, huge_pages,
         "{name}: huge=always gave every huge page of the file a THP"
@@ -91,12 +91,10 @@ fn check_pattern(name: &str) {
     drop(host);
 
     // Directly, 4 KiB at a time: every huge page a punch touches is split.
-    let Some((k, _, _)) = measured(|host| {
+    let (k, _, _) = measured(|host| {
         assert_eq!(replay_direct(host, &ops), 0);
         0
-    }) else {
-        return;
-    };
+    });
     assert!(
         k.split >= huge_pages,
         "{name}: direct 4 KiB punching split every huge page ({k:?})"
@@ -107,10 +105,12 @@ fn check_pattern(name: &str) {
 macro_rules! thp_pattern_tests {
     ($($test:ident => $name:literal,)*) => {
         $(
-            #[test]
-            #[cfg_attr(miri, ignore)]
-            fn $test() {
-                check_pattern($name);
+            needs! { mount;
+                #[test]
+                #[cfg_attr(miri, ignore)]
+                fn $test() {
+                    check_pattern($name);
+                }
             }
         )*
     };
@@ -127,48 +127,46 @@ thp_pattern_tests! {
     thp_straddling => "straddling",
 }
 
-/// `real::run_with` on THP: the kernel's figures reach the report, the data
-/// check holds, and a budget makes the engine split what it must free.
-#[test]
-#[cfg_attr(miri, ignore)]
-fn thp_real_run_reports_the_kernel_figures() {
-    let _watchdog = Watchdog::arm("thp_real_run_reports_the_kernel_figures");
-    let _thp = lock();
-    if LinuxHost::thp(HP).is_err() {
-        eprintln!("skipped: {}", LinuxHost::thp(HP).err().unwrap());
-        return;
-    }
-    let opts = |pattern: &str, budget| RunOptions {
-        backend: Backend::Thp,
-        size: SIZE,
-        pattern: pattern.parse().unwrap(),
-        seed: hugepunch_workload::DEFAULT_SEED,
-        budget,
-    };
-    let r = run_with(&opts("random", None)).unwrap();
-    let (dk, ek) = (r.direct.kernel.unwrap(), r.engine.kernel.unwrap());
-    assert_eq!((ek.split, ek.freed_whole), (0, SIZE / HP), "{ek:?}");
-    assert!(dk.split >= SIZE / HP, "{dk:?}");
-    assert_eq!(r.huge_pages_touched, SIZE / HP);
-    let json = serde_json::to_value(&r).unwrap();
-    assert_eq!(json["backend"], "thp");
-    assert_eq!(json["engine"]["kernel"]["split"], 0);
-    assert!(json["direct"]["kernel"]["samples"].is_u64());
+needs! { mount;
+    /// `real::run_with` on THP: the kernel's figures reach the report, the data
+    /// check holds, and a budget makes the engine split what it must free.
+    #[test]
+    #[cfg_attr(miri, ignore)]
+    fn thp_real_run_reports_the_kernel_figures() {
+        let _watchdog = Watchdog::arm("thp_real_run_reports_the_kernel_figures");
+        let _thp = lock();
+        let opts = |pattern: &str, budget| RunOptions {
+            backend: Backend::Thp,
+            size: SIZE,
+            pattern: pattern.parse().unwrap(),
+            seed: hugepunch_workload::DEFAULT_SEED,
+            budget,
+        };
+        let r = run_with(&opts("random", None)).unwrap();
+        let (dk, ek) = (r.direct.kernel.unwrap(), r.engine.kernel.unwrap());
+        assert_eq!((ek.split, ek.freed_whole), (0, SIZE / HP), "{ek:?}");
+        assert!(dk.split >= SIZE / HP, "{dk:?}");
+        assert_eq!(r.huge_pages_touched, SIZE / HP);
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["backend"], "thp");
+        assert_eq!(json["engine"]["kernel"]["split"], 0);
+        assert!(json["direct"]["kernel"]["samples"].is_u64());
 
-    // pin holds everything pending; with a budget of 1 MiB the engine must
-    // free pending subpages 4 KiB at a time, and those frees split.
-    let r = run_with(&opts("pin", None)).unwrap();
-    let ek = r.engine.kernel.unwrap();
-    assert_eq!((ek.split, ek.whole_at_end), (0, SIZE / HP), "{ek:?}");
-    assert_eq!(r.engine.data.kept_subpages, SIZE / HP);
-    let r = run_with(&opts("pin", Some(1 << 20))).unwrap();
-    let ek = r.engine.kernel.unwrap();
-    assert!(
-        ek.split > 0,
-        "a budget below the pending memory splits ({ek:?})"
-    );
-    assert!(r.engine.pending_bytes <= 1 << 20);
-    assert_eq!(r.engine.data.kept_subpages, SIZE / HP);
+        // pin holds everything pending; with a budget of 1 MiB the engine must
+        // free pending subpages 4 KiB at a time, and those frees split.
+        let r = run_with(&opts("pin", None)).unwrap();
+        let ek = r.engine.kernel.unwrap();
+        assert_eq!((ek.split, ek.whole_at_end), (0, SIZE / HP), "{ek:?}");
+        assert_eq!(r.engine.data.kept_subpages, SIZE / HP);
+        let r = run_with(&opts("pin", Some(1 << 20))).unwrap();
+        let ek = r.engine.kernel.unwrap();
+        assert!(
+            ek.split > 0,
+            "a budget below the pending memory splits ({ek:?})"
+        );
+        assert!(r.engine.pending_bytes <= 1 << 20);
+        assert_eq!(r.engine.data.kept_subpages, SIZE / HP);
+    }
 }
 
 /// Bytes of THP shmem back at `base` within a few seconds (frees after an
@@ -196,46 +194,44 @@ fn tmpfs_mounts(mountinfo: &str) -> usize {
         .count()
 }
 
-/// A run that panics half-way (in a thread, the engine and the host dropped
-/// while unwinding) gives every huge page back and leaves no mount.
-#[test]
-#[cfg_attr(miri, ignore)]
-fn thp_backend_is_cleaned_up_after_a_panic_inside_the_run() {
-    let _watchdog = Watchdog::arm("thp_backend_is_cleaned_up_after_a_panic_inside_the_run");
-    let _thp = lock();
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let base = counters().shmem_huge_bytes;
-    let run = std::thread::spawn(|| {
-        let Some(host) = thp_host(SIZE) else {
-            return false;
-        };
-        let host = Arc::new(host);
-        assert!(counters().shmem_huge_bytes >= SIZE, "the file holds THPs");
-        let engine = HugePunch::new(host.config(), host.clone()).unwrap();
-        for sub in 0..(SIZE / SUB) / 2 + 3 {
-            engine.punch(sub * SUB, SUB).unwrap();
-        }
-        panic!("a failure inside the run");
-    })
-    .join();
-    match run {
-        Ok(false) => return, // skipped, said why
-        Ok(true) => unreachable!(),
-        Err(_) => {}
+needs! { mount;
+    /// A run that panics half-way (in a thread, the engine and the host dropped
+    /// while unwinding) gives every huge page back and leaves no mount.
+    #[test]
+    #[cfg_attr(miri, ignore)]
+    fn thp_backend_is_cleaned_up_after_a_panic_inside_the_run() {
+        let _watchdog = Watchdog::arm("thp_backend_is_cleaned_up_after_a_panic_inside_the_run");
+        let _thp = lock();
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let base = counters().shmem_huge_bytes;
+        let run = std::thread::spawn(|| {
+            let host = Arc::new(thp_host(SIZE));
+            assert!(counters().shmem_huge_bytes >= SIZE, "the file holds THPs");
+            let engine = HugePunch::new(host.config(), host.clone()).unwrap();
+            for sub in 0..(SIZE / SUB) / 2 + 3 {
+                engine.punch(sub * SUB, SUB).unwrap();
+            }
+            panic!("a failure inside the run");
+        })
+        .join();
+        assert!(run.is_err(), "the run panicked");
+        wait_for_release(base, "after the panic");
+        let after = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert_eq!(tmpfs_mounts(&after), tmpfs_mounts(&mounts), "no mount left");
     }
-    wait_for_release(base, "after the panic");
-    let after = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    assert_eq!(tmpfs_mounts(&after), tmpfs_mounts(&mounts), "no mount left");
 }
 
 /// The child of [`thp_backend_leaves_nothing_after_sigkill`]: holds a THP
-/// file and waits to be killed. Does nothing unless run as that child.
+/// file and waits to be killed. Ignored in a normal run (it checks nothing
+/// by itself); the parent runs it with `--ignored`.
 #[test]
+#[ignore = "a child process: thp_backend_leaves_nothing_after_sigkill runs it"]
 fn thp_sigkill_child() {
-    if std::env::var_os("HUGEPUNCH_THP_CHILD").is_none() {
-        return;
-    }
-    let host = thp_host(SIZE).expect("the parent checked the backend works");
+    assert!(
+        std::env::var_os("HUGEPUNCH_THP_CHILD").is_some(),
+        "run only as the child of thp_backend_leaves_nothing_after_sigkill"
+    );
+    let host = thp_host(SIZE);
     let engine = HugePunch::new(host.config(), Arc::new(host)).unwrap();
     engine.punch(0, SUB).unwrap();
     // The harness prints "test thp_sigkill_child ... " on the same line.
@@ -244,62 +240,62 @@ fn thp_sigkill_child() {
     unreachable!("the parent kills this process");
 }
 
-/// SIGKILL, the exit no destructor sees: the child's file, its tmpfs and
-/// its huge pages all go with it, and no mount point ever existed.
-#[test]
-#[cfg_attr(miri, ignore)]
-fn thp_backend_leaves_nothing_after_sigkill() {
-    let _watchdog = Watchdog::arm("thp_backend_leaves_nothing_after_sigkill");
-    let _thp = lock();
-    if let Err(why) = LinuxHost::thp(HP) {
-        eprintln!("skipped: {why}");
-        return;
+needs! { mount;
+    /// SIGKILL, the exit no destructor sees: the child's file, its tmpfs and
+    /// its huge pages all go with it, and no mount point ever existed.
+    #[test]
+    #[cfg_attr(miri, ignore)]
+    fn thp_backend_leaves_nothing_after_sigkill() {
+        let _watchdog = Watchdog::arm("thp_backend_leaves_nothing_after_sigkill");
+        let _thp = lock();
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let base = counters().shmem_huge_bytes;
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "thp_sigkill_child",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("HUGEPUNCH_THP_CHILD", "1")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("run the test binary as the child");
+        let stdout = child.stdout.take().unwrap();
+        let ready = std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .any(|l| l.contains("HUGEPUNCH-CHILD-READY"));
+        assert!(ready, "the child never got its THP file");
+        let held = counters().shmem_huge_bytes.saturating_sub(base);
+        let child_mounts = std::fs::read_to_string(format!("/proc/{}/mountinfo", child.id())).unwrap();
+        child.kill().expect("SIGKILL the child");
+        let status = child.wait().unwrap();
+        assert!(!status.success());
+        assert!(held >= SIZE, "the child held its huge pages: {held} bytes");
+        assert_eq!(
+            tmpfs_mounts(&child_mounts),
+            tmpfs_mounts(&mounts),
+            "the child's tmpfs was never attached to a mount point"
+        );
+        wait_for_release(base, "after SIGKILL");
+        let after = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert_eq!(tmpfs_mounts(&after), tmpfs_mounts(&mounts), "no mount left");
     }
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let base = counters().shmem_huge_bytes;
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "thp_sigkill_child",
-            "--exact",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("HUGEPUNCH_THP_CHILD", "1")
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("run the test binary as the child");
-    let stdout = child.stdout.take().unwrap();
-    let ready = std::io::BufReader::new(stdout)
-        .lines()
-        .map_while(Result::ok)
-        .any(|l| l.contains("HUGEPUNCH-CHILD-READY"));
-    assert!(ready, "the child never got its THP file");
-    let held = counters().shmem_huge_bytes.saturating_sub(base);
-    let child_mounts = std::fs::read_to_string(format!("/proc/{}/mountinfo", child.id())).unwrap();
-    child.kill().expect("SIGKILL the child");
-    let status = child.wait().unwrap();
-    assert!(!status.success());
-    assert!(held >= SIZE, "the child held its huge pages: {held} bytes");
-    assert_eq!(
-        tmpfs_mounts(&child_mounts),
-        tmpfs_mounts(&mounts),
-        "the child's tmpfs was never attached to a mount point"
-    );
-    wait_for_release(base, "after SIGKILL");
-    let after = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    assert_eq!(tmpfs_mounts(&after), tmpfs_mounts(&mounts), "no mount left");
 }
 
 /// Run `f` on a thread of its own in a private mount namespace, with a
 /// filesystem of `fstype` mounted with `options` on a fresh directory
 /// there. The mount exists only in that namespace, which goes when the
 /// thread exits, on every path (the directory itself is removed after).
-/// `Err` says why the mount could not be made.
+/// Panics, saying why, if the mount cannot be made (the tests that call it
+/// run only where the build-time probe could mount).
 fn in_private_mount<T: Send + 'static>(
     fstype: &'static str,
     options: String,
     f: impl FnOnce(&std::path::Path) -> T + Send + 'static,
-) -> Result<T, String> {
+) -> T {
     use rustix::mount::{mount, mount_change, MountFlags, MountPropagationFlags};
     use rustix::thread::UnshareFlags;
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -327,148 +323,125 @@ fn in_private_mount<T: Send + 'static>(
     })
     .join();
     std::fs::remove_dir(&dir).unwrap();
-    result.unwrap_or_else(|p| std::panic::resume_unwind(p))
+    let result: Result<T, String> = result.unwrap_or_else(|p| std::panic::resume_unwind(p));
+    result.unwrap_or_else(|why| panic!("cannot mount a private {fstype}: {why}"))
 }
 
-/// `--backend file --path DIR` on a tmpfs the user mounted with
-/// `huge=always`: the huge page size and THP backing are read from the
-/// mount, and the engine keeps every huge page whole until it frees it.
-#[test]
-#[cfg_attr(miri, ignore)]
-fn file_backend_on_a_huge_always_tmpfs() {
-    let _watchdog = Watchdog::arm("file_backend_on_a_huge_always_tmpfs");
-    let _thp = lock();
-    let run = in_private_mount("tmpfs", format!("huge=always,size={}", 2 * SIZE), |dir| {
-        let backend = Backend::File(dir.to_path_buf());
-        let host = LinuxHost::open(&backend, SIZE).unwrap();
-        let described = host.info().huge_backing.describe();
-        assert!(described.contains("huge=always"), "{described}");
-        assert_eq!(host.huge_page_size(), HP);
-        drop(host);
-        run_with(&RunOptions {
-            backend,
-            size: SIZE,
-            pattern: "random".parse().unwrap(),
-            seed: 1,
-            budget: None,
-        })
-        .unwrap()
-    });
-    let r = match run {
-        Ok(r) => r,
-        Err(why) => {
-            eprintln!("skipped: cannot mount a private tmpfs here: {why}");
-            return;
-        }
-    };
-    let (dk, ek) = (r.direct.kernel.unwrap(), r.engine.kernel.unwrap());
-    assert_eq!(ek.whole_at_start, SIZE / HP, "{ek:?}");
-    assert_eq!((ek.split, ek.freed_whole), (0, SIZE / HP), "{ek:?}");
-    assert!(dk.split >= SIZE / HP, "{dk:?}");
-}
-
-/// A tmpfs mounted without `huge=`: the file backend says it has no huge
-/// pages and reports no kernel figures.
-#[test]
-#[cfg_attr(miri, ignore)]
-fn file_backend_on_a_plain_tmpfs_has_no_huge_pages() {
-    let _watchdog = Watchdog::arm("file_backend_on_a_plain_tmpfs_has_no_huge_pages");
-    let _thp = lock();
-    let run = in_private_mount("tmpfs", format!("size={SIZE}"), |dir| {
-        let host = LinuxHost::open(&Backend::File(dir.to_path_buf()), SIZE).unwrap();
-        host.info().huge_backing.clone()
-    });
-    match run {
-        Ok(backing) => {
-            assert!(!backing.available(), "{backing:?}");
-            assert!(backing.describe().contains("huge=never"), "{backing:?}");
-        }
-        Err(why) => eprintln!("skipped: cannot mount a private tmpfs here: {why}"),
-    }
-}
-
-/// hugetlbfs where the host reserved huge pages: a 4 KiB punch releases
-/// nothing there, so direct punching releases 0 bytes and the engine all
-/// of them. Skips where no 2 MiB hugetlb page is free (the reservation is a
-/// system setting, never changed here).
-#[test]
-#[cfg_attr(miri, ignore)]
-fn file_backend_on_hugetlbfs_releases_what_direct_punching_cannot() {
-    let _watchdog = Watchdog::arm("file_backend_on_hugetlbfs_releases_what_direct_punching_cannot");
-    let _thp = lock();
-    let free: u64 =
-        std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0);
-    if free < SIZE / HP {
-        eprintln!(
-            "skipped: {free} free 2 MiB hugetlb pages, {} needed (nr_hugepages is a system setting, not changed by tests)",
-            SIZE / HP
-        );
-        return;
-    }
-    let run = in_private_mount("hugetlbfs", "pagesize=2M".to_string(), |dir| {
-        run_with(&RunOptions {
-            backend: Backend::File(dir.to_path_buf()),
-            size: SIZE,
-            pattern: "ascending".parse().unwrap(),
-            seed: 1,
-            budget: None,
-        })
-        .unwrap()
-    });
-    let r = match run {
-        Ok(r) => r,
-        Err(why) => {
-            eprintln!("skipped: cannot mount a private hugetlbfs here: {why}");
-            return;
-        }
-    };
-    assert_eq!(r.huge_page_size, HP);
-    assert_eq!(
-        r.direct.bytes_released, 0,
-        "4 KiB punches free nothing on hugetlbfs"
-    );
-    assert_eq!(r.engine.bytes_released, SIZE);
-}
-
-/// The file backend reads the huge page size from hugetlbfs itself (its
-/// `statfs` block size), for each page size the kernel offers. Needs no
-/// reserved page: only the unnamed file is made, not mapped.
-#[test]
-#[cfg_attr(miri, ignore)]
-fn file_backend_reads_the_hugetlbfs_page_size() {
-    let _watchdog = Watchdog::arm("file_backend_reads_the_hugetlbfs_page_size");
-    let sizes: Vec<u64> = std::fs::read_dir("/sys/kernel/mm/hugepages")
-        .map(|d| {
-            d.filter_map(Result::ok)
-                .filter_map(|e| {
-                    let name = e.file_name().into_string().ok()?;
-                    let kib: u64 = name
-                        .strip_prefix("hugepages-")?
-                        .strip_suffix("kB")?
-                        .parse()
-                        .ok()?;
-                    Some(kib * 1024)
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    if sizes.is_empty() {
-        eprintln!("skipped: this kernel offers no hugetlb page size (/sys/kernel/mm/hugepages)");
-        return;
-    }
-    for size in sizes {
-        let run = in_private_mount("hugetlbfs", format!("pagesize={}K", size / 1024), |dir| {
-            LinuxHost::huge_page_size_of(&Backend::File(dir.to_path_buf()))
+needs! { mount;
+    /// `--backend file --path DIR` on a tmpfs the user mounted with
+    /// `huge=always`: the huge page size and THP backing are read from the
+    /// mount, and the engine keeps every huge page whole until it frees it.
+    #[test]
+    #[cfg_attr(miri, ignore)]
+    fn file_backend_on_a_huge_always_tmpfs() {
+        let _watchdog = Watchdog::arm("file_backend_on_a_huge_always_tmpfs");
+        let _thp = lock();
+        let run = in_private_mount("tmpfs", format!("huge=always,size={}", 2 * SIZE), |dir| {
+            let backend = Backend::File(dir.to_path_buf());
+            let host = LinuxHost::open(&backend, SIZE).unwrap();
+            let described = host.info().huge_backing.describe();
+            assert!(described.contains("huge=always"), "{described}");
+            assert_eq!(host.huge_page_size(), HP);
+            drop(host);
+            run_with(&RunOptions {
+                backend,
+                size: SIZE,
+                pattern: "random".parse().unwrap(),
+                seed: 1,
+                budget: None,
+            })
+            .unwrap()
         });
-        match run {
-            Ok(found) => assert_eq!(found.unwrap(), size),
-            Err(why) => {
-                eprintln!("skipped: cannot mount a private hugetlbfs here: {why}");
-                return;
-            }
+        let r = run;
+        let (dk, ek) = (r.direct.kernel.unwrap(), r.engine.kernel.unwrap());
+        assert_eq!(ek.whole_at_start, SIZE / HP, "{ek:?}");
+        assert_eq!((ek.split, ek.freed_whole), (0, SIZE / HP), "{ek:?}");
+        assert!(dk.split >= SIZE / HP, "{dk:?}");
+    }
+}
+
+needs! { mount;
+    /// A tmpfs mounted without `huge=`: the file backend says it has no huge
+    /// pages and reports no kernel figures.
+    #[test]
+    #[cfg_attr(miri, ignore)]
+    fn file_backend_on_a_plain_tmpfs_has_no_huge_pages() {
+        let _watchdog = Watchdog::arm("file_backend_on_a_plain_tmpfs_has_no_huge_pages");
+        let _thp = lock();
+        let run = in_private_mount("tmpfs", format!("size={SIZE}"), |dir| {
+            let host = LinuxHost::open(&Backend::File(dir.to_path_buf()), SIZE).unwrap();
+            host.info().huge_backing.clone()
+        });
+        let backing = run;
+        assert!(!backing.available(), "{backing:?}");
+        assert!(backing.describe().contains("huge=never"), "{backing:?}");
+    }
+}
+
+needs! { hugetlb_pages;
+    /// hugetlbfs where the host reserved huge pages: a 4 KiB punch releases
+    /// nothing there, so direct punching releases 0 bytes and the engine all
+    /// of them. Ignored where fewer than 4 2 MiB hugetlb pages are free (the
+    /// reservation is a system setting, never changed here).
+    #[test]
+    #[cfg_attr(miri, ignore)]
+    fn file_backend_on_hugetlbfs_releases_what_direct_punching_cannot() {
+        let _watchdog = Watchdog::arm("file_backend_on_hugetlbfs_releases_what_direct_punching_cannot");
+        let _thp = lock();
+        // The probe `hugetlb_pages` asked for SIZE / HP free 2 MiB pages.
+        assert_eq!(SIZE / HP, 4);
+        let run = in_private_mount("hugetlbfs", "pagesize=2M".to_string(), |dir| {
+            run_with(&RunOptions {
+                backend: Backend::File(dir.to_path_buf()),
+                size: SIZE,
+                pattern: "ascending".parse().unwrap(),
+                seed: 1,
+                budget: None,
+            })
+            .unwrap()
+        });
+        let r = run;
+        assert_eq!(r.huge_page_size, HP);
+        assert_eq!(
+            r.direct.bytes_released, 0,
+            "4 KiB punches free nothing on hugetlbfs"
+        );
+        assert_eq!(r.engine.bytes_released, SIZE);
+    }
+}
+
+needs! { hugetlbfs;
+    /// The file backend reads the huge page size from hugetlbfs itself (its
+    /// `statfs` block size), for each page size the kernel offers. Needs no
+    /// reserved page: only the unnamed file is made, not mapped.
+    #[test]
+    #[cfg_attr(miri, ignore)]
+    fn file_backend_reads_the_hugetlbfs_page_size() {
+        let _watchdog = Watchdog::arm("file_backend_reads_the_hugetlbfs_page_size");
+        let sizes: Vec<u64> = std::fs::read_dir("/sys/kernel/mm/hugepages")
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter_map(|e| {
+                        let name = e.file_name().into_string().ok()?;
+                        let kib: u64 = name
+                            .strip_prefix("hugepages-")?
+                            .strip_suffix("kB")?
+                            .parse()
+                            .ok()?;
+                        Some(kib * 1024)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(
+            sizes.contains(&HP),
+            "the probe mounted hugetlbfs with 2 MiB pages; /sys/kernel/mm/hugepages has {sizes:?}"
+        );
+        for size in sizes {
+            let run = in_private_mount("hugetlbfs", format!("pagesize={}K", size / 1024), |dir| {
+                LinuxHost::huge_page_size_of(&Backend::File(dir.to_path_buf()))
+            });
+            assert_eq!(run.unwrap(), size);
         }
     }
 }

@@ -1,36 +1,50 @@
-//! A real guest on guest_memfd (`hugepunch_linux::vm`): vCPUs at CPL3 give
-//! memory back through port I/O while the VMM releases it directly or
-//! through the engine; the data checks of `vm::run` hold (the guest's data
-//! survives, taken-back pages read zeros, the engine frees no page the
-//! guest still uses, memory released matches the engine's accounting).
-//! Skips, saying why, where /dev/kvm offers no mmap()able guest_memfd.
+//! A real guest (`hugepunch_linux::vm`): vCPUs at CPL3 give memory back
+//! through MMIO exits while the VMM releases it directly or through the
+//! engine, on guest_memfd (its own memslot) and on ordinary guest memory
+//! (THP, memfd) through `KVM_SET_USER_MEMORY_REGION` over the VMM's
+//! mapping; the data checks of `vm::run` hold (the guest's data survives,
+//! taken-back pages read zeros, the engine frees no page the guest still
+//! uses, memory released matches the engine's accounting). Each test is
+//! ignored, with the probe's reason, where this KVM cannot run the guest,
+//! has no mmap()able guest_memfd, or the process may not mount (the THP
+//! backend) — hugepunch-probe's `needs!`.
 #![cfg(target_os = "linux")]
 
+hugepunch_probe::include_needs!();
+
 use hugepunch::testing::watchdog::Watchdog;
-use hugepunch_linux::guest_memfd_unavailable;
-use hugepunch_linux::vm::{run, VmOptions, VmReport};
+use hugepunch_linux::vm::{run, VmOptions, VmReport, VmSide};
+use hugepunch_linux::Backend;
+use std::sync::{Mutex, MutexGuard};
 
 const SIZE: u64 = 8 << 20;
+const HP: u64 = 2 << 20;
 
-fn guest(vcpus: usize, pattern: &str) -> Option<VmReport> {
-    if let Some(why) = guest_memfd_unavailable() {
-        eprintln!("skipped: guest_memfd unavailable here: {why}");
-        return None;
-    }
+/// Serialises the THP guests: their kernel figures are system-wide
+/// counters.
+static THP: Mutex<()> = Mutex::new(());
+
+fn thp_lock() -> MutexGuard<'static, ()> {
+    THP.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn guest(backend: Backend, vcpus: usize, pattern: &str) -> VmReport {
     let opts = VmOptions {
+        backend: backend.clone(),
         size: SIZE,
         vcpus,
         pattern: pattern.parse().unwrap(),
         seed: 1,
     };
-    Some(run(&opts, &|_, _, _| {}).unwrap_or_else(|e| panic!("{pattern}, {vcpus} vCPUs: {e}")))
+    run(&opts, &|_, _, _| {}).unwrap_or_else(|e| panic!("{backend}, {pattern}, {vcpus} vCPUs: {e}"))
 }
 
-fn check(vcpus: usize, pattern: &str) {
-    let _watchdog = Watchdog::arm(&format!("guest {pattern} on {vcpus} vCPUs"));
-    let Some(r) = guest(vcpus, pattern) else {
-        return;
-    };
+fn stat(s: &VmSide, k: &str) -> u64 {
+    s.kvm.get(k).copied().unwrap_or(0)
+}
+
+/// What holds on every backend.
+fn check_common(r: &VmReport, pattern: &str) {
     let pages = SIZE / 4096;
     let (d, e) = (&r.direct, &r.engine);
     assert_eq!(r.guest_cpl, 3);
@@ -43,6 +57,8 @@ fn check(vcpus: usize, pattern: &str) {
         );
         assert_eq!(s.data.taken_back_zeroed, s.take_backs);
         assert!(s.take_backs > 0, "the guest takes some pages back");
+        // KVM's own counters: the vCPUs exited for every give-back.
+        assert!(stat(s, "mmio_exits") >= s.give_backs, "{:?}", s.kvm);
     }
     assert_eq!(d.give_backs, e.give_backs);
     assert_eq!(d.data, e.data, "both sides end with the same guest memory");
@@ -50,21 +66,9 @@ fn check(vcpus: usize, pattern: &str) {
         d.punch_calls, d.give_backs,
         "direct: one fallocate per give-back"
     );
-    assert!(
-        e.punch_calls <= SIZE / (2 << 20),
-        "engine: 2 MiB frees only"
-    );
-    // KVM's own counters: the vCPUs exited for every give-back, and
-    // direct punching asked for a remote TLB flush per give-back, the
-    // engine at most one per huge page it freed.
-    let stat = |s: &hugepunch_linux::vm::VmSide, k: &str| s.kvm.get(k).copied().unwrap_or(0);
-    assert!(stat(d, "mmio_exits") >= d.give_backs, "{:?}", d.kvm);
-    assert!(stat(e, "mmio_exits") >= e.give_backs, "{:?}", e.kvm);
-    assert!(
-        stat(d, "remote_tlb_flush_requests") >= d.give_backs,
-        "{:?}",
-        d.kvm
-    );
+    assert!(e.punch_calls <= SIZE / HP, "engine: 2 MiB frees only");
+    // The engine asks for at most one remote TLB flush per huge page it
+    // frees or takes back into.
     assert!(
         stat(e, "remote_tlb_flush_requests") <= e.punch_calls + e.take_backs,
         "{:?}",
@@ -72,51 +76,129 @@ fn check(vcpus: usize, pattern: &str) {
     );
 }
 
-#[test]
-#[cfg_attr(miri, ignore)]
-#[cfg_attr(
-    hugepunch_no_kvm,
-    ignore = "needs /dev/kvm, which the test build could not open"
-)]
-fn guest_gives_back_ascending_on_one_vcpu() {
-    check(1, "ascending");
+/// guest_memfd: KVM zaps (and asks for a remote TLB flush) at every punch.
+fn check_guest_memfd(vcpus: usize, pattern: &str) {
+    let _watchdog = Watchdog::arm(&format!("guest_memfd guest {pattern} on {vcpus} vCPUs"));
+    let r = guest(Backend::GuestMemfd, vcpus, pattern);
+    check_common(&r, pattern);
+    assert!(r.memslot.contains("REGION2"), "{}", r.memslot);
+    let d = &r.direct;
+    assert!(
+        stat(d, "remote_tlb_flush_requests") >= d.give_backs,
+        "{:?}",
+        d.kvm
+    );
 }
 
-#[test]
-#[cfg_attr(miri, ignore)]
-#[cfg_attr(
-    hugepunch_no_kvm,
-    ignore = "needs /dev/kvm, which the test build could not open"
-)]
-fn guest_gives_back_random_on_two_vcpus() {
-    check(2, "random");
+/// THP through an ordinary memslot: the guest's memory really is huge
+/// pages (the kernel counts them, KVM maps them 2 MiB where it says), the
+/// engine splits none and frees whole what it frees, direct 4 KiB punching
+/// splits every huge page it touches.
+fn check_thp(vcpus: usize, pattern: &str) {
+    let _watchdog = Watchdog::arm(&format!("THP guest {pattern} on {vcpus} vCPUs"));
+    let _thp = thp_lock();
+    let r = guest(Backend::Thp, vcpus, pattern);
+    check_common(&r, pattern);
+    assert!(
+        r.memslot.contains("KVM_SET_USER_MEMORY_REGION "),
+        "{}",
+        r.memslot
+    );
+    let (d, e) = (&r.direct, &r.engine);
+    let huge = SIZE / HP;
+    let (dk, ek) = (d.kernel.unwrap(), e.kernel.unwrap());
+    assert_eq!(dk.whole_at_start, huge, "{dk:?}");
+    assert_eq!(ek.whole_at_start, huge, "{ek:?}");
+    assert_eq!(ek.split, 0, "the engine split no huge page ({ek:?})");
+    assert!(dk.split >= huge, "direct 4 KiB punches split ({dk:?})");
+    for s in [d, e] {
+        if let Some(m) = s.kvm_mappings_at_start {
+            assert!(
+                m.pages_2m >= huge,
+                "KVM maps the guest's huge pages with 2 MiB entries: {m:?}"
+            );
+        }
+    }
+    assert!(
+        stat(d, "remote_tlb_flush_requests") > stat(e, "remote_tlb_flush_requests"),
+        "direct {:?}, engine {:?}",
+        d.kvm,
+        e.kvm
+    );
 }
 
-#[test]
-#[cfg_attr(miri, ignore)]
-#[cfg_attr(
-    hugepunch_no_kvm,
-    ignore = "needs /dev/kvm, which the test build could not open"
-)]
-fn guest_gives_back_strided_and_round_robin_on_two_vcpus() {
-    check(2, "strided");
-    check(2, "round-robin");
+needs! { kvm_guest, guest_memfd;
+    #[test]
+    #[cfg_attr(miri, ignore)]
+    fn guest_memfd_guest_gives_back_ascending_on_one_vcpu() {
+        check_guest_memfd(1, "ascending");
+    }
+}
+
+needs! { kvm_guest, guest_memfd;
+    #[test]
+    #[cfg_attr(miri, ignore)]
+    fn guest_memfd_guest_gives_back_random_on_two_vcpus() {
+        check_guest_memfd(2, "random");
+    }
+}
+
+needs! { kvm_guest, guest_memfd;
+    #[test]
+    #[cfg_attr(miri, ignore)]
+    fn guest_memfd_guest_gives_back_strided_and_round_robin_on_two_vcpus() {
+        check_guest_memfd(2, "strided");
+        check_guest_memfd(2, "round-robin");
+    }
+}
+
+needs! { kvm_guest, mount;
+    #[test]
+    #[cfg_attr(miri, ignore)]
+    fn thp_guest_gives_back_ascending_on_one_vcpu() {
+        check_thp(1, "ascending");
+    }
+}
+
+needs! { kvm_guest, mount;
+    #[test]
+    #[cfg_attr(miri, ignore)]
+    fn thp_guest_gives_back_random_on_two_vcpus() {
+        check_thp(2, "random");
+    }
+}
+
+needs! { kvm_guest, mount;
+    #[test]
+    #[cfg_attr(miri, ignore)]
+    fn thp_guest_gives_back_strided_and_round_robin_on_two_vcpus() {
+        check_thp(2, "strided");
+        check_thp(2, "round-robin");
+    }
+}
+
+needs! { kvm_guest;
+    /// memfd (4 KiB shmem) through an ordinary memslot, as QEMU's
+    /// memory-backend-memfd: no huge pages, so no kernel huge page figures.
+    #[test]
+    #[cfg_attr(miri, ignore)]
+    fn memfd_guest_gives_back_random_on_two_vcpus() {
+        let _watchdog = Watchdog::arm("memfd_guest_gives_back_random_on_two_vcpus");
+        // A memfd may get THP where the host's shmem settings offer it.
+        let _thp = thp_lock();
+        let r = guest(Backend::Memfd, 2, "random");
+        check_common(&r, "random");
+        assert!(r.engine.kernel.is_none() || r.huge_backing.contains("THP"));
+    }
 }
 
 /// `pin` keeps one page of every huge page: the engine frees nothing and
 /// holds every given-back page pending, deferring every flush; direct
-/// punching pays a flush request per page.
-#[test]
-#[cfg_attr(miri, ignore)]
-#[cfg_attr(
-    hugepunch_no_kvm,
-    ignore = "needs /dev/kvm, which the test build could not open"
-)]
-fn guest_pin_defers_everything_through_the_engine() {
-    let _watchdog = Watchdog::arm("guest_pin_defers_everything_through_the_engine");
-    let Some(r) = guest(2, "pin") else {
-        return;
-    };
+/// punching releases each page.
+fn check_pin(backend: Backend) {
+    let _watchdog = Watchdog::arm(&format!("{backend} guest pin"));
+    let _thp = thp_lock();
+    let r = guest(backend.clone(), 2, "pin");
     let e = &r.engine;
     assert_eq!(e.punch_calls, 0);
     assert_eq!(e.bytes_released, 0);
@@ -125,10 +207,36 @@ fn guest_pin_defers_everything_through_the_engine() {
         (e.give_backs - e.take_backs) * 4096,
         "every page given back and not taken back is pending"
     );
+    if let Some(k) = e.kernel {
+        assert_eq!((k.split, k.whole_at_end), (0, SIZE / HP), "{k:?}");
+    }
+    // Direct punching released each given-back page, except what a take-back
+    // brought back with it (a huge=always tmpfs backs a 4 KiB allocation in a
+    // 2 MiB hole with a whole huge page).
+    let d = &r.direct;
     assert_eq!(
-        r.direct.bytes_released,
-        (r.direct.give_backs - r.direct.take_backs) * 4096
+        d.bytes_released + d.held_unused_bytes,
+        (d.give_backs - d.take_backs) * 4096
     );
+    if backend == Backend::GuestMemfd {
+        assert_eq!(d.held_unused_bytes, 0);
+    }
+}
+
+needs! { kvm_guest, guest_memfd;
+    #[test]
+    #[cfg_attr(miri, ignore)]
+    fn guest_memfd_pin_defers_everything_through_the_engine() {
+        check_pin(Backend::GuestMemfd);
+    }
+}
+
+needs! { kvm_guest, mount;
+    #[test]
+    #[cfg_attr(miri, ignore)]
+    fn thp_pin_defers_everything_through_the_engine() {
+        check_pin(Backend::Thp);
+    }
 }
 
 #[test]
@@ -142,6 +250,7 @@ fn bad_guest_options_are_refused() {
         (8 << 20, 9),
     ] {
         let opts = VmOptions {
+            backend: Backend::Memfd,
             size,
             vcpus,
             pattern: "ascending".parse().unwrap(),

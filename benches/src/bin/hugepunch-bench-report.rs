@@ -243,7 +243,7 @@ mod instructions {
 fn print_instructions() {
     use hugepunch_workload::Pattern;
     if !instructions::available() {
-        println!("instructions per operation: skipped (valgrind is not installed here; callgrind counts them)");
+        println!("instructions per operation: SKIPPED: valgrind is not installed here (callgrind counts them)");
         println!();
         return;
     }

@@ -8,7 +8,7 @@ pub use hugepunch::testing::watchdog;
 
 use hugepunch::{ByteRange, HugePunch, SubpageState, SUBPAGE_SIZE};
 use hugepunch_linux::pattern::engine_allocated_bytes;
-use hugepunch_linux::{guest_memfd_unavailable, Backend, LinuxHost, MemfdOptions};
+use hugepunch_linux::{Backend, LinuxHost, MemfdOptions};
 
 /// 8 MiB: four 2 MiB huge pages (small, so the suite stays quick).
 pub const SIZE: u64 = 8 << 20;
@@ -17,33 +17,23 @@ pub const SUB: u64 = SUBPAGE_SIZE;
 /// What the file is filled with before a replay, so zeros mean something.
 pub const DATA: u8 = 0xa5;
 
-/// A fresh, populated, data-filled host of `backend`, or `None` (after
-/// printing why) where the backend is unavailable.
-pub fn host(backend: Backend, size: u64) -> Option<LinuxHost> {
+/// A fresh, populated, data-filled host of `backend`. A test of
+/// guest_memfd or THP runs only where the build-time probe found the
+/// backend (`needs! { guest_memfd; ... }`, `needs! { mount; ... }`), so
+/// here a backend that cannot be made is a failure.
+pub fn host(backend: Backend, size: u64) -> LinuxHost {
     let host = match backend {
         // Plain 4 KiB shmem: the accounting checks count 4 KiB pages.
         Backend::Memfd => {
             LinuxHost::memfd(size, MemfdOptions::default()).expect("memfd_create works on Linux")
         }
-        Backend::GuestMemfd => {
-            if let Some(why) = guest_memfd_unavailable() {
-                eprintln!("skipped: guest_memfd unavailable here: {why}");
-                return None;
-            }
-            LinuxHost::guest_memfd(size).expect("guest_memfd")
-        }
-        Backend::Thp => match LinuxHost::thp(size) {
-            Ok(host) => host,
-            Err(why) => {
-                eprintln!("skipped: no THP backend here: {why}");
-                return None;
-            }
-        },
+        Backend::GuestMemfd => LinuxHost::guest_memfd(size).expect("guest_memfd"),
+        Backend::Thp => LinuxHost::thp(size).expect("the THP backend"),
         Backend::File(ref dir) => LinuxHost::file(dir, size).expect("a file in the directory"),
     };
     host.populate_all().expect("populate");
     host.fill(ByteRange::new(0, size), DATA);
-    Some(host)
+    host
 }
 
 /// The file really holds exactly what the engine says is allocated.
