@@ -22,6 +22,9 @@ work=$(dirname "$prefix")/qemu-src
 
 say() { printf 'qemu: %s\n' "$*"; }
 die() { printf 'qemu: error: %s\n' "$*" >&2; exit 1; }
+# What this machine cannot get (not root, no package mirror): exit 2, which
+# .ci/run reports as not run rather than failed.
+unavailable() { printf 'qemu: unavailable: %s\n' "$*" >&2; exit 2; }
 
 # The Debian packages of the build (and Debian's QEMU: firmware, stock side).
 packages=(dpkg-dev ninja-build meson pkg-config python3-venv libglib2.0-dev
@@ -31,14 +34,14 @@ for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
-  [ "$(id -u)" -eq 0 ] || die "missing Debian packages (install them as root): ${missing[*]}"
+  [ "$(id -u)" -eq 0 ] || unavailable "missing Debian packages (install them as root): ${missing[*]}"
   say "installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   if ! apt-get install -y --no-install-recommends "${missing[@]}" >/dev/null 2>&1; then
     say "apt-get update (the package lists are stale)"
-    apt-get update >/dev/null || die "apt-get update failed"
+    apt-get update >/dev/null || unavailable "apt-get update failed"
     apt-get install -y --no-install-recommends "${missing[@]}" >/dev/null \
-      || die "apt-get install ${missing[*]} failed"
+      || unavailable "apt-get install ${missing[*]} failed"
   fi
 fi
 
@@ -63,9 +66,9 @@ if [ ! -f "$tree/.hugepunch-source" ] || [ "$(cat "$tree/.hugepunch-source")" !=
   } >"$work/apt/sources.list"
   apt_opts=(-o "Dir::Etc::SourceList=$work/apt/sources.list" -o "Dir::Etc::SourceParts=/dev/null"
             -o "Dir::State::Lists=$work/apt/lists" -o "APT::Sandbox::User=root")
-  apt-get "${apt_opts[@]}" update >/dev/null || die "apt-get update (deb-src) failed"
+  apt-get "${apt_opts[@]}" update >/dev/null || unavailable "apt-get update (deb-src) failed"
   (cd "$src" && apt-get "${apt_opts[@]}" source "qemu=$version" >/dev/null) \
-    || die "apt-get source qemu=$version failed"
+    || unavailable "apt-get source qemu=$version failed"
   [ -d "$tree" ] || die "the source package did not unpack into $tree"
   echo "$version" >"$tree/.hugepunch-source"
 fi

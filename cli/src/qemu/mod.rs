@@ -174,7 +174,11 @@ pub struct Args {
     #[arg(long, value_name = "PATH")]
     qemu: Option<PathBuf>,
     /// QEMU as it is [default: Debian's /usr/bin/qemu-system-x86_64]
-    #[arg(long, value_name = "PATH", default_value = "/usr/bin/qemu-system-x86_64")]
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/usr/bin/qemu-system-x86_64"
+    )]
     stock_qemu: PathBuf,
     /// The guest image directory (vmlinuz, initramfs.cpio.gz, cmdline)
     /// [default: $HUGEPUNCH_CACHE/guest, which vmm/qemu/guest/build.sh builds]
@@ -186,6 +190,10 @@ pub struct Args {
     /// One JSON object: the plan and every side's figures.
     #[arg(long)]
     json: bool,
+    /// A further property of the patched QEMU's balloon (`key=value`;
+    /// repeatable), for tests such as `x-hugepunch-forget-on-reset=off`.
+    #[arg(long, value_name = "KEY=VALUE", hide = true)]
+    balloon_property: Vec<String>,
 }
 
 fn need(path: &Path, what: &str, how: &str) -> anyhow::Result<()> {
@@ -241,7 +249,10 @@ fn scenarios(a: &Args) -> Vec<Scenario> {
         v.push(Scenario {
             budget: Some(a.budget),
             stock: false,
-            ..base(&format!("scattered, budget {}", bytes(a.budget)), Inflation::Scattered)
+            ..base(
+                &format!("scattered, budget {}", bytes(a.budget)),
+                Inflation::Scattered,
+            )
         });
     }
     v
@@ -256,7 +267,10 @@ struct Report {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     if a.memory == 0 || a.memory % (2 << 20) != 0 {
-        return Err(crate::arg_error("qemu", "--memory must be a positive multiple of 2 MiB"));
+        return Err(crate::arg_error(
+            "qemu",
+            "--memory must be a positive multiple of 2 MiB",
+        ));
     }
     if !(1..=8).contains(&a.vcpus) {
         return Err(crate::arg_error("qemu", "--vcpus must be between 1 and 8"));
@@ -280,18 +294,23 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .qemu
         .clone()
         .unwrap_or_else(|| cache().join("qemu/bin/qemu-system-x86_64"));
-    let debian_fw = vec![PathBuf::from("/usr/share/seabios"), PathBuf::from("/usr/share/qemu")];
+    let debian_fw = vec![
+        PathBuf::from("/usr/share/seabios"),
+        PathBuf::from("/usr/share/qemu"),
+    ];
     let stock = Qemu {
         name: "stock",
         binary: a.stock_qemu.clone(),
         firmware: Vec::new(),
         hugepunch: false,
+        balloon_properties: Vec::new(),
     };
     let hugepunch = Qemu {
         name: "hugepunch",
         binary: patched,
         firmware: debian_fw,
         hugepunch: true,
+        balloon_properties: a.balloon_property.clone(),
     };
     let want_stock = a.only.as_deref() != Some("hugepunch");
     let want_hp = a.only.as_deref() != Some("stock");
@@ -299,7 +318,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         need(&stock.binary, "QEMU", "install Debian's qemu-system-x86")?;
     }
     if want_hp {
-        need(&hugepunch.binary, "QEMU with hugepunch", "build it with vmm/qemu/build.sh")?;
+        need(
+            &hugepunch.binary,
+            "QEMU with hugepunch",
+            "build it with vmm/qemu/build.sh",
+        )?;
     }
     let mut sides = Vec::new();
     let bar = crate::progress::spinner(!a.json, "");
@@ -310,8 +333,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             }
             let label = format!("{} on {}", s.name, q.name);
             let phase = |p: &str| bar.set_message(format!("{label}: {p}"));
-            let r = side::run(&plan, &s, q, &phase)
-                .map_err(|e| anyhow!("{label}: {e:#}"))?;
+            let r = side::run(&plan, &s, q, &phase).map_err(|e| anyhow!("{label}: {e:#}"))?;
             sides.push(r);
         }
     }
@@ -340,79 +362,94 @@ fn render(r: &Report) -> String {
         p.accel.qemu_name(),
         p.accel_why
     );
-    let header = [
-        "scenario", "QEMU", "whole: start", "after inflate", "end", "split", "discards",
-        "released", "held back", "inflate", "deflate", "QEMU CPU", "data",
-    ];
-    let rows: Vec<Vec<String>> = r
-        .sides
-        .iter()
-        .map(|s| {
-            vec![
-                s.scenario.clone(),
-                match s.budget {
-                    Some(b) => format!("hugepunch, budget {}", bytes(b)),
-                    None => s.qemu.to_string(),
-                },
-                count(s.whole_at_start),
-                count(s.whole_after_inflate),
-                count(s.whole_at_end),
-                format!("{} ({} in all)", count(s.split_in_inflate), count(s.split)),
-                format!(
-                    "{}{}",
-                    count(s.discards_in_inflate),
-                    if s.discards_counted { "" } else { "*" }
-                ),
-                bytes(s.released),
-                bytes(s.held_back),
-                seconds(s.inflate.seconds),
-                seconds(s.deflate.seconds),
-                seconds(s.inflate.qemu_cpu_seconds),
-                if s.checked.bad_pages == 0 {
-                    format!("ok ({} checks)", s.checked.checks)
-                } else {
-                    format!("{} BAD pages", count(s.checked.bad_pages))
-                },
-            ]
-        })
+    // One column per side, scenarios side by side; one row per figure.
+    let header: Vec<String> = std::iter::once("".to_string())
+        .chain(r.sides.iter().map(|s| {
+            let qemu = match s.budget {
+                Some(b) => format!("hugepunch, budget {}", bytes(b)),
+                None => s.qemu.to_string(),
+            };
+            format!("{}: {qemu}", s.scenario)
+        }))
         .collect();
+    let row = |name: &str, f: &dyn Fn(&SideReport) -> String| -> Vec<String> {
+        std::iter::once(name.to_string())
+            .chain(r.sides.iter().map(f))
+            .collect()
+    };
+    let rows = vec![
+        row("huge pages whole at start", &|s| count(s.whole_at_start)),
+        row("  after inflate", &|s| count(s.whole_after_inflate)),
+        row("  at end", &|s| count(s.whole_at_end)),
+        row("split in inflate", &|s| count(s.split_in_inflate)),
+        row("split in all", &|s| count(s.split)),
+        row("ballooned whole (guest)", &|s| {
+            s.ballooned_whole.map(count).unwrap_or_else(|| "?".into())
+        }),
+        row("discard calls", &|s| {
+            format!(
+                "{}{}",
+                count(s.discards_in_inflate),
+                if s.discards_counted { "" } else { "*" }
+            )
+        }),
+        row("released", &|s| bytes(s.released)),
+        row("held back", &|s| bytes(s.held_back)),
+        row("inflate", &|s| seconds(s.inflate.seconds)),
+        row("deflate", &|s| seconds(s.deflate.seconds)),
+        row("QEMU CPU in inflate", &|s| {
+            seconds(s.inflate.qemu_cpu_seconds)
+        }),
+        row("QEMU CPU in all", &|s| seconds(s.qemu_cpu_seconds)),
+        row("pending at reboot", &|s| {
+            if s.qemu == "stock" {
+                "-".into()
+            } else {
+                bytes(s.pending_at_reset)
+            }
+        }),
+        row("guest access, ns a page", &|s| {
+            s.access_ns_per_page
+                .map(count)
+                .unwrap_or_else(|| "?".into())
+        }),
+        row("guest data", &|s| {
+            if s.checked.bad_pages == 0 {
+                format!("ok ({} checks)", s.checked.checks)
+            } else {
+                format!("{} BAD pages", count(s.checked.bad_pages))
+            }
+        }),
+    ];
+    let header: Vec<&str> = header.iter().map(String::as_str).collect();
     out.push_str(&table(&header, &rows));
     out.push('\n');
     out.push_str(&paragraph(
         &format!(
-            "whole: huge pages of the guest's file whole (ShmemHugePages) before QEMU started, \
-             after the first inflation and at the end; split: thp_split_page during the first \
-             inflation (and over the whole run, reboot included); discards, released, held \
-             back, inflate, deflate and QEMU CPU (user + system, all threads, during the \
-             inflation): the first inflation of {} and its deflation. * QEMU as it is discards \
-             each 4 KiB frame as it arrives (balloon_inflate_page): one per frame, not counted \
-             here. data: the guest's checks of every byte it kept, both boots.",
+            "whole: huge pages of the guest's file whole (the kernel's ShmemHugePages) \
+             before QEMU started, after the first inflation and before QEMU quit; split: \
+             the kernel's thp_split_page during the first inflation, and over the whole run \
+             (the reboot and the cycles after it included); ballooned whole: huge pages every \
+             4 KiB frame of which the guest's balloon held after the first inflation (the \
+             guest's /proc/kpageflags); discard calls, released (the file's allocated bytes), \
+             held back (pending in hugepunch), inflate, deflate and QEMU CPU in inflate \
+             (user + system, all threads): the first inflation of {} and its deflation. \
+             * QEMU as it is discards each 4 KiB frame as it arrives (balloon_inflate_page): \
+             one call per frame, from its code, not counted. pending at reboot: what \
+             hugepunch held when the guest rebooted with its balloon inflated, which the \
+             reset forgets. guest access: the guest's time to touch 64 MiB after the \
+             inflation{}. guest data: the guest's checks of every byte it kept, both boots.",
             r.sides
                 .first()
                 .map(|s| bytes(s.inflate.bytes))
-                .unwrap_or_default()
+                .unwrap_or_default(),
+            if p.accel == Accel::Tcg {
+                " (under TCG every access is emulated: not a mapping-size figure)"
+            } else {
+                ""
+            }
         ),
         0,
     ));
-    for s in &r.sides {
-        if let Some(w) = s.ballooned_whole {
-            out.push_str(&paragraph(
-                &format!(
-                    "{} on {}: the guest ballooned {} huge pages whole; guest access after \
-                     inflation {} ns a page{}.",
-                    s.scenario,
-                    s.qemu,
-                    count(w),
-                    s.access_ns_per_page.map(count).unwrap_or_else(|| "?".into()),
-                    if p.accel == Accel::Tcg {
-                        " (TCG: emulated, not a mapping-size figure)"
-                    } else {
-                        ""
-                    }
-                ),
-                0,
-            ));
-        }
-    }
     out
 }

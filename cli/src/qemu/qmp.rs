@@ -63,7 +63,10 @@ impl Qmp {
                 return Ok(r.clone());
             }
             if let Some(e) = v.get("error") {
-                return Err(anyhow!("QMP {command}: {}", e["desc"].as_str().unwrap_or("error")));
+                return Err(anyhow!(
+                    "QMP {command}: {}",
+                    e["desc"].as_str().unwrap_or("error")
+                ));
             }
             // An event ({"event": ...}): not the answer.
         }

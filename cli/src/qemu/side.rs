@@ -31,6 +31,8 @@ pub struct Qemu {
     pub firmware: Vec<PathBuf>,
     /// Route the balloon through hugepunch (`hugepunch=on`).
     pub hugepunch: bool,
+    /// More `-device virtio-balloon-pci` properties (`key=value`).
+    pub balloon_properties: Vec<String>,
 }
 
 /// What the guest program checked.
@@ -124,6 +126,9 @@ pub struct SideReport {
     /// Guest memory access time after the first inflation, ns a page (the
     /// guest's `access` command; meaningful with KVM only).
     pub access_ns_per_page: Option<u64>,
+    /// Bytes pending in the engine when the guest rebooted with its balloon
+    /// inflated (hugepunch only): what the reset made safe.
+    pub pending_at_reset: u64,
     /// The engine's statistics at the end (`hugepunch-stats`).
     pub hugepunch_stats: Option<Value>,
     /// The engine's statistics after the first inflation.
@@ -168,7 +173,8 @@ impl Drop for Vm {
 }
 
 fn spawn(plan: &Plan, s: &Scenario, q: &Qemu, mem_file: &Path) -> anyhow::Result<Vm> {
-    let dir = std::env::temp_dir().join(format!("hugepunch-qemu-{}-{}", std::process::id(), q.name));
+    let dir =
+        std::env::temp_dir().join(format!("hugepunch-qemu-{}-{}", std::process::id(), q.name));
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot make {}", dir.display()))?;
     let dir = TempDir(dir);
     let sock = dir.0.join("qmp.sock");
@@ -178,7 +184,14 @@ fn spawn(plan: &Plan, s: &Scenario, q: &Qemu, mem_file: &Path) -> anyhow::Result
         balloon.push_str(",free-page-reporting=on");
     }
     if q.hugepunch {
-        balloon.push_str(&format!(",hugepunch=on,hugepunch-budget={}", s.budget.unwrap_or(0)));
+        balloon.push_str(&format!(
+            ",hugepunch=on,hugepunch-budget={}",
+            s.budget.unwrap_or(0)
+        ));
+    }
+    for p in &q.balloon_properties {
+        balloon.push(',');
+        balloon.push_str(p);
     }
     let mut cmd = Command::new(&q.binary);
     for fw in &q.firmware {
@@ -191,7 +204,14 @@ fn spawn(plan: &Plan, s: &Scenario, q: &Qemu, mem_file: &Path) -> anyhow::Result
         })
         .args(["-smp", &plan.vcpus.to_string()])
         .args(["-m", &format!("{}M", mem >> 20)])
-        .args(["-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio"])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-serial",
+            "stdio",
+        ])
         .arg("-object")
         .arg(format!(
             "memory-backend-file,id=ram0,size={mem},share=on,mem-path={}",
@@ -231,7 +251,10 @@ fn spawn(plan: &Plan, s: &Scenario, q: &Qemu, mem_file: &Path) -> anyhow::Result
     let name = q.name;
     std::thread::spawn(move || {
         use std::io::BufRead as _;
-        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
             eprintln!("qemu ({name}): {line}");
         }
     });
@@ -323,7 +346,12 @@ fn balloon_bytes(plan: &Plan, fill: &Reply) -> anyhow::Result<u64> {
 }
 
 /// Run the balloon sequence of `s` on `q`; `phase` reports progress.
-pub fn run(plan: &Plan, s: &Scenario, q: &Qemu, phase: &dyn Fn(&str)) -> anyhow::Result<SideReport> {
+pub fn run(
+    plan: &Plan,
+    s: &Scenario,
+    q: &Qemu,
+    phase: &dyn Fn(&str),
+) -> anyhow::Result<SideReport> {
     let mem = plan.memory;
     let fd = sys::thp_tmpfs_file(mem).map_err(|e| {
         anyhow!(
@@ -334,13 +362,22 @@ pub fn run(plan: &Plan, s: &Scenario, q: &Qemu, phase: &dyn Fn(&str)) -> anyhow:
     })?;
     let empty = Snapshot::take(&fd)?;
     phase("allocating the guest's memory in huge pages (fallocate)");
-    sys::allocate(&fd, 0, mem).map_err(|e| anyhow!("fallocate of the guest's memory: errno {e}"))?;
+    sys::allocate(&fd, 0, mem)
+        .map_err(|e| anyhow!("fallocate of the guest's memory: errno {e}"))?;
     let start = Snapshot::take(&fd)?;
     let whole = |snap: &Snapshot| {
-        (snap.counters.shmem_huge_bytes.saturating_sub(empty.counters.shmem_huge_bytes)) / HUGE
+        (snap
+            .counters
+            .shmem_huge_bytes
+            .saturating_sub(empty.counters.shmem_huge_bytes))
+            / HUGE
     };
     // QEMU opens the file through our descriptor (it stays unnamed).
-    let path = PathBuf::from(format!("/proc/{}/fd/{}", std::process::id(), fd.as_raw_fd()));
+    let path = PathBuf::from(format!(
+        "/proc/{}/fd/{}",
+        std::process::id(),
+        fd.as_raw_fd()
+    ));
 
     phase("booting");
     let mut vm = spawn(plan, s, q, &path)?;
@@ -382,12 +419,23 @@ pub fn run(plan: &Plan, s: &Scenario, q: &Qemu, phase: &dyn Fn(&str)) -> anyhow:
     vm.console.ask("reuse 64 2", plan.timeout)?;
     verify(&mut vm, plan, &mut checked)?;
 
-    phase("rebooting (system_reset)");
+    // The guest reboots with its balloon inflated: the ballooned pages
+    // (with hugepunch, pending ones among them) belong to the new kernel
+    // without any deflate.
+    phase("inflating again, to reboot inflated");
+    balloon_to(&mut vm, mem - balloon)?;
+    verify(&mut vm, plan, &mut checked)?;
+    let pending_at_reset = field(&stats(&mut vm, q)?, "pending-subpages") * PAGE;
+    phase("rebooting inflated (system_reset)");
     vm.qmp.execute("system_reset", json!({}))?;
     let ready = vm.console.wait("ready", plan.timeout)?;
     if ready.text("boot_id")? == boot_a {
         bail!("the guest did not reboot (same boot id)");
     }
+    // The balloon's target outlives the reset and the new driver inflates
+    // to it as it loads; give everything back before the new kernel fills
+    // memory, so that what it writes is all of its memory.
+    balloon_to(&mut vm, mem)?;
     phase("filling guest memory after the reboot");
     let fill = vm
         .console
@@ -398,7 +446,8 @@ pub fn run(plan: &Plan, s: &Scenario, q: &Qemu, phase: &dyn Fn(&str)) -> anyhow:
         balloon_to(&mut vm, mem - again)?;
         verify(&mut vm, plan, &mut checked)?;
         balloon_to(&mut vm, mem)?;
-        vm.console.ask(&format!("reuse 32 {}", 4 + cycle), plan.timeout)?;
+        vm.console
+            .ask(&format!("reuse 32 {}", 4 + cycle), plan.timeout)?;
         verify(&mut vm, plan, &mut checked)?;
     }
     let end = Snapshot::take(&fd)?;
@@ -432,6 +481,7 @@ pub fn run(plan: &Plan, s: &Scenario, q: &Qemu, phase: &dyn Fn(&str)) -> anyhow:
         checked,
         boots: 2,
         access_ns_per_page,
+        pending_at_reset,
         hugepunch_stats: stats2,
         hugepunch_stats_after_inflate: stats1,
     })
