@@ -266,7 +266,7 @@ struct Report {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    if a.memory == 0 || a.memory % (2 << 20) != 0 {
+    if a.memory == 0 || !a.memory.is_multiple_of(2 << 20) {
         return Err(crate::arg_error(
             "qemu",
             "--memory must be a positive multiple of 2 MiB",
@@ -328,7 +328,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let bar = crate::progress::spinner(!a.json, "");
     for s in scenarios(&a) {
         for q in [&stock, &hugepunch] {
-            if (q.hugepunch && !want_hp) || (!q.hugepunch && !(want_stock && s.stock)) {
+            let wanted = if q.hugepunch { want_hp } else { want_stock && s.stock };
+            if !wanted {
                 continue;
             }
             let label = format!("{} on {}", s.name, q.name);
