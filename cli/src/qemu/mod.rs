@@ -365,13 +365,7 @@ fn render(r: &Report) -> String {
     );
     // One column per side, scenarios side by side; one row per figure.
     let header: Vec<String> = std::iter::once("".to_string())
-        .chain(r.sides.iter().map(|s| {
-            let qemu = match s.budget {
-                Some(b) => format!("hugepunch, budget {}", bytes(b)),
-                None => s.qemu.to_string(),
-            };
-            format!("{}: {qemu}", s.scenario)
-        }))
+        .chain(r.sides.iter().map(|s| format!("{}: {}", s.scenario, s.qemu)))
         .collect();
     let row = |name: &str, f: &dyn Fn(&SideReport) -> String| -> Vec<String> {
         std::iter::once(name.to_string())
@@ -379,9 +373,9 @@ fn render(r: &Report) -> String {
             .collect()
     };
     let rows = vec![
-        row("huge pages whole at start", &|s| count(s.whole_at_start)),
-        row("  after inflate", &|s| count(s.whole_after_inflate)),
-        row("  at end", &|s| count(s.whole_at_end)),
+        row("whole at start", &|s| count(s.whole_at_start)),
+        row("whole after inflate", &|s| count(s.whole_after_inflate)),
+        row("whole at end", &|s| count(s.whole_at_end)),
         row("split in inflate", &|s| count(s.split_in_inflate)),
         row("split in all", &|s| count(s.split)),
         row("ballooned whole (guest)", &|s| {
@@ -409,7 +403,7 @@ fn render(r: &Report) -> String {
                 bytes(s.pending_at_reset)
             }
         }),
-        row("guest access, ns a page", &|s| {
+        row("guest ns a page", &|s| {
             s.access_ns_per_page
                 .map(count)
                 .unwrap_or_else(|| "?".into())
