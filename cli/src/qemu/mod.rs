@@ -328,7 +328,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let bar = crate::progress::spinner(!a.json, "");
     for s in scenarios(&a) {
         for q in [&stock, &hugepunch] {
-            let wanted = if q.hugepunch { want_hp } else { want_stock && s.stock };
+            let wanted = if q.hugepunch {
+                want_hp
+            } else {
+                want_stock && s.stock
+            };
             if !wanted {
                 continue;
             }
@@ -365,7 +369,11 @@ fn render(r: &Report) -> String {
     );
     // One column per side, scenarios side by side; one row per figure.
     let header: Vec<String> = std::iter::once("".to_string())
-        .chain(r.sides.iter().map(|s| format!("{}: {}", s.scenario, s.qemu)))
+        .chain(
+            r.sides
+                .iter()
+                .map(|s| format!("{}: {}", s.scenario, s.qemu)),
+        )
         .collect();
     let row = |name: &str, f: &dyn Fn(&SideReport) -> String| -> Vec<String> {
         std::iter::once(name.to_string())
