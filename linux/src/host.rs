@@ -623,10 +623,10 @@ impl LinuxHost {
         })?;
         let (huge_backing, huge_page_size) = file_backing(dir, &fs);
         Self::check_size(size, huge_page_size)?;
-        rustix::fs::ftruncate(&fd, size).map_err(|e| {
+        sys::set_len(&fd, size).map_err(|errno| {
             file_err(sys::StepError {
                 step: "ftruncate",
-                errno: sys::errno(e),
+                errno,
             })
         })?;
         let info = FileInfo {

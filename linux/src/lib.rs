@@ -45,15 +45,20 @@
 //!
 //! # Where `unsafe` lives
 //!
-//! Only in [`sys`]: every syscall (fallocate, memfd_create, mmap, munmap,
-//! madvise, fstat, pread through rustix; mincore through libc, which rustix
-//! does not wrap), the KVM ioctls, and the accesses to guest memory through
-//! the shared mapping — volatile loads and stores only, never `ptr::copy`
-//! or a slice (STYLE.md rule 13) — each `unsafe` block with its
-//! `// SAFETY:` argument (enforced by `clippy::undocumented_unsafe_blocks`).
-//! Every file descriptor is an `OwnedFd`; the KVM memslot, a pointer the
-//! kernel keeps into the mapping, holds the mapping alive until it is
-//! deleted (STYLE.md rule 14). The audit of each block is in
+//! In [`sys`]: every raw syscall (fallocate, ftruncate, memfd_create, mmap,
+//! munmap, madvise, fstat, pread through rustix; mincore through libc,
+//! which rustix does not wrap), the VM-level KVM ioctls, and the accesses
+//! to guest memory through the shared mapping — volatile loads and stores
+//! only, never `ptr::copy` or a slice (STYLE.md rule 13) — each `unsafe`
+//! block with its `// SAFETY:` argument (enforced by
+//! `clippy::undocumented_unsafe_blocks`). Every file descriptor is an
+//! `OwnedFd`; the KVM memslot, a pointer the kernel keeps into the
+//! mapping, holds the mapping alive until it is deleted (STYLE.md rule 14).
+//! Two things live outside it, for now: the `unsafe` call of
+//! [`sys::Mapping::new`] in `host` (its precondition, a file nobody
+//! truncates, is the host's own, argued at the call), and the vCPU ioctls
+//! of `vm` (kvm-ioctls' safe `VcpuFd` methods: `KVM_RUN`, `KVM_SET_REGS`,
+//! `KVM_SET_SREGS`, `KVM_SET_CPUID2`). The audit of each block is in
 //! docs/RELIABILITY.md.
 //!
 //! # Stricter than the kernel

@@ -1,5 +1,7 @@
-//! Every system call of the crate and every `unsafe` block of it (the
-//! `Send`/`Sync` impls of the mapping included).
+//! The crate's raw system calls and its `unsafe` blocks (the `Send`/`Sync`
+//! impls of the mapping included), but for the two exceptions the crate
+//! documentation names: the host's call of [`Mapping::new`] and the vCPU
+//! ioctls of `vm` through kvm-ioctls' safe `VcpuFd`.
 //!
 //! Raw syscalls go through rustix; `mincore`, which rustix does not wrap, goes
 //! through libc. KVM ioctls go through kvm-ioctls; the constants that
@@ -63,13 +65,13 @@ pub fn errno(e: Errno) -> i32 {
 }
 
 fn fallocate_retrying(
-    fd: &OwnedFd,
+    fd: impl AsFd,
     flags: FallocateFlags,
     offset: u64,
     len: u64,
 ) -> Result<(), i32> {
     loop {
-        match rustix::fs::fallocate(fd, flags, offset, len) {
+        match rustix::fs::fallocate(&fd, flags, offset, len) {
             Ok(()) => return Ok(()),
             Err(Errno::INTR) => continue,
             Err(e) => return Err(errno(e)),
@@ -80,7 +82,7 @@ fn fallocate_retrying(
 /// `fallocate(PUNCH_HOLE | KEEP_SIZE)` on exactly `offset .. offset + len`,
 /// retrying `EINTR`. No validation: the kernel answers for bad input (the
 /// invalid-punch tests rely on that).
-pub fn punch_hole(fd: &OwnedFd, offset: u64, len: u64) -> Result<(), i32> {
+pub fn punch_hole(fd: impl AsFd, offset: u64, len: u64) -> Result<(), i32> {
     fallocate_retrying(
         fd,
         FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
@@ -91,8 +93,13 @@ pub fn punch_hole(fd: &OwnedFd, offset: u64, len: u64) -> Result<(), i32> {
 
 /// `fallocate(KEEP_SIZE)`: allocate `offset .. offset + len` (guest_memfd
 /// needs `KEEP_SIZE` for every mode), retrying `EINTR`.
-pub fn allocate(fd: &OwnedFd, offset: u64, len: u64) -> Result<(), i32> {
+pub fn allocate(fd: impl AsFd, offset: u64, len: u64) -> Result<(), i32> {
     fallocate_retrying(fd, FallocateFlags::KEEP_SIZE, offset, len)
+}
+
+/// `ftruncate(fd, size)`.
+pub fn set_len(fd: impl AsFd, size: u64) -> Result<(), i32> {
+    rustix::fs::ftruncate(fd, size).map_err(errno)
 }
 
 /// `memfd_create(name, MFD_CLOEXEC [| MFD_HUGETLB | MFD_HUGE_2MB])`, then

@@ -55,7 +55,7 @@
 //! (`KVM_CAP_MEMORY_ATTRIBUTES` is 0), and the kernel zaps the guest's
 //! mapping inside `fallocate(PUNCH_HOLE)` itself. Every page is therefore
 //! shared, the VMM answers `is_shared` with `true` for given-back pages
-//! (SPEC.md §2: the deferral of shared memory is allowed), and a deferred
+//! (docs/CONTRACT.md §3.3: the deferral of shared memory is allowed), and a deferred
 //! give-back stays mapped to the guest until its huge page is freed whole —
 //! the guest's promise not to touch it is what makes that safe, as for a
 //! balloon. Direct punching zaps (and flushes the TLB of every vCPU) at each
@@ -315,14 +315,14 @@ pub const INVALIDATION_MEMSLOT: &str = "an ordinary memslot over the VMM's share
 file: every page is shared; fallocate(PUNCH_HOLE) unmaps the range from the VMM's mapping, whose \
 MMU notifier zaps KVM's mapping of it and asks for a remote TLB flush. A deferred give-back stays \
 mapped to the guest until its huge page is freed whole (the allowed deferral of shared memory, \
-SPEC.md §2); the guest does not touch it until it takes it back.";
+docs/CONTRACT.md §3.3); the guest does not touch it until it takes it back.";
 
 /// What [`VmReport::invalidation`] says for guest_memfd.
 pub const INVALIDATION: &str = "guest_memfd of a type-0 VM: every page is shared \
 (KVM_CAP_MEMORY_ATTRIBUTES is 0) and no userspace call unmaps a page from the guest short of \
 freeing it; the kernel zaps the guest's mapping inside fallocate(PUNCH_HOLE). A deferred \
 give-back stays mapped to the guest until its huge page is freed whole (the allowed deferral of \
-shared memory, SPEC.md §2); the guest does not touch it until it takes it back.";
+shared memory, docs/CONTRACT.md §3.3); the guest does not touch it until it takes it back.";
 
 /// The pages of each vCPU's script, in order, and the script's entries.
 fn scripts(opts: &VmOptions, ops: &[Op]) -> Vec<Vec<(u64, u64)>> {
@@ -732,7 +732,7 @@ fn run_vcpu(id: usize, mut vcpu: kvm_ioctls::VcpuFd, sh: &Shared<'_>) -> Result<
                         engine.populate(offset, SUBPAGE_SIZE)?;
                         if absent {
                             // The populate allocated the whole huge page
-                            // (SPEC.md, populate). The pages of it this vCPU
+                            // (docs/CONTRACT.md §3.6, populate). The pages of it this vCPU
                             // still has given back go back to the engine,
                             // deferred: no fallocate, no flush. (Only this
                             // vCPU's own pages: no other thread changes

@@ -59,12 +59,10 @@
 #![cfg(feature = "vm-memory")]
 
 use crate::attributes::SharedBits;
-use crate::HUGE_PAGE_SIZE;
+use crate::sync::{AtomicU64, Ordering};
+use crate::{sys, HUGE_PAGE_SIZE};
 use hugepunch::{Attribute, ByteRange, Config, Hint, Host, HostError, SUBPAGE_SHIFT, SUBPAGE_SIZE};
-use rustix::fs::FallocateFlags;
-use rustix::io::Errno;
 use std::fs::File;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use vm_memory::bitmap::Bitmap;
 use vm_memory::mmap::MmapRegion;
@@ -291,23 +289,16 @@ impl<B: Bitmap + 'static> GuestMemoryHost<B> {
     /// `fallocate(flags | KEEP_SIZE)` on the private file at the region's
     /// offset, retrying `EINTR` (guest_memfd needs `KEEP_SIZE` always).
     fn fallocate(&self, punch: bool, range: ByteRange) -> Result<(), HostError> {
-        let mut flags = FallocateFlags::KEEP_SIZE;
-        if punch {
-            flags |= FallocateFlags::PUNCH_HOLE;
-        }
         let at = self.private.start() + range.offset;
-        loop {
-            match rustix::fs::fallocate(self.private.file(), flags, at, range.len) {
-                Ok(()) => return Ok(()),
-                Err(Errno::INTR) => continue,
-                Err(e) => {
-                    add(&self.counters.fallocate_errors, 1);
-                    return Err(HostError {
-                        errno: e.raw_os_error(),
-                    });
-                }
-            }
-        }
+        let done = if punch {
+            sys::punch_hole(self.private.file(), at, range.len)
+        } else {
+            sys::allocate(self.private.file(), at, range.len)
+        };
+        done.map_err(|errno| {
+            add(&self.counters.fallocate_errors, 1);
+            HostError { errno }
+        })
     }
 }
 

@@ -24,7 +24,7 @@
 //!    `dma_window` allocations later, freed: made private again, which the
 //!    VMM does by populating the private page and converting it (a
 //!    conversion to private over a discarded page needs the page back:
-//!    SPEC.md, Reject policy).
+//!    docs/CONTRACT.md §3.5, the Reject policy).
 //! 4. **Balloon** — `balloon` bytes given back 4 KiB at a time at scattered
 //!    private pages (virtio-balloon inflates pages the buddy allocator
 //!    hands it), each a `punch`.
