@@ -4,7 +4,6 @@
 //! through the engine, or directly as a VMM does today ([`Direct`]).
 
 use crate::host::{LinuxHost, HUGE_PAGE_SIZE};
-use crate::real::RealError;
 use hugepunch::{
     Attribute, Backing, ByteRange, Geometry, Host, HostError, HugePunch, SubpageState, SUBPAGE_SIZE,
 };
@@ -29,9 +28,20 @@ pub fn ops_in(pattern: Pattern, geo: Geometry, seed: u64) -> Vec<Op> {
     pattern.ops(geo, 0, geo.size(), seed)
 }
 
+/// Why [`pattern`] made no operations.
+#[derive(Debug, thiserror::Error)]
+pub enum PatternError {
+    /// Not a pattern.
+    #[error(transparent)]
+    Unknown(#[from] hugepunch_workload::UnknownPattern),
+    /// Not a file of 2 MiB huge pages (the size).
+    #[error("engine: {0}")]
+    Geometry(#[from] hugepunch::Error),
+}
+
 /// The operations of the pattern named `name` over a whole file of `size`
 /// bytes, with the default seed ([`DEFAULT_SEED`]); see [`ops`].
-pub fn pattern(name: &str, size: u64) -> Result<Vec<Op>, RealError> {
+pub fn pattern(name: &str, size: u64) -> Result<Vec<Op>, PatternError> {
     Ok(ops(name.parse()?, size, DEFAULT_SEED)?)
 }
 

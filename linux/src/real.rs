@@ -46,6 +46,9 @@ pub enum RealError {
     /// Not a pattern.
     #[error(transparent)]
     Pattern(#[from] UnknownPattern),
+    /// A pattern's operations could not be made.
+    #[error(transparent)]
+    Ops(#[from] crate::pattern::PatternError),
     /// A syscall outside the replay failed.
     #[error("{step} failed: {}", std::io::Error::from_raw_os_error(*errno))]
     Syscall {

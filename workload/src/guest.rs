@@ -5,20 +5,9 @@
 //! that lost or stale data shows.
 
 use crate::pattern::Pattern;
+pub use crate::step::Step;
 use crate::target::{apply, Target};
-use crate::trace::Op;
 use hugepunch::{Geometry, SUBPAGE_SIZE};
-
-/// One step of a workload: an operation, or a guest access.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Step {
-    /// A VMM operation.
-    Op(Op),
-    /// The guest writes a fresh token to the subpage at this offset.
-    GuestWrite(u64),
-    /// The guest reads the subpage at this offset (and the target checks it).
-    GuestRead(u64),
-}
 
 /// A target with a guest that writes and reads its memory.
 pub trait Guest: Target {

@@ -53,6 +53,7 @@
 pub mod guest;
 pub mod pattern;
 pub mod rng;
+pub mod step;
 pub mod stream;
 pub mod target;
 pub mod trace;

@@ -22,8 +22,8 @@
 //! `pin` keeps a random subpage of each huge page (not, say, the last): a
 //! tracker that special-cased one position would look better than it is.
 
-use crate::guest::Step;
 use crate::rng::Rng;
+use crate::step::Step;
 use crate::trace::{Op, Trace};
 use hugepunch::{Attribute, Geometry, SUBPAGE_SIZE};
 
