@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fuzzing (issue 9, part 3): cargo-fuzz (libFuzzer, built with
+# Fuzzing: cargo-fuzz (libFuzzer, built with
 # AddressSanitizer) on each target for a bounded time, from its seeds.
 #
 #   ci/fuzz.sh                    what CI runs: every target for

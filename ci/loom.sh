@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Loom model checking of the engine (issue 3), with the exact flags.
+# Loom model checking of the engine, with the exact flags.
 #
 #   ci/loom.sh          what CI runs: every model except the three-thread
 #                       ones, then the four planted bugs (each must be
@@ -60,7 +60,7 @@ fi
 # fail: the `broken_*` test is #[should_panic(expected = "invariant...")].
 # variant:test file (the model that must catch it).
 # variant:test file[:test name] (default name broken_<variant>_is_caught);
-# the batch models (issue 13) catch three of them again through
+# the batch models catch three of them again through
 # punch_many and the 4 KiB fast path (the same builds, one more test run).
 for planted in completion:completion conversion:conversion unpunch:unpunch mark:conversion \
   completion:batch:broken_completion_batch_is_caught \

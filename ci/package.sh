@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Packaging check (issue 14), without publishing anything:
+# Packaging check, without publishing anything:
 #  - the crates meant for crates.io carry their metadata (description,
 #    keywords, categories, documentation, readme, license, repository), a
 #    README and a CHANGELOG, and their path dependencies carry versions;

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The engine under the sanitizers (issue 9, part 2), with the exact flags.
+# The engine under the sanitizers, with the exact flags.
 #
 #   ci/sanitizers.sh          what CI runs: asan, then tsan
 #   ci/sanitizers.sh asan     the engine's tests (unit, integration, the

@@ -368,7 +368,7 @@ impl Tracker for SinglePartial {
     }
 }
 
-// ---- the atomic peers (issue 13) --------------------------------------------
+// ---- the atomic peers --------------------------------------------
 
 /// vm-memory's `AtomicBitmap` shape: one bit per 4 KiB page, set with one
 /// `fetch_or(SeqCst)` per page, which cannot say that a huge page became

@@ -1,4 +1,4 @@
-//! Bad input to the tool (issue 9, part 6), tried as a new user would:
+//! Bad input to the tool, tried as a new user would:
 //! every case ends, within 10 seconds and 1 GiB of memory, with a one-line
 //! error that names the problem (and the line, for a trace), or works.
 //!
@@ -10,7 +10,7 @@
 //! machine cannot fail a correct refusal (seen: the 100,000-line
 //! chunk-per-line trace, which must be read whole before its estimate
 //! refuses it, took 13 s in debug under load; 0.3 s in release). The
-//! 10-second bound of the issue is the release figure (docs/RELIABILITY.md).
+//! 10-second bound is the release figure (docs/RELIABILITY.md).
 
 use std::io::{Read, Write};
 use std::path::PathBuf;

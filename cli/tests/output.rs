@@ -1,4 +1,4 @@
-//! What a person reads (issue 10, item 8): every line of the tool's
+//! What a person reads: every line of the tool's
 //! output fits a 100-column terminal, verdicts say what their tables show,
 //! `--help` lists the patterns and every default, and a mistake in the
 //! arguments points to the subcommand's own help.

@@ -151,7 +151,7 @@ pub(crate) struct Callbacks {
     pub policy: Policy,
     /// `Arc::as_ptr(&host)`, computed once: calling through it skips the
     /// pointer arithmetic from the `Arc`'s allocation to the host on every
-    /// callback (issue 13).
+    /// callback.
     direct: *const dyn Host,
 }
 
@@ -188,7 +188,7 @@ impl Callbacks {
 ///
 /// So a load is one `Acquire` load of a pointer and hands out a plain
 /// `&Callbacks` for as long as the file is borrowed: no reference count, no
-/// debt slot, no write to a shared cache line (issue 13; the arc-swap load
+/// debt slot, no write to a shared cache line (the arc-swap load
 /// it replaces cost ~35 instructions and two stores per operation). The
 /// price: a replaced set (its `Arc<dyn Host>` included) lives until the file
 /// is dropped, one node of 40 bytes per `set_host` / `set_policy` call,

@@ -11,7 +11,7 @@
 //! one of them, and lives until the file is dropped (nothing is freed while
 //! the file is shared, so no reclamation scheme is needed).
 //!
-//! Both levels are flat arrays of thin pointers (issue 13): a directory
+//! Both levels are flat arrays of thin pointers: a directory
 //! pointer leads straight to its chunk pointers, a chunk pointer straight to
 //! the chunk's first word, so finding a huge page's words is two dependent
 //! loads and no bounds-checked fat pointer.

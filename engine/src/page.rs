@@ -380,7 +380,7 @@ impl<'a> Page<'a> {
         }
     }
 
-    /// The punch entry of the 4 KiB fast path (issue 13): `enter(PUNCH_ONE)`
+    /// The punch entry of the 4 KiB fast path: `enter(PUNCH_ONE)`
     /// with its one decision made by one mask compare, and no waiting:
     /// `false` when the huge page is not `HUGE`, is owned (`COMPLETING`,
     /// `BUSY`), torn down or has `PUNCHING` saturated (the caller then takes

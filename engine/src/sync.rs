@@ -56,7 +56,7 @@ pub(crate) fn lock(m: &Mutex<()>) -> MutexGuard<'_, ()> {
 /// each read-modify-write (`fetch_*`, `swap`, `compare_exchange*`, failed
 /// or not: each is one locked instruction on x86) counted in a per-thread
 /// counter that [`crate::rmw_count`] reads. `engine/tests/rmw_count.rs`
-/// asserts how many a deferred 4 KiB punch and a batch make (issue 13).
+/// asserts how many a deferred 4 KiB punch and a batch make.
 /// Each wrapper passes its caller's orderings through unchanged (the call
 /// sites carry the `ORDERING:` lines); the counter is a plain per-thread
 /// `Cell`, no atomic.

@@ -1,4 +1,4 @@
-//! `punch_many` (issue 13) against `punch` called for each range in order,
+//! `punch_many` against `punch` called for each range in order,
 //! with the sequential reference model of `hugepunch::testing` as the
 //! oracle: after a random history of punches, populates, conversions and
 //! flushes, a random batch of valid ranges runs on the engine as one

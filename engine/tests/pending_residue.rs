@@ -1,4 +1,4 @@
-//! The pending count without a budget (issue 13): each thread batches its
+//! The pending count without a budget: each thread batches its
 //! changes in a residue of fewer than 64 subpages in its own statistics
 //! shard and hands it to the shared count when it reaches 64 or when the
 //! thread exits. These tests fail if a residue is lost (at a thread's

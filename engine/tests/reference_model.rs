@@ -145,7 +145,7 @@ fn length_from(setup: &Setup, p: u64) -> BoxedStrategy<u64> {
     }
 }
 
-/// Ranges that do not pass validation: the matrix of the issue.
+/// Ranges that do not pass validation: the bad-range matrix.
 fn invalid_range(setup: &Setup) -> BoxedStrategy<(u64, u64)> {
     let size = setup.size();
     proptest::sample::select(vec![
@@ -238,7 +238,7 @@ fn op_strategy(setup: &Setup) -> BoxedStrategy<Op> {
         1 => range(setup).prop_map(|(o, l)| Op::PendingRanges(o, l)),
         1 => prop_oneof![0..hps + 2, Just(u64::MAX)].prop_map(Op::Backing),
         1 => prop_oneof![0..hps + 2, Just(u64::MAX)].prop_map(Op::MaxMappingOrder),
-        // `punch_many` (issue 13): compared with its ranges one by one but
+        // `punch_many`: compared with its ranges one by one but
         // for its invalidations and its peak (`testing::run_case`).
         3 => (0..setup.subpages(), 0u8..=40, 1u64..=9, prop_oneof![9 => Just(u8::MAX), 1 => 0u8..40])
             .prop_map(|(first, count, step, invalid_at)| Op::PunchMany { first, count, step, invalid_at }),

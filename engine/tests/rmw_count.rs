@@ -1,4 +1,4 @@
-//! Locked read-modify-writes on the hot path (issue 13), counted by the
+//! Locked read-modify-writes on the hot path, counted by the
 //! sync facade's counting shim: `cargo test -p hugepunch --features
 //! rmw-count --test rmw_count`. A deferred 4 KiB punch without a budget
 //! makes three (the entry CAS and the exit CAS on the huge page's state

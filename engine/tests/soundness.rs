@@ -1,4 +1,4 @@
-//! Soundness under an adversarial host and an adversarial caller (issue 9):
+//! Soundness under an adversarial host and an adversarial caller:
 //! each test forces one interleaving deterministically — a callback blocks
 //! on a barrier while the test drives another thread, then panics or
 //! returns — and checks, at the quiescent point after it:

@@ -126,7 +126,7 @@ pub fn decode_op(setup: &Setup, k: u8, a: u8, b: u8) -> Op {
             let (o, l) = range();
             Op::Punch(o, l)
         }
-        // A batch (issue 13): up to 16 ranges of 4 KiB from subpage `a`,
+        // A batch: up to 16 ranges of 4 KiB from subpage `a`,
         // 1 to 16 subpages apart (`b`'s halves); `a == 255`: the range at
         // index `b % 16` is invalid.
         3 => Op::PunchMany {

@@ -1,4 +1,4 @@
-//! `punch_many` (issue 13) in the races of CONTRACT.md §5.5: a batch's
+//! `punch_many` in the races of CONTRACT.md §5.5: a batch's
 //! group follows the same protocol as a punch (one entry, a `fetch_or` per
 //! bitmap word, one exit, the shared-state check after the exit), once for
 //! all the subpages it gathered. The models: a batch and a 4 KiB punch (the

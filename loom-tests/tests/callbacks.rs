@@ -3,7 +3,7 @@
 //! to end: every call it makes goes to one host. Concurrent replacements
 //! of the host and of the policy are both kept.
 //!
-//! What loom sees is the callback slot itself (issue 13: an `AtomicPtr` to
+//! What loom sees is the callback slot itself (an `AtomicPtr` to
 //! an immutable set, every set kept until the file is dropped, in every
 //! build; it replaced `arc-swap`, which loom could not see).
 #![cfg(hugepunch_loom)]

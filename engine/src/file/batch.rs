@@ -1,4 +1,4 @@
-//! `punch_many`: a batch of punches as one operation (issue 13).
+//! `punch_many`: a batch of punches as one operation.
 //!
 //! A batch validates every range first (one invalid range refuses the whole
 //! batch, naming its index, before anything changes), loads the callbacks

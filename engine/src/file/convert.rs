@@ -15,7 +15,7 @@ impl HugePunch {
         self.convert_general(offset, len, to)
     }
 
-    /// The fast path (issue 13): a valid range of a live file, converted to
+    /// The fast path: a valid range of a live file, converted to
     /// shared, or to private under `Reject` inside one huge page whose
     /// chunk exists; the same steps as the general path (the mark, the bit
     /// check, the host call, the unmark) without the per-operation `Delta`,

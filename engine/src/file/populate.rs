@@ -17,7 +17,7 @@ impl HugePunch {
         self.populate_general(offset, len)
     }
 
-    /// The fast path (issue 13): one valid 4 KiB subpage of a `HUGE` huge
+    /// The fast path: one valid 4 KiB subpage of a `HUGE` huge
     /// page whose chunk exists, on a live file. The same steps as
     /// `populate_part` (nothing to un-punch: no RMW; otherwise the entry,
     /// the bit cleared, the subpage zeroed, the exit) without the range

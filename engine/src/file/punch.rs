@@ -16,7 +16,7 @@ impl HugePunch {
         self.punch_general(offset, len)
     }
 
-    /// The fast path (issue 13): one valid 4 KiB subpage of a `HUGE` huge
+    /// The fast path: one valid 4 KiB subpage of a `HUGE` huge
     /// page whose chunk exists, on a live file. The same protocol as
     /// `punch_part` (entry, one bit, exit, the shared-state check after the
     /// exit), without the range split, the per-operation `Delta` or the
@@ -162,7 +162,7 @@ impl HugePunch {
 
     /// A partial part of a `HUGE` huge page whose chunk exists, punched
     /// with the fast entry and exit and no `Delta` (the general path's
-    /// lean half, issue 13): the protocol of `punch_part`.
+    /// lean half): the protocol of `punch_part`.
     #[inline]
     fn punch_part_lean<'a>(
         &'a self,

@@ -6,7 +6,7 @@
 //!
 //! Pending subpages: with a budget, one global counter, moved by one RMW
 //! per operation that changes it (the budget needs its exact value after
-//! every punch). Without one (issue 13), each thread batches its changes in
+//! every punch). Without one, each thread batches its changes in
 //! a *residue* in its own shard and moves the global counter only when the
 //! residue reaches ±[`BATCH`] subpages (and when the thread exits), so
 //! threads on different huge pages share no written cache line.

@@ -258,7 +258,7 @@ impl Shards {
         }
     }
 
-    /// The fast path of a deferred 4 KiB punch (issue 13): its counts
+    /// The fast path of a deferred 4 KiB punch: its counts
     /// (`punch_calls`, `punched_subpages`), its pending change and the
     /// peak, with one look-up of this thread's shard and no RMW unless
     /// the residue fills. `None`: no shard (the caller takes the

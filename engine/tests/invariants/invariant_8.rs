@@ -2,7 +2,7 @@
 
 use super::*;
 
-/// The bad-range matrix of the issue, plus empty, overflowing and
+/// The bad-range matrix, plus empty, overflowing and
 /// past-the-end ranges, for a file of `size` bytes.
 fn bad_ranges(size: u64) -> Vec<(u64, u64)> {
     vec![
