@@ -33,7 +33,6 @@
 //! that made the call, possibly on several threads at once, and must be
 //! thread-safe with their opaque pointer.
 
-#![deny(clippy::undocumented_unsafe_blocks)]
 #![deny(missing_docs)]
 #![allow(non_camel_case_types)] // the C names of the header
 

@@ -121,7 +121,7 @@ fn null_pointers_are_einval_and_change_nothing() {
     let r = Recorder::default();
     let cfg = config(4 << 20);
     let mut f = null_mut();
-    // SAFETY (every call of this test): null where the test says so, else
+    // SAFETY: for every call of this test, null where the test says so, else
     // valid pointers.
     unsafe {
         assert_eq!(hugepunch_config_init(null_mut(), 1), -EINVAL);
@@ -179,7 +179,7 @@ fn coalesced_punches_errors_and_queries() {
     let r = Recorder::default();
     r.shared.store(1, Ordering::Relaxed);
     let f = new_file(&config(4 << 20), &r);
-    // SAFETY (every call of this test): a live handle and valid pointers.
+    // SAFETY: for every call of this test, a live handle and valid pointers.
     unsafe {
         for sub in 0..511 {
             assert_eq!(hugepunch_punch(f, sub * 4096, 4096), 0);
@@ -299,7 +299,7 @@ fn failing_callbacks_follow_the_host_contract() {
         ..config(4 << 20)
     };
     let f = new_file(&cfg, &r);
-    // SAFETY (every call of this test): a live handle and valid pointers.
+    // SAFETY: for every call of this test, a live handle and valid pointers.
     unsafe {
         // A failed free: counted, the memory stays pending, the punch
         // succeeds; flush frees it later.
@@ -375,7 +375,7 @@ fn a_budget_and_a_policy_reach_the_engine() {
         ..config(4 << 20)
     };
     let f = new_file(&cfg, &r);
-    // SAFETY (every call of this test): a live handle and valid pointers.
+    // SAFETY: for every call of this test, a live handle and valid pointers.
     unsafe {
         for sub in 0..9 {
             assert_eq!(hugepunch_punch(f, sub * 8192, 4096), 0);

@@ -5,7 +5,6 @@
 //! (`src/main.rs`) adds the command line, the demo, `gen`, `real` and the
 //! reports.
 #![deny(missing_docs)]
-#![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod cost;
 pub mod format;

@@ -115,7 +115,6 @@
 //!   read-modify-writes per thread, read by `hugepunch::rmw_count`
 //!   (`engine/tests/rmw_count.rs` asserts the hot path's).
 
-#![deny(clippy::undocumented_unsafe_blocks)]
 #![deny(missing_docs)]
 
 mod error;

@@ -70,7 +70,6 @@
 //! ranges are refused by both guest_memfd and hugepunch; shmem (memfd) would
 //! instead zero the partial pages.
 #![cfg(target_os = "linux")]
-#![deny(clippy::undocumented_unsafe_blocks)]
 #![deny(missing_docs)]
 
 mod attributes;

@@ -55,7 +55,6 @@
 //! VM and mount and unmount a detached tmpfs, harmless but nothing a
 //! dependent's build should do.
 #![deny(missing_docs)]
-#![deny(clippy::undocumented_unsafe_blocks)]
 
 #[cfg(all(feature = "builtin", target_os = "linux"))]
 mod builtin;

@@ -7,8 +7,6 @@
 //! random patterns: with one thread, pattern P is what `hugepunch gen P
 //! --size S --seed N` writes for S = the huge pages per thread × 2 MiB).
 
-#![deny(clippy::undocumented_unsafe_blocks)]
-
 use hugepunch_benches::*;
 use hugepunch_workload::{Pattern, Target};
 use std::alloc::{GlobalAlloc, Layout, System};
