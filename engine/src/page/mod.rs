@@ -779,5 +779,4 @@ impl<'a> Page<'a> {
 }
 
 #[cfg(all(test, not(hugepunch_loom)))]
-#[path = "page_tests.rs"]
 mod tests;

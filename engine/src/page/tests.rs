@@ -1,4 +1,4 @@
-//! Unit tests of the per-huge-page protocol (`page.rs`): word masks,
+//! Unit tests of the per-huge-page protocol (`page/mod.rs`): word masks,
 //! runs, the completion claim, un-punch registration, `COUNT` wrapping.
 
 use super::*;
