@@ -38,26 +38,8 @@ pub trait Tracker: Target<Error = Error> + Sync {
 // ---- the engine -----------------------------------------------------------
 
 /// A host that does nothing (all memory shared, frees succeed): the cost
-/// measured is the engine's own. `hugepunch::testing::NullHost` is the
-/// same, but only with the engine's `test-util` feature (for tests only),
-/// which a normal build of the report binary does not turn on.
-pub struct NullHost;
-
-impl Host for NullHost {
-    fn is_shared(&self, _: ByteRange) -> bool {
-        true
-    }
-    fn set_attributes(&self, _: ByteRange, _: Attribute) {}
-    fn invalidate_begin(&self, _: ByteRange, _: Hint) {}
-    fn invalidate_end(&self, _: ByteRange) {}
-    fn allocate(&self, _: ByteRange, _: u8) -> Result<(), HostError> {
-        Ok(())
-    }
-    fn free(&self, _: ByteRange, _: u8) -> Result<(), HostError> {
-        Ok(())
-    }
-    fn zero(&self, _: ByteRange) {}
-}
+/// measured is the engine's own.
+pub use hugepunch::NullHost;
 
 /// A host whose memory is all private (every partial punch invalidates
 /// now, the immediate-invalidation path); otherwise the [`NullHost`].

@@ -283,3 +283,27 @@ impl Drop for CallbackSlot {
         }
     }
 }
+
+/// A host that does nothing and records nothing: all memory is shared (so
+/// no punch needs an immediate invalidation), and every allocation and free
+/// succeeds. For measuring the engine's own cost, and for tests that look
+/// only at the engine's side; wrap it in a `testing::HookedHost` (feature `test-util`)
+/// to watch a callback or make one fail.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NullHost;
+
+impl Host for NullHost {
+    fn is_shared(&self, _: ByteRange) -> bool {
+        true
+    }
+    fn set_attributes(&self, _: ByteRange, _: Attribute) {}
+    fn invalidate_begin(&self, _: ByteRange, _: Hint) {}
+    fn invalidate_end(&self, _: ByteRange) {}
+    fn allocate(&self, _: ByteRange, _: u8) -> Result<(), HostError> {
+        Ok(())
+    }
+    fn free(&self, _: ByteRange, _: u8) -> Result<(), HostError> {
+        Ok(())
+    }
+    fn zero(&self, _: ByteRange) {}
+}

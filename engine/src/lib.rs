@@ -131,7 +131,7 @@ mod unwind;
 
 pub use error::{Error, HostError, EAGAIN, EINVAL, EIO};
 pub use file::{Backing, Config, HugePunch, SubpageState, TeardownReport};
-pub use host::{Attribute, Host, Policy};
+pub use host::{Attribute, Host, NullHost, Policy};
 pub use range::{
     ByteRange, Geometry, Hint, PagePart, MAX_ORDER, MAX_SIZE, SUBPAGE_SHIFT, SUBPAGE_SIZE,
 };

@@ -30,17 +30,7 @@
 //! assert_eq!(trace.ops.len(), 1024);
 //!
 //! // Replayed on the engine: both huge pages freed whole.
-//! # struct Null;
-//! # impl hugepunch::Host for Null {
-//! #     fn is_shared(&self, _: hugepunch::ByteRange) -> bool { true }
-//! #     fn set_attributes(&self, _: hugepunch::ByteRange, _: hugepunch::Attribute) {}
-//! #     fn invalidate_begin(&self, _: hugepunch::ByteRange, _: hugepunch::Hint) {}
-//! #     fn invalidate_end(&self, _: hugepunch::ByteRange) {}
-//! #     fn allocate(&self, _: hugepunch::ByteRange, _: u8) -> Result<(), hugepunch::HostError> { Ok(()) }
-//! #     fn free(&self, _: hugepunch::ByteRange, _: u8) -> Result<(), hugepunch::HostError> { Ok(()) }
-//! #     fn zero(&self, _: hugepunch::ByteRange) {}
-//! # }
-//! let file = hugepunch::HugePunch::new(hugepunch::Config::new(4 << 20), std::sync::Arc::new(Null))?;
+//! let file = hugepunch::HugePunch::new(hugepunch::Config::new(4 << 20), std::sync::Arc::new(hugepunch::NullHost))?;
 //! for (_, op) in &trace.ops {
 //!     apply(&file, op)?;
 //! }

@@ -1,30 +1,7 @@
-//! [`NullHost`]: a host that does nothing.
+//! [`NullHost`]: a host that does nothing (the engine's own, re-exported
+//! here beside the other test hosts).
 
-use crate::{Attribute, ByteRange, Hint, Host, HostError};
-
-/// A host that does nothing and records nothing: all memory is shared (so
-/// no punch needs an immediate invalidation), and every allocation and free
-/// succeeds. For measuring the engine's own cost, and for tests that look
-/// only at the engine's side; wrap it in a [`HookedHost`](super::HookedHost)
-/// to watch a callback or make one fail.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct NullHost;
-
-impl Host for NullHost {
-    fn is_shared(&self, _: ByteRange) -> bool {
-        true
-    }
-    fn set_attributes(&self, _: ByteRange, _: Attribute) {}
-    fn invalidate_begin(&self, _: ByteRange, _: Hint) {}
-    fn invalidate_end(&self, _: ByteRange) {}
-    fn allocate(&self, _: ByteRange, _: u8) -> Result<(), HostError> {
-        Ok(())
-    }
-    fn free(&self, _: ByteRange, _: u8) -> Result<(), HostError> {
-        Ok(())
-    }
-    fn zero(&self, _: ByteRange) {}
-}
+pub use crate::host::NullHost;
 
 #[cfg(test)]
 mod tests {
