@@ -59,7 +59,7 @@
 mod common;
 
 use common::Event;
-use hugepunch::testing::{self, Model, Op, Setup};
+use hugepunch::testing::{self, CaseStep, Model, Setup};
 use hugepunch::{Attribute, ByteRange, Hint, Policy, SUBPAGE_SIZE};
 use proptest::prelude::*;
 
@@ -223,25 +223,25 @@ fn offset(setup: &Setup) -> BoxedStrategy<u64> {
     .boxed()
 }
 
-fn op_strategy(setup: &Setup) -> BoxedStrategy<Op> {
+fn op_strategy(setup: &Setup) -> BoxedStrategy<CaseStep> {
     let hps = setup.huge_pages;
     prop_oneof![
-        10 => range(setup).prop_map(|(o, l)| Op::Punch(o, l)),
-        4 => range(setup).prop_map(|(o, l)| Op::Convert(o, l, Attribute::Private)),
-        3 => range(setup).prop_map(|(o, l)| Op::Convert(o, l, Attribute::Shared)),
-        5 => range(setup).prop_map(|(o, l)| Op::Populate(o, l)),
-        2 => range(setup).prop_map(|(o, l)| Op::Flush(o, l)),
-        2 => (1u64..=3).prop_map(Op::FailFrees),
-        1 => any_policy().prop_map(Op::SetPolicy),
-        1 => offset(setup).prop_map(Op::SubpageState),
-        1 => offset(setup).prop_map(Op::IsPunched),
-        1 => range(setup).prop_map(|(o, l)| Op::PendingRanges(o, l)),
-        1 => prop_oneof![0..hps + 2, Just(u64::MAX)].prop_map(Op::Backing),
-        1 => prop_oneof![0..hps + 2, Just(u64::MAX)].prop_map(Op::MaxMappingOrder),
+        10 => range(setup).prop_map(|(o, l)| CaseStep::Punch(o, l)),
+        4 => range(setup).prop_map(|(o, l)| CaseStep::Convert(o, l, Attribute::Private)),
+        3 => range(setup).prop_map(|(o, l)| CaseStep::Convert(o, l, Attribute::Shared)),
+        5 => range(setup).prop_map(|(o, l)| CaseStep::Populate(o, l)),
+        2 => range(setup).prop_map(|(o, l)| CaseStep::Flush(o, l)),
+        2 => (1u64..=3).prop_map(CaseStep::FailFrees),
+        1 => any_policy().prop_map(CaseStep::SetPolicy),
+        1 => offset(setup).prop_map(CaseStep::SubpageState),
+        1 => offset(setup).prop_map(CaseStep::IsPunched),
+        1 => range(setup).prop_map(|(o, l)| CaseStep::PendingRanges(o, l)),
+        1 => prop_oneof![0..hps + 2, Just(u64::MAX)].prop_map(CaseStep::Backing),
+        1 => prop_oneof![0..hps + 2, Just(u64::MAX)].prop_map(CaseStep::MaxMappingOrder),
         // `punch_many`: compared with its ranges one by one but
         // for its invalidations and its peak (`testing::run_case`).
         3 => (0..setup.subpages(), 0u8..=40, 1u64..=9, prop_oneof![9 => Just(u8::MAX), 1 => 0u8..40])
-            .prop_map(|(first, count, step, invalid_at)| Op::PunchMany { first, count, step, invalid_at }),
+            .prop_map(|(first, count, step, invalid_at)| CaseStep::PunchMany { first, count, step, invalid_at }),
     ]
     .boxed()
 }
@@ -249,17 +249,20 @@ fn op_strategy(setup: &Setup) -> BoxedStrategy<Op> {
 /// A setup and a sequence of operations. Teardown ends the useful life of
 /// a file, so it comes, in about half the cases, after the main sequence,
 /// followed by a few more operations (refused, or a second teardown).
-fn case(setups: BoxedStrategy<Setup>, max_ops: usize) -> impl Strategy<Value = (Setup, Vec<Op>)> {
+fn case(
+    setups: BoxedStrategy<Setup>,
+    max_ops: usize,
+) -> impl Strategy<Value = (Setup, Vec<CaseStep>)> {
     setups.prop_flat_map(move |s| {
         let ops = proptest::collection::vec(op_strategy(&s), 1..max_ops);
         let after = prop_oneof![
             3 => op_strategy(&s),
-            1 => Just(Op::Teardown),
+            1 => Just(CaseStep::Teardown),
         ];
         let tail = proptest::option::of(proptest::collection::vec(after, 0..5));
         (Just(s), ops, tail).prop_map(|(s, mut ops, tail)| {
             if let Some(tail) = tail {
-                ops.push(Op::Teardown);
+                ops.push(CaseStep::Teardown);
                 ops.extend(tail);
             }
             (s, ops)
@@ -273,7 +276,7 @@ fn case(setups: BoxedStrategy<Setup>, max_ops: usize) -> impl Strategy<Value = (
 
 /// `hugepunch::testing::run_case`: every comparison after every step, and
 /// the final teardown; its first difference fails the case.
-fn run_case(setup: &Setup, ops: &[Op]) -> Result<(), TestCaseError> {
+fn run_case(setup: &Setup, ops: &[CaseStep]) -> Result<(), TestCaseError> {
     testing::run_case(setup, ops).map_err(|m| TestCaseError::fail(m.to_string()))
 }
 

@@ -1,5 +1,5 @@
 //! What the fuzz targets share: the byte encoding of a differential case
-//! (a [`Setup`] and its [`Op`]s), and the seeds' conversion from traces.
+//! (a [`Setup`] and its [`CaseStep`]s), and the seeds' conversion from traces.
 //!
 //! # The differential encoding
 //!
@@ -19,9 +19,9 @@
 //! [`encode_case`] writes the canonical bytes of a case whose ranges are
 //! valid subpage ranges of its file (the seeds).
 
-use hugepunch::testing::{Op, Setup};
+use hugepunch::testing::{CaseStep, Setup};
 use hugepunch::{Attribute, Policy, SUBPAGE_SIZE};
-use hugepunch_workload::{Op as TraceOp, Trace};
+use hugepunch_workload::{Op, Trace};
 
 const SUB: u64 = SUBPAGE_SIZE;
 
@@ -95,7 +95,7 @@ pub fn decode_setup(b0: u8, b1: u8) -> Setup {
 }
 
 /// One step from its three bytes, for the file of `setup`.
-pub fn decode_op(setup: &Setup, k: u8, a: u8, b: u8) -> Op {
+pub fn decode_op(setup: &Setup, k: u8, a: u8, b: u8) -> CaseStep {
     let n = setup.subpages();
     let size = setup.size();
     let range = || {
@@ -124,12 +124,12 @@ pub fn decode_op(setup: &Setup, k: u8, a: u8, b: u8) -> Op {
     match k % 16 {
         0..=2 => {
             let (o, l) = range();
-            Op::Punch(o, l)
+            CaseStep::Punch(o, l)
         }
         // A batch: up to 16 ranges of 4 KiB from subpage `a`,
         // 1 to 16 subpages apart (`b`'s halves); `a == 255`: the range at
         // index `b % 16` is invalid.
-        3 => Op::PunchMany {
+        3 => CaseStep::PunchMany {
             first: u64::from(a) % n,
             count: 1 + (b & 15),
             step: 1 + u64::from(b >> 4),
@@ -137,42 +137,42 @@ pub fn decode_op(setup: &Setup, k: u8, a: u8, b: u8) -> Op {
         },
         4 | 5 => {
             let (o, l) = range();
-            Op::Convert(o, l, Attribute::Private)
+            CaseStep::Convert(o, l, Attribute::Private)
         }
         6 => {
             let (o, l) = range();
-            Op::Convert(o, l, Attribute::Shared)
+            CaseStep::Convert(o, l, Attribute::Shared)
         }
         7 | 8 => {
             let (o, l) = range();
-            Op::Populate(o, l)
+            CaseStep::Populate(o, l)
         }
         9 => {
             let (o, l) = range();
-            Op::Flush(o, l)
+            CaseStep::Flush(o, l)
         }
-        10 => Op::FailFrees(1 + u64::from(b % 3)),
-        11 => Op::SetPolicy(if b & 1 == 0 {
+        10 => CaseStep::FailFrees(1 + u64::from(b % 3)),
+        11 => CaseStep::SetPolicy(if b & 1 == 0 {
             Policy::Reject
         } else {
             Policy::CancelAndZero
         }),
         12 => match b % 3 {
-            0 => Op::SubpageState(offset()),
-            1 => Op::IsPunched(offset()),
+            0 => CaseStep::SubpageState(offset()),
+            1 => CaseStep::IsPunched(offset()),
             _ => {
                 let (o, l) = range();
-                Op::PendingRanges(o, l)
+                CaseStep::PendingRanges(o, l)
             }
         },
-        13 => Op::Backing(huge_page()),
-        14 => Op::MaxMappingOrder(huge_page()),
-        _ => Op::Teardown,
+        13 => CaseStep::Backing(huge_page()),
+        14 => CaseStep::MaxMappingOrder(huge_page()),
+        _ => CaseStep::Teardown,
     }
 }
 
 /// Any bytes as a case: a file and at most [`MAX_OPS`] steps.
-pub fn decode_case(data: &[u8]) -> (Setup, Vec<Op>) {
+pub fn decode_case(data: &[u8]) -> (Setup, Vec<CaseStep>) {
     let setup = decode_setup(
         data.first().copied().unwrap_or(0),
         data.get(1).copied().unwrap_or(0),
@@ -190,7 +190,7 @@ pub fn decode_case(data: &[u8]) -> (Setup, Vec<Op>) {
 /// The canonical bytes of a case whose ranges are valid subpage ranges of
 /// its file of at most 255 subpages, or `None`. Queries, knobs and invalid
 /// ranges are not encoded (the seeds have none: the fuzzer adds them).
-pub fn encode_case(setup: &Setup, ops: &[Op]) -> Option<Vec<u8>> {
+pub fn encode_case(setup: &Setup, ops: &[CaseStep]) -> Option<Vec<u8>> {
     let n = setup.subpages();
     if !(1..=3).contains(&setup.order) || !(1..=6).contains(&setup.huge_pages) || n > 254 {
         return None;
@@ -218,12 +218,12 @@ pub fn encode_case(setup: &Setup, ops: &[Op]) -> Option<Vec<u8>> {
     };
     for op in ops.iter().take(MAX_OPS) {
         let (k, (a, b)) = match *op {
-            Op::Punch(o, l) => (0, range(o, l)?),
-            Op::Convert(o, l, Attribute::Private) => (4, range(o, l)?),
-            Op::Convert(o, l, Attribute::Shared) => (6, range(o, l)?),
-            Op::Populate(o, l) => (7, range(o, l)?),
-            Op::Flush(o, l) => (9, range(o, l)?),
-            Op::Teardown => (15, (0, 0)),
+            CaseStep::Punch(o, l) => (0, range(o, l)?),
+            CaseStep::Convert(o, l, Attribute::Private) => (4, range(o, l)?),
+            CaseStep::Convert(o, l, Attribute::Shared) => (6, range(o, l)?),
+            CaseStep::Populate(o, l) => (7, range(o, l)?),
+            CaseStep::Flush(o, l) => (9, range(o, l)?),
+            CaseStep::Teardown => (15, (0, 0)),
             _ => return None,
         };
         out.extend([k, a, b]);
@@ -245,15 +245,15 @@ pub fn case_of_trace(trace: &Trace, budget: Option<u64>, policy: Policy) -> Opti
     if setup.size() != trace.size {
         return None;
     }
-    let ops: Vec<Op> = trace
+    let ops: Vec<CaseStep> = trace
         .ops
         .iter()
         .map(|(_, op)| match *op {
-            TraceOp::Punch { offset, len } => Op::Punch(offset, len),
-            TraceOp::Convert { offset, len, to } => Op::Convert(offset, len, to),
-            TraceOp::Populate { offset, len } => Op::Populate(offset, len),
-            TraceOp::Flush { offset, len } => Op::Flush(offset, len),
-            TraceOp::Teardown => Op::Teardown,
+            Op::Punch { offset, len } => CaseStep::Punch(offset, len),
+            Op::Convert { offset, len, to } => CaseStep::Convert(offset, len, to),
+            Op::Populate { offset, len } => CaseStep::Populate(offset, len),
+            Op::Flush { offset, len } => CaseStep::Flush(offset, len),
+            Op::Teardown => CaseStep::Teardown,
         })
         .collect();
     encode_case(&setup, &ops)
@@ -270,10 +270,10 @@ mod tests {
         assert_eq!(setup.huge_pages, 4);
         assert_eq!(setup.budget, Some(0));
         let ops = vec![
-            Op::Punch(SUB, 30 * SUB),
-            Op::Convert(0, SUB, Attribute::Shared),
-            Op::Populate(0, 32 * SUB),
-            Op::Teardown,
+            CaseStep::Punch(SUB, 30 * SUB),
+            CaseStep::Convert(0, SUB, Attribute::Shared),
+            CaseStep::Populate(0, 32 * SUB),
+            CaseStep::Teardown,
         ];
         let bytes = encode_case(&setup, &ops).unwrap();
         let (s2, ops2) = decode_case(&bytes);

@@ -1,5 +1,5 @@
 //! The differential harness: one case (a [`Setup`] and a sequence of
-//! [`Op`]s) runs on the engine with a [`RecordingHost`] and on the
+//! [`CaseStep`]s) runs on the engine with a [`RecordingHost`] and on the
 //! sequential [`Model`], and after every step the result, the whole
 //! statistics snapshot, the host events (invalidations with their hints,
 //! frees with their order, allocations, zeroing, attribute changes), the
@@ -86,7 +86,7 @@ pub fn engine_stats(e: &HugePunch) -> BTreeMap<String, u64> {
 /// offsets and lengths, valid or not), or a change of the host's or the
 /// file's knobs between operations.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Op {
+pub enum CaseStep {
     /// `punch(offset, len)`.
     Punch(u64, u64),
     /// `convert(offset, len, to)`.
@@ -113,7 +113,7 @@ pub enum Op {
     MaxMappingOrder(u64),
     /// `punch_many` of `count` 4 KiB ranges: range `i` punches subpage
     /// `(first + i * step) % subpages`, except range `invalid_at` (if below
-    /// `count`), which is one byte off (invalid). See [`Op::batch`].
+    /// `count`), which is one byte off (invalid). See [`CaseStep::batch`].
     PunchMany {
         /// First subpage.
         first: u64,
@@ -126,22 +126,22 @@ pub enum Op {
     },
 }
 
-impl std::fmt::Debug for Op {
+impl std::fmt::Debug for CaseStep {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match *self {
-            Op::Punch(o, l) => write!(f, "punch({o:#x}, {l:#x})"),
-            Op::Convert(o, l, a) => write!(f, "convert({o:#x}, {l:#x}, {a:?})"),
-            Op::Populate(o, l) => write!(f, "populate({o:#x}, {l:#x})"),
-            Op::Flush(o, l) => write!(f, "flush({o:#x}, {l:#x})"),
-            Op::Teardown => write!(f, "teardown()"),
-            Op::FailFrees(n) => write!(f, "fail_next_frees({n})"),
-            Op::SetPolicy(p) => write!(f, "set_policy({p:?})"),
-            Op::SubpageState(o) => write!(f, "subpage_state({o:#x})"),
-            Op::IsPunched(o) => write!(f, "is_punched({o:#x})"),
-            Op::PendingRanges(o, l) => write!(f, "pending_ranges({o:#x}, {l:#x})"),
-            Op::Backing(h) => write!(f, "backing({h})"),
-            Op::MaxMappingOrder(h) => write!(f, "max_mapping_order({h})"),
-            Op::PunchMany {
+            CaseStep::Punch(o, l) => write!(f, "punch({o:#x}, {l:#x})"),
+            CaseStep::Convert(o, l, a) => write!(f, "convert({o:#x}, {l:#x}, {a:?})"),
+            CaseStep::Populate(o, l) => write!(f, "populate({o:#x}, {l:#x})"),
+            CaseStep::Flush(o, l) => write!(f, "flush({o:#x}, {l:#x})"),
+            CaseStep::Teardown => write!(f, "teardown()"),
+            CaseStep::FailFrees(n) => write!(f, "fail_next_frees({n})"),
+            CaseStep::SetPolicy(p) => write!(f, "set_policy({p:?})"),
+            CaseStep::SubpageState(o) => write!(f, "subpage_state({o:#x})"),
+            CaseStep::IsPunched(o) => write!(f, "is_punched({o:#x})"),
+            CaseStep::PendingRanges(o, l) => write!(f, "pending_ranges({o:#x}, {l:#x})"),
+            CaseStep::Backing(h) => write!(f, "backing({h})"),
+            CaseStep::MaxMappingOrder(h) => write!(f, "max_mapping_order({h})"),
+            CaseStep::PunchMany {
                 first,
                 count,
                 step,
@@ -154,11 +154,11 @@ impl std::fmt::Debug for Op {
     }
 }
 
-impl Op {
+impl CaseStep {
     /// The ranges of a `PunchMany` step over a file of `subpages`
     /// subpages (empty for any other step).
     pub fn batch(&self, subpages: u64) -> Vec<ByteRange> {
-        let Op::PunchMany {
+        let CaseStep::PunchMany {
             first,
             count,
             step,
@@ -182,12 +182,12 @@ impl Op {
     /// The byte range the operation names, if any.
     pub fn range(&self) -> Option<(u64, u64)> {
         match *self {
-            Op::Punch(o, l)
-            | Op::Convert(o, l, _)
-            | Op::Populate(o, l)
-            | Op::Flush(o, l)
-            | Op::PendingRanges(o, l) => Some((o, l)),
-            Op::SubpageState(o) | Op::IsPunched(o) => Some((o, SUB)),
+            CaseStep::Punch(o, l)
+            | CaseStep::Convert(o, l, _)
+            | CaseStep::Populate(o, l)
+            | CaseStep::Flush(o, l)
+            | CaseStep::PendingRanges(o, l) => Some((o, l)),
+            CaseStep::SubpageState(o) | CaseStep::IsPunched(o) => Some((o, SUB)),
             _ => None,
         }
     }
@@ -223,27 +223,29 @@ fn vague<T>(r: Result<T, Error>) -> Result<T, Error> {
 }
 
 /// Run one step on the engine and its recording host.
-pub fn run_engine(e: &HugePunch, host: &RecordingHost, op: Op) -> Outcome {
+pub fn run_engine(e: &HugePunch, host: &RecordingHost, op: CaseStep) -> Outcome {
     match op {
-        Op::Punch(o, l) => Outcome::Unit(e.punch(o, l)),
-        Op::Convert(o, l, a) => Outcome::Unit(e.convert(o, l, a)),
-        Op::Populate(o, l) => Outcome::Unit(e.populate(o, l)),
-        Op::Flush(o, l) => Outcome::Unit(e.flush(o, l)),
-        Op::Teardown => Outcome::Report(e.teardown()),
-        Op::FailFrees(n) => {
+        CaseStep::Punch(o, l) => Outcome::Unit(e.punch(o, l)),
+        CaseStep::Convert(o, l, a) => Outcome::Unit(e.convert(o, l, a)),
+        CaseStep::Populate(o, l) => Outcome::Unit(e.populate(o, l)),
+        CaseStep::Flush(o, l) => Outcome::Unit(e.flush(o, l)),
+        CaseStep::Teardown => Outcome::Report(e.teardown()),
+        CaseStep::FailFrees(n) => {
             host.fail_next_frees.store(n, Ordering::SeqCst);
             Outcome::None
         }
-        Op::SetPolicy(p) => {
+        CaseStep::SetPolicy(p) => {
             e.set_policy(p);
             Outcome::None
         }
-        Op::SubpageState(o) => Outcome::State(e.subpage_state(o)),
-        Op::IsPunched(o) => Outcome::Bool(e.is_punched(o)),
-        Op::PendingRanges(o, l) => Outcome::Ranges(e.pending_ranges(o, l)),
-        Op::Backing(h) => Outcome::Backing(vague(e.backing(h))),
-        Op::MaxMappingOrder(h) => Outcome::Order(vague(e.max_mapping_order(h))),
-        Op::PunchMany { .. } => Outcome::Unit(e.punch_many(&op.batch(e.geometry().subpages()))),
+        CaseStep::SubpageState(o) => Outcome::State(e.subpage_state(o)),
+        CaseStep::IsPunched(o) => Outcome::Bool(e.is_punched(o)),
+        CaseStep::PendingRanges(o, l) => Outcome::Ranges(e.pending_ranges(o, l)),
+        CaseStep::Backing(h) => Outcome::Backing(vague(e.backing(h))),
+        CaseStep::MaxMappingOrder(h) => Outcome::Order(vague(e.max_mapping_order(h))),
+        CaseStep::PunchMany { .. } => {
+            Outcome::Unit(e.punch_many(&op.batch(e.geometry().subpages())))
+        }
     }
 }
 
@@ -299,27 +301,27 @@ fn model_punch_many(m: &mut Model, ranges: &[ByteRange]) -> Result<(), Error> {
 }
 
 /// Run one step on the model.
-pub fn run_model(m: &mut Model, op: Op) -> Outcome {
+pub fn run_model(m: &mut Model, op: CaseStep) -> Outcome {
     match op {
-        Op::Punch(o, l) => Outcome::Unit(m.punch(o, l)),
-        Op::Convert(o, l, a) => Outcome::Unit(m.convert(o, l, a)),
-        Op::Populate(o, l) => Outcome::Unit(m.populate(o, l)),
-        Op::Flush(o, l) => Outcome::Unit(m.flush(o, l)),
-        Op::Teardown => Outcome::Report(m.teardown()),
-        Op::FailFrees(n) => {
+        CaseStep::Punch(o, l) => Outcome::Unit(m.punch(o, l)),
+        CaseStep::Convert(o, l, a) => Outcome::Unit(m.convert(o, l, a)),
+        CaseStep::Populate(o, l) => Outcome::Unit(m.populate(o, l)),
+        CaseStep::Flush(o, l) => Outcome::Unit(m.flush(o, l)),
+        CaseStep::Teardown => Outcome::Report(m.teardown()),
+        CaseStep::FailFrees(n) => {
             m.fail_next_frees = n;
             Outcome::None
         }
-        Op::SetPolicy(p) => {
+        CaseStep::SetPolicy(p) => {
             m.policy = p;
             Outcome::None
         }
-        Op::SubpageState(o) => Outcome::State(m.subpage_state(o)),
-        Op::IsPunched(o) => Outcome::Bool(m.is_punched(o)),
-        Op::PendingRanges(o, l) => Outcome::Ranges(m.pending_ranges(o, l)),
-        Op::Backing(h) => Outcome::Backing(m.backing(h)),
-        Op::MaxMappingOrder(h) => Outcome::Order(m.max_mapping_order(h)),
-        Op::PunchMany { .. } => {
+        CaseStep::SubpageState(o) => Outcome::State(m.subpage_state(o)),
+        CaseStep::IsPunched(o) => Outcome::Bool(m.is_punched(o)),
+        CaseStep::PendingRanges(o, l) => Outcome::Ranges(m.pending_ranges(o, l)),
+        CaseStep::Backing(h) => Outcome::Backing(m.backing(h)),
+        CaseStep::MaxMappingOrder(h) => Outcome::Order(m.max_mapping_order(h)),
+        CaseStep::PunchMany { .. } => {
             let ranges = op.batch(m.size / SUB);
             Outcome::Unit(model_punch_many(m, &ranges))
         }
@@ -504,7 +506,7 @@ fn compare_batch(
     got: &[Event],
     want: &[Event],
     step: usize,
-    op: Op,
+    op: CaseStep,
 ) -> Result<(), Mismatch> {
     let others = |events: &[Event]| {
         let mut v: Vec<String> = events
@@ -566,7 +568,7 @@ fn compare_batch(
 /// (invariant 7) and, until teardown, [`check_state`]; then a final
 /// teardown (with frees succeeding) must leave nothing allocated
 /// (invariant 6). The first difference is returned.
-pub fn run_case(setup: &Setup, ops: &[Op]) -> Result<(), Mismatch> {
+pub fn run_case(setup: &Setup, ops: &[CaseStep]) -> Result<(), Mismatch> {
     let size = setup.size();
     let host = RecordingHost::new(size, setup.start, setup.populated);
     let mut cfg = Config::new(size).order(setup.order).policy(setup.policy);
@@ -584,7 +586,7 @@ pub fn run_case(setup: &Setup, ops: &[Op]) -> Result<(), Mismatch> {
                 samples.insert(h * setup.per() + s);
             }
         }
-        for (o, l) in ops.iter().filter_map(Op::range) {
+        for (o, l) in ops.iter().filter_map(CaseStep::range) {
             if o % SUB == 0 && l % SUB == 0 && o.checked_add(l).is_some_and(|e| e <= size) {
                 let (a, b) = (o / SUB, (o + l) / SUB);
                 for s in [a.wrapping_sub(1), a, a + 1, b.wrapping_sub(1), b] {
@@ -602,10 +604,10 @@ pub fn run_case(setup: &Setup, ops: &[Op]) -> Result<(), Mismatch> {
         // §3.3a): with no budget and no failing free, the engine runs
         // `punch_many` and those are compared apart; otherwise it runs the
         // ranges one by one, as the model does.
-        let batch = matches!(op, Op::PunchMany { .. })
+        let batch = matches!(op, CaseStep::PunchMany { .. })
             && setup.budget.is_none()
             && model.fail_next_frees == 0;
-        let got = if matches!(op, Op::PunchMany { .. }) && !batch {
+        let got = if matches!(op, CaseStep::PunchMany { .. }) && !batch {
             run_engine_ranges(&engine, &op.batch(setup.subpages()))
         } else {
             run_engine(&engine, &host, op)
@@ -659,7 +661,7 @@ pub fn run_case(setup: &Setup, ops: &[Op]) -> Result<(), Mismatch> {
             // milliseconds in debug: compared over the whole file before a
             // teardown and at the end; sampled subpages meanwhile.
             let sparse_check = setup.sparse()
-                && (step + 1 == ops.len() || matches!(ops.get(step + 1), Some(Op::Teardown)));
+                && (step + 1 == ops.len() || matches!(ops.get(step + 1), Some(CaseStep::Teardown)));
             if sparse_check {
                 let whole = ByteRange::new(0, size);
                 ensure_eq!(

@@ -20,8 +20,8 @@ mod null;
 pub mod watchdog;
 
 pub use differential::{
-    check_state, engine_stats, merge_zeros, normalise, run_case, run_engine, run_model, Mismatch,
-    Op, Outcome,
+    check_state, engine_stats, merge_zeros, normalise, run_case, run_engine, run_model, CaseStep,
+    Mismatch, Outcome,
 };
 pub use hooked::{Action, Hook, HookedHost};
 pub use host::{Event, RecordingHost};
