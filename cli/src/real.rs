@@ -344,7 +344,7 @@ fn render(r: &RealReport) -> String {
     ];
     match (&d.kernel, &e.kernel) {
         (Some(dk), Some(ek)) => {
-            let n = |k: &hugepunch_linux::kernel::KernelHuge, v: u64| {
+            let n = |k: &hugepunch_linux::huge_counters::KernelHuge, v: u64| {
                 format!("{} / {}", count(v), count(k.whole_at_start))
             };
             rows.extend([

@@ -257,7 +257,7 @@ fn huge_rows(d: &VmSide, e: &VmSide) -> Vec<Vec<String>> {
     let row = |name: &str, a: String, b: String| vec![name.to_string(), a, b, String::new()];
     let mut rows = Vec::new();
     if let (Some(dk), Some(ek)) = (&d.kernel, &e.kernel) {
-        let n = |k: &hugepunch_linux::kernel::KernelHuge, v: u64| {
+        let n = |k: &hugepunch_linux::huge_counters::KernelHuge, v: u64| {
             format!("{} / {}", count(v), count(k.whole_at_start))
         };
         rows.push(row(

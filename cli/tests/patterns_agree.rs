@@ -103,7 +103,7 @@ fn gen_replay_real_and_the_bench_report_run_the_same_operations() {
         {
             // What `hugepunch real` runs: the same list ...
             assert_eq!(
-                hugepunch_linux::pattern::ops(pattern, SIZE, SEED).unwrap(),
+                hugepunch_linux::replay::ops(pattern, SIZE, SEED).unwrap(),
                 ops,
                 "{name}: real's operations"
             );

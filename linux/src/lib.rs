@@ -7,7 +7,8 @@
 //! `huge=always` tmpfs made for it ([`Backend::Thp`]: real transparent huge
 //! pages with no set-up). [`real::run`] replays a pattern on real files
 //! twice, directly and through the engine, and reports what each cost and
-//! released; [`kernel`] reads what the kernel says about huge pages;
+//! released ([`replay`] holds the two replays); [`huge_counters`] reads what
+//! the kernel says about huge pages;
 //! [`vm`] runs a real guest (vCPUs at CPL3 on a memslot of guest_memfd, or
 //! of ordinary memory: THP, memfd, a file) that
 //! gives memory back while the VMM releases it both ways.
@@ -45,21 +46,20 @@
 //!
 //! # Where `unsafe` lives
 //!
-//! In [`sys`]: every raw syscall (fallocate, ftruncate, memfd_create, mmap,
-//! munmap, madvise, fstat, pread through rustix; mincore through libc,
-//! which rustix does not wrap), the VM-level KVM ioctls, and the accesses
-//! to guest memory through the shared mapping — volatile loads and stores
-//! only, never `ptr::copy` or a slice (STYLE.md rule 13) — each `unsafe`
-//! block with its `// SAFETY:` argument (enforced by
-//! `clippy::undocumented_unsafe_blocks`). Every file descriptor is an
+//! In [`sys`], and nowhere else: every system call of the crate (fallocate,
+//! ftruncate, memfd_create, mmap, munmap, madvise, fstat, fstatfs, pread
+//! and the mount API through rustix; mincore through libc, which rustix
+//! does not wrap), every KVM ioctl (the VM's, guest_memfd's, the memslots'
+//! and the vCPUs': `KVM_RUN`, `KVM_SET_REGS`, `KVM_SET_SREGS`,
+//! `KVM_SET_CPUID2`), and the accesses to guest memory through the shared
+//! mapping — volatile loads and stores only, never `ptr::copy` or a slice
+//! (STYLE.md rule 13) — each `unsafe` block with its `// SAFETY:` argument
+//! (enforced by `clippy::undocumented_unsafe_blocks`). A file is mapped
+//! safely only as a [`sys::SizedFile`], whose size this crate fixed and
+//! never changes ([`sys::Mapping::of`]). Every file descriptor is an
 //! `OwnedFd`; the KVM memslot, a pointer the kernel keeps into the
 //! mapping, holds the mapping alive until it is deleted (STYLE.md rule 14).
-//! Two things live outside it, for now: the `unsafe` call of
-//! [`sys::Mapping::new`] in `host` (its precondition, a file nobody
-//! truncates, is the host's own, argued at the call), and the vCPU ioctls
-//! of `vm` (kvm-ioctls' safe `VcpuFd` methods: `KVM_RUN`, `KVM_SET_REGS`,
-//! `KVM_SET_SREGS`, `KVM_SET_CPUID2`). The audit of each block is in
-//! docs/RELIABILITY.md.
+//! The audit of each block is in docs/RELIABILITY.md.
 //!
 //! # Stricter than the kernel
 //!
@@ -74,9 +74,9 @@
 
 mod attributes;
 mod host;
-pub mod kernel;
-pub mod pattern;
+pub mod huge_counters;
 pub mod real;
+pub mod replay;
 mod sync;
 pub mod sys;
 pub mod vm;

@@ -24,13 +24,13 @@
 //!
 //! Where the file has huge pages (THP on a `huge=` tmpfs, hugetlbfs), the
 //! kernel's own counters say what stayed whole ([`KernelHuge`], read as
-//! the [`kernel`](crate::kernel) module says: system wide, so the figures
+//! the [`huge_counters`](crate::huge_counters) module says: system wide, so the figures
 //! are the run's while nothing else on the machine makes or splits huge
 //! pages).
 
 use crate::host::{Backend, LinuxHost, SetupError};
-use crate::kernel::{HugeCounters, KernelHuge, Sampler, Samples};
-use crate::pattern::{ops_in, replay_direct, replay_engine};
+use crate::huge_counters::{HugeCounters, KernelHuge, Sampler, Samples};
+use crate::replay::{ops_in, replay_direct, replay_engine};
 use hugepunch::{ByteRange, Geometry, HugePunch, Stats, SUBPAGE_SIZE};
 use hugepunch_workload::{Op, Pattern, UnknownPattern, DEFAULT_SEED};
 use serde::Serialize;
@@ -48,7 +48,7 @@ pub enum RealError {
     Pattern(#[from] UnknownPattern),
     /// A pattern's operations could not be made.
     #[error(transparent)]
-    Ops(#[from] crate::pattern::PatternError),
+    Ops(#[from] crate::replay::PatternError),
     /// A syscall outside the replay failed.
     #[error("{step} failed: {}", std::io::Error::from_raw_os_error(*errno))]
     Syscall {

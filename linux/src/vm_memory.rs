@@ -59,8 +59,9 @@
 #![cfg(feature = "vm-memory")]
 
 use crate::attributes::SharedBits;
+use crate::host::HUGE_PAGE_SIZE;
 use crate::sync::{AtomicU64, Ordering};
-use crate::{sys, HUGE_PAGE_SIZE};
+use crate::sys;
 use hugepunch::{Attribute, ByteRange, Config, Hint, Host, HostError, SUBPAGE_SHIFT, SUBPAGE_SIZE};
 use std::fs::File;
 use std::sync::Arc;
@@ -379,14 +380,11 @@ mod tests {
     use vm_memory::Address;
 
     fn memfd(size: u64) -> File {
-        let fd = rustix::fs::memfd_create("vm-memory-host", rustix::fs::MemfdFlags::CLOEXEC)
-            .expect("memfd_create");
-        rustix::fs::ftruncate(&fd, size).expect("ftruncate");
-        File::from(fd)
+        File::from(sys::memfd("vm-memory-host", size, false).expect("memfd_create"))
     }
 
     fn allocated(f: &File) -> u64 {
-        rustix::fs::fstat(f).expect("fstat").st_blocks as u64 * 512
+        sys::allocated_bytes(f).expect("fstat")
     }
 
     #[test]

@@ -11,7 +11,7 @@ mod common;
 use common::*;
 use hugepunch::testing::{Action, Event, HookedHost};
 use hugepunch::{Backing, ByteRange, Config, HostError, HugePunch, SubpageState};
-use hugepunch_linux::pattern::{engine_allocated_bytes, pattern, replay_engine};
+use hugepunch_linux::replay::{engine_allocated_bytes, pattern, replay_engine};
 use hugepunch_linux::{Backend, LinuxHost};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -288,7 +288,7 @@ fn failed_small_free_leaves_zeroed_subpages_present() {
 #[test]
 #[cfg_attr(miri, ignore)]
 fn every_third_free_failing_loses_nothing() {
-    for name in hugepunch_linux::pattern::PATTERNS {
+    for name in hugepunch_linux::replay::PATTERNS {
         let inner = Arc::new(host(Backend::Memfd, SIZE));
         let faulty = Faulty::new(inner.clone(), SIZE, |n, _| {
             (n % 3 == 0).then_some(libc::EIO)

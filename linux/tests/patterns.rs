@@ -19,7 +19,7 @@ mod common;
 use common::watchdog::Watchdog;
 use common::*;
 use hugepunch::{ByteRange, Config, HugePunch};
-use hugepunch_linux::pattern::{pattern, replay_engine, PATTERNS};
+use hugepunch_linux::replay::{pattern, replay_engine, PATTERNS};
 use hugepunch_linux::Backend;
 use std::sync::Arc;
 
@@ -83,7 +83,7 @@ fn check_pattern(backend: Backend, name: &str) {
         // 32 KiB). The file holds at least what the engine says, and at
         // most one such folio (64 KiB) more per huge page.
         let real = host.resident_bytes().unwrap();
-        let said = hugepunch_linux::pattern::engine_allocated_bytes(&engine);
+        let said = hugepunch_linux::replay::engine_allocated_bytes(&engine);
         assert!(
             real >= said && real - said <= (SIZE / HP) * (64 << 10),
             "{name}: after the second populate: the file holds {real:#x} bytes, the engine says {said:#x}"

@@ -8,11 +8,11 @@ use super::console::{Console, Reply};
 use super::qmp::Qmp;
 use super::{Accel, Inflation, Plan, Scenario};
 use anyhow::{anyhow, bail, Context as _};
-use hugepunch_linux::kernel::HugeCounters;
+use hugepunch_linux::huge_counters::HugeCounters;
 use hugepunch_linux::sys;
 use serde::Serialize;
 use serde_json::{json, Value};
-use std::os::fd::{AsRawFd as _, OwnedFd};
+use std::os::fd::{AsFd as _, AsRawFd as _};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -54,7 +54,7 @@ struct Snapshot {
 }
 
 impl Snapshot {
-    fn take(fd: &OwnedFd) -> anyhow::Result<Snapshot> {
+    fn take(fd: &sys::SizedFile) -> anyhow::Result<Snapshot> {
         Ok(Snapshot {
             counters: HugeCounters::read().ok_or_else(|| anyhow!("cannot read /proc/meminfo"))?,
             allocated: sys::allocated_bytes(fd)
@@ -376,7 +376,7 @@ pub fn run(
     let path = PathBuf::from(format!(
         "/proc/{}/fd/{}",
         std::process::id(),
-        fd.as_raw_fd()
+        fd.as_fd().as_raw_fd()
     ));
 
     phase("booting");

@@ -7,7 +7,7 @@
 pub use hugepunch::testing::watchdog;
 
 use hugepunch::{ByteRange, HugePunch, SubpageState, SUBPAGE_SIZE};
-use hugepunch_linux::pattern::engine_allocated_bytes;
+use hugepunch_linux::replay::engine_allocated_bytes;
 use hugepunch_linux::{Backend, LinuxHost, MemfdOptions};
 
 /// 8 MiB: four 2 MiB huge pages (small, so the suite stays quick).
