@@ -4,6 +4,8 @@
 
 mod compare;
 mod demo;
+#[cfg(target_os = "linux")]
+mod memory_args;
 mod progress;
 #[cfg(target_os = "linux")]
 mod qemu;

@@ -1,24 +1,21 @@
 //! `hugepunch real`: the same pattern on real kernel memory, punched
 //! directly and through the engine (hugepunch-linux does the work).
 
+use crate::memory_args::{MemoryArgs, PatternArgs};
 use anyhow::Context as _;
-use clap::builder::PossibleValuesParser;
 use hugepunch_cli::format::{bytes, count, paragraph, seconds, table};
 use hugepunch_linux::{Backend, RealReport, RunOptions};
 
+/// The help of `--backend` here: the shared text and this command's default.
+const BACKEND_HELP: &str = "memfd, guest-memfd, thp (a private huge=always tmpfs mounted for the \
+run: real transparent huge pages, root only, nothing left behind) or file (a file in --path, as \
+QEMU's mem-path=) [default: guest-memfd where /dev/kvm offers it, else memfd, saying why]";
+
 #[derive(clap::Args)]
+#[command(mut_arg("backend", |a| a.help(BACKEND_HELP)))]
 pub struct Args {
-    /// memfd, guest-memfd, thp (a private huge=always tmpfs mounted for
-    /// the run: real transparent huge pages, root only, nothing left
-    /// behind) or file (a file in --path, as QEMU's mem-path=) [default:
-    /// guest-memfd where /dev/kvm offers it, else memfd, saying why]
-    #[arg(long, value_parser = PossibleValuesParser::new(Backend::NAMES))]
-    backend: Option<String>,
-    /// The directory of --backend file: a tmpfs mounted with -o huge=,
-    /// hugetlbfs, or any other filesystem; the huge page size is read from
-    /// it [default: none; --backend file needs it]
-    #[arg(long, value_name = "DIR")]
-    path: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    memory: MemoryArgs,
     /// The engine's pending-memory budget (bytes, e.g. 64M): over it the
     /// engine frees pending punches 4 KiB at a time, splitting huge pages as
     /// direct punching does [default: none]
@@ -28,45 +25,8 @@ pub struct Args {
     /// available, less a margin).
     #[arg(long, default_value = "1G", value_parser = crate::number)]
     size: u64,
-    /// The pattern, or all of them one after the other.
-    #[arg(long, default_value = "ascending", value_parser = crate::patterns_arg())]
-    pattern: crate::Patterns,
-    /// Seed of the random patterns (the same operations as `gen` writes
-    /// for the same pattern, size and seed).
-    #[arg(long, default_value_t = hugepunch_workload::DEFAULT_SEED)]
-    seed: u64,
-    /// One JSON object per pattern.
-    #[arg(long)]
-    json: bool,
-}
-
-/// `--backend` and `--path` together: `file` needs a directory, and only
-/// `file` takes one.
-pub fn backend(
-    command: &'static str,
-    name: Option<&str>,
-    path: Option<&std::path::Path>,
-) -> anyhow::Result<Option<Backend>> {
-    match (name, path) {
-        (Some("file"), Some(dir)) => Ok(Some(Backend::File(dir.to_path_buf()))),
-        (Some("file"), None) => Err(crate::arg_error(
-            command,
-            "--backend file needs --path DIR: the directory to make the file in (a tmpfs \
-             mounted with -o huge=always, or hugetlbfs)"
-                .to_string(),
-        )),
-        (name, Some(_)) => Err(crate::arg_error(
-            command,
-            format!(
-                "--path is for --backend file, not {}",
-                name.unwrap_or("the default backend")
-            ),
-        )),
-        (Some(name), None) => Ok(Some(name.parse().map_err(
-            |e: hugepunch_linux::SetupError| crate::arg_error(command, e.to_string()),
-        )?)),
-        (None, None) => Ok(None),
-    }
+    #[command(flatten)]
+    run: PatternArgs,
 }
 
 /// Bytes of bookkeeping per subpage of the file besides the file itself
@@ -145,10 +105,10 @@ fn choose_backend(
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     check_memory(a.size, mem_available())?;
-    let asked = backend("real", a.backend.as_deref(), a.path.as_deref())?;
+    let asked = a.memory.asked("real")?;
     let (backend, note) = choose_backend(asked, hugepunch_linux::guest_memfd_unavailable);
     if let Some(note) = note {
-        if a.json {
+        if a.run.json {
             // Standard output is the JSON objects only.
             eprintln!("hugepunch: {note}");
         } else {
@@ -157,18 +117,18 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     let mut footnote = false;
     let mut kernel_note = false;
-    for p in a.pattern.0 {
-        let spinner = crate::progress::spinner(!a.json, &format!("real {p} on {backend}"));
+    for p in a.run.pattern.0 {
+        let spinner = crate::progress::spinner(!a.run.json, &format!("real {p} on {backend}"));
         let report = hugepunch_linux::real::run_with(&RunOptions {
             backend: backend.clone(),
             size: a.size,
             pattern: p,
-            seed: a.seed,
+            seed: a.run.seed,
             budget: a.budget,
         })
         .with_context(|| format!("real {p} on {backend}"))?;
         spinner.finish_and_clear();
-        if a.json {
+        if a.run.json {
             crate::write_stdout(&format!("{}\n", serde_json::to_string(&report)?))?;
         } else {
             footnote |= !report.huge_backing_available;

@@ -10,7 +10,13 @@ use hugepunch_model::{ModelConfig, Options, StrategyKind};
 use hugepunch_workload::{Step, StreamModel};
 use serde::Serialize;
 
+/// The help of `--backend` here.
+#[cfg(target_os = "linux")]
+const BACKEND_HELP: &str = "Also replay it on real memory: memfd, guest-memfd, thp or file (with \
+--path) [default: none, the kernel model only]";
+
 #[derive(clap::Args)]
+#[cfg_attr(target_os = "linux", command(mut_arg("backend", |a| a.help(BACKEND_HELP))))]
 pub struct Args {
     /// Guest memory (a multiple of 2 MiB).
     #[arg(long, default_value = "1G", value_parser = crate::number)]
@@ -48,15 +54,9 @@ pub struct Args {
     /// own; on real memory, the engine side uses it) [default: none]
     #[arg(long, value_parser = crate::number)]
     budget: Option<u64>,
-    /// Also replay it on real memory: memfd, guest-memfd, thp or file
-    /// (with --path) [default: none, the kernel model only]
     #[cfg(target_os = "linux")]
-    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(hugepunch_linux::Backend::NAMES))]
-    backend: Option<String>,
-    /// The directory of --backend file [default: none]
-    #[cfg(target_os = "linux")]
-    #[arg(long, value_name = "DIR")]
-    path: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    memory: crate::memory_args::MemoryArgs,
     /// Write the stream as a trace (docs/CONTRACT.md §7) to this file
     /// [default: none]
     #[arg(long, value_name = "FILE")]
@@ -122,7 +122,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             .with_context(|| format!("write the trace to {}", path.display()))?;
     }
     #[cfg(target_os = "linux")]
-    let backend = real_backend(&a)?;
+    let backend = a.memory.asked("stream")?;
 
     // The kernel model: today's VMMs (eager 4 KiB frees), and hugepunch.
     let steps: Vec<Step> = ops.iter().map(|&op| Step::Op(op)).collect();
@@ -235,26 +235,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         crate::write_stdout(&format!("{}\n", serde_json::to_string(&report)?))
     } else {
         crate::write_stdout(&render(&report))
-    }
-}
-
-#[cfg(target_os = "linux")]
-fn real_backend(a: &Args) -> anyhow::Result<Option<hugepunch_linux::Backend>> {
-    use hugepunch_linux::Backend;
-    match (a.backend.as_deref(), &a.path) {
-        (None, None) => Ok(None),
-        (Some("file"), Some(dir)) => Ok(Some(Backend::File(dir.clone()))),
-        (Some("file"), None) => Err(crate::arg_error(
-            "stream",
-            "--backend file needs --path DIR".to_string(),
-        )),
-        (_, Some(_)) => Err(crate::arg_error(
-            "stream",
-            "--path is for --backend file".to_string(),
-        )),
-        (Some(name), None) => Ok(Some(name.parse().map_err(
-            |e: hugepunch_linux::SetupError| crate::arg_error("stream", e.to_string()),
-        )?)),
     }
 }
 

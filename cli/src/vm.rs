@@ -3,26 +3,23 @@
 //! 4 KiB at a time as VMMs do today and through the engine, side by side
 //! (hugepunch-linux's `vm` module does the work).
 
+use crate::memory_args::{MemoryArgs, PatternArgs};
 use anyhow::Context as _;
-use clap::builder::PossibleValuesParser;
 use hugepunch_cli::format::{bytes, count, paragraph, seconds, table};
 use hugepunch_linux::vm::{KvmMappings, VmOptions, VmReport, VmSide};
 use hugepunch_linux::Backend;
 
+/// The help of `--backend` here: the shared text and this command's default.
+const BACKEND_HELP: &str = "The guest's memory: guest-memfd (its own memslot), or thp (a private \
+huge=always tmpfs, root only), memfd, or file (a file in --path, as QEMU's mem-path=) through an \
+ordinary memslot over the VMM's mapping [default: guest-memfd where KVM offers it, else thp where \
+this process may mount, else memfd, saying why]";
+
 #[derive(clap::Args)]
+#[command(mut_arg("backend", |a| a.help(BACKEND_HELP)))]
 pub struct Args {
-    /// The guest's memory: guest-memfd (its own memslot), or thp (a private
-    /// huge=always tmpfs, root only), memfd, or file (a file in --path, as
-    /// QEMU's mem-path=) through an ordinary memslot over the VMM's mapping
-    /// [default: guest-memfd where KVM offers it, else thp where this
-    /// process may mount, else memfd, saying why]
-    #[arg(long, value_parser = PossibleValuesParser::new(Backend::NAMES))]
-    backend: Option<String>,
-    /// The directory of --backend file: a tmpfs mounted with -o huge=,
-    /// hugetlbfs, or any other filesystem [default: none; --backend file
-    /// needs it]
-    #[arg(long, value_name = "DIR")]
-    path: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    memory: MemoryArgs,
     /// vCPUs, each on its own thread (pages are dealt to them round-robin,
     /// so they give back neighbouring pages of the same huge pages).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=8))]
@@ -30,20 +27,14 @@ pub struct Args {
     /// Guest memory (a multiple of 2 MiB, at most 64G).
     #[arg(long, default_value = "256M", value_parser = crate::number)]
     size: u64,
-    /// The order in which the guest gives pages back, or all of them one
-    /// after the other.
-    #[arg(long, default_value = "ascending", value_parser = crate::patterns_arg())]
-    pattern: crate::Patterns,
-    /// Seed of the random patterns.
-    #[arg(long, default_value_t = hugepunch_workload::DEFAULT_SEED)]
-    seed: u64,
-    /// One JSON object per pattern.
-    #[arg(long)]
-    json: bool,
+    /// The order in which the guest gives pages back (a pattern, or all of
+    /// them one after the other), its seed, JSON output.
+    #[command(flatten)]
+    run: PatternArgs,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let asked = crate::real::backend("vm", a.backend.as_deref(), a.path.as_deref())?;
+    let asked = a.memory.asked("vm")?;
     crate::real::check_memory(a.size, crate::real::mem_available())?;
     let backend = match asked {
         Some(Backend::GuestMemfd) => {
@@ -61,7 +52,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         None => {
             let (b, why) = hugepunch_linux::vm::default_backend();
             let note = format!("guest memory: {b}, because {why}");
-            if a.json {
+            if a.run.json {
                 // Standard output is the JSON objects only.
                 eprintln!("hugepunch: {note}");
             } else {
@@ -70,15 +61,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             b
         }
     };
-    for p in a.pattern.0 {
+    for p in a.run.pattern.0 {
         let opts = VmOptions {
             backend: backend.clone(),
             size: a.size,
             vcpus: a.vcpus.into(),
             pattern: p,
-            seed: a.seed,
+            seed: a.run.seed,
         };
-        let bar = crate::progress::bar(1, !a.json, "");
+        let bar = crate::progress::bar(1, !a.run.json, "");
         let report = hugepunch_linux::vm::run(&opts, &|side, done, total| {
             bar.set_length(total);
             bar.set_position(done);
@@ -86,7 +77,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         })
         .with_context(|| format!("vm {p}"))?;
         bar.finish_and_clear();
-        if a.json {
+        if a.run.json {
             crate::write_stdout(&format!("{}\n", serde_json::to_string(&report)?))?;
         } else {
             crate::write_stdout(&format!("{}\n", render(&report)))?;

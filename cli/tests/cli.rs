@@ -612,6 +612,27 @@ fn real_rejects_an_unknown_backend_in_one_line() {
     );
 }
 
+/// `real`, `vm` and `stream` share `--backend` and `--path`; each says its
+/// own default, and each checks the pair the same way.
+#[cfg(target_os = "linux")]
+#[test]
+fn each_command_on_real_memory_says_its_own_default_backend() {
+    for (command, default) in [
+        ("real", "else memfd, saying why"),
+        ("vm", "else thp where this process may mount, else memfd"),
+        ("stream", "[default: none, the kernel model only]"),
+    ] {
+        let out = run(&[command, "--help"]);
+        assert!(out.status.success());
+        let help = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(help.contains(default), "{command}: {help}");
+        assert!(help.contains("--path <DIR>"), "{command}: {help}");
+    }
+}
+
 #[cfg(target_os = "linux")]
 #[test]
 fn real_file_backend_needs_its_directory_and_only_it_takes_one() {
@@ -620,6 +641,12 @@ fn real_file_backend_needs_its_directory_and_only_it_takes_one() {
         (
             &["real", "--backend", "memfd", "--path", "/tmp"][..],
             "--path is for --backend file",
+        ),
+        (&["vm", "--backend", "file"][..], "needs --path DIR"),
+        (&["stream", "--backend", "file"][..], "needs --path DIR"),
+        (
+            &["stream", "--path", "/tmp"][..],
+            "--path is for --backend file, not the default backend",
         ),
     ] {
         let out = run(args);
