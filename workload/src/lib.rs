@@ -48,9 +48,10 @@ pub mod stream;
 pub mod target;
 pub mod trace;
 
-pub use guest::{demo_window, demo_workloads, run_step, Guest, Step, Workload};
+pub use guest::{demo_window, demo_workloads, run_step, Guest, Workload};
 pub use pattern::{Pattern, UnknownPattern, DEFAULT_SEED};
 pub use rng::Rng;
+pub use step::Step;
 pub use stream::{BadModel, StreamModel};
 pub use target::{apply, apply_all, Target};
 pub use trace::{

@@ -36,8 +36,8 @@
 //! used, with [`Rng`] seeded by `seed`: the same model and seed give the
 //! same stream everywhere.
 
+use crate::rng::Rng;
 use crate::trace::{Op, Trace};
-use crate::Rng;
 use hugepunch::{Attribute, Geometry, SUBPAGE_SIZE};
 use serde::Serialize;
 
@@ -92,7 +92,7 @@ impl StreamModel {
             dma_window: 64,
             balloon: size / 8 / SUBPAGE_SIZE * SUBPAGE_SIZE,
             reporting: size / 8 / HUGE * HUGE,
-            seed: crate::DEFAULT_SEED,
+            seed: crate::pattern::DEFAULT_SEED,
         }
     }
 
