@@ -78,6 +78,16 @@ pub fn engine_stats(e: &HugePunch) -> BTreeMap<String, u64> {
         .collect()
 }
 
+/// The model's statistics by their CONTRACT.md §6 names ([`crate::Stats::named`]).
+fn model_stats(model: &Model) -> BTreeMap<String, u64> {
+    model
+        .stats
+        .named()
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+}
+
 // ---------------------------------------------------------------------------
 // Operations and their outcomes
 // ---------------------------------------------------------------------------
@@ -633,10 +643,10 @@ pub fn run_case(setup: &Setup, ops: &[CaseStep]) -> Result<(), Mismatch> {
         // fails); the struct comparison first only saves the maps' cost
         // when every counter agrees (the final comparison below always
         // compares the names).
-        if engine.stats() != model.stats.as_engine_stats() {
+        if engine.stats() != model.stats {
             ensure_eq!(
                 engine_stats(&engine),
-                model.stats.named(),
+                model_stats(&model),
                 "step {}: {:?}: stats",
                 step,
                 op
@@ -687,7 +697,7 @@ pub fn run_case(setup: &Setup, ops: &[CaseStep]) -> Result<(), Mismatch> {
     );
     ensure_eq!(
         engine_stats(&engine),
-        model.stats.named(),
+        model_stats(&model),
         "final teardown stats"
     );
     ensure_eq!(

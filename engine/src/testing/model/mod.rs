@@ -5,8 +5,10 @@
 //! The model keeps, per huge page, its backing (`Absent`, `Huge`, `Split`)
 //! and one bit per subpage (punched for a `Huge` huge page, present for a
 //! `Split` one), the attribute of every subpage, the 19 statistics of §6
-//! under their names, a "fail the next N frees" knob, and the host events
-//! it would cause (`IsShared` and `InvalidateEnd` left out).
+//! (in the engine's [`Stats`]: the model's independence is in how it
+//! counts them, not in the type that holds them), a "fail the next N
+//! frees" knob, and the host events it would cause (`IsShared` and
+//! `InvalidateEnd` left out).
 //!
 //! Where the contract (`docs/CONTRACT.md`) is terse the model reads it so
 //! (each a choice to revisit if the contract says otherwise; §8 there
@@ -21,14 +23,12 @@
 
 use super::Event;
 use crate::{
-    Attribute, Backing, ByteRange, Error, Hint, Policy, SubpageState, TeardownReport, SUBPAGE_SIZE,
+    Attribute, Backing, ByteRange, Error, Hint, Policy, Stats, SubpageState, TeardownReport,
+    SUBPAGE_SIZE,
 };
 use std::collections::BTreeSet;
 
 mod queries;
-mod stats;
-
-pub use stats::ModelStats;
 
 const SUB: u64 = SUBPAGE_SIZE;
 
@@ -122,7 +122,7 @@ pub struct Model {
     /// Fail this many of the next host frees (as [`RecordingHost::fail_next_frees`](super::RecordingHost::fail_next_frees)).
     pub fail_next_frees: u64,
     /// The statistics the model expects.
-    pub stats: ModelStats,
+    pub stats: Stats,
     /// Host events the model caused, `IsShared` and `InvalidateEnd` left out.
     pub events: Vec<Event>,
 }
@@ -144,7 +144,7 @@ impl Model {
             attrs: vec![setup.start; (size / SUB) as usize],
             torn: false,
             fail_next_frees: 0,
-            stats: ModelStats::default(),
+            stats: Stats::default(),
             events: Vec::new(),
         }
     }
