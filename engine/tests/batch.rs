@@ -151,7 +151,7 @@ proptest! {
             m.punch(o, l).unwrap();
         }
         prop_assert_eq!(got, Ok(()));
-        let (es, ms) = (e.stats(), m.stats.as_engine_stats());
+        let (es, ms) = (e.stats(), m.stats);
         prop_assert_eq!(comparable(es), comparable(ms));
         prop_assert!(es.invalidations <= ms.invalidations, "{es:?} {ms:?}");
         prop_assert!(es.invalidations_immediate <= ms.invalidations_immediate);

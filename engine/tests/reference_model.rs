@@ -420,7 +420,8 @@ fn model_reproduces_the_worked_examples() {
             };
             let m = Sequential(std::cell::RefCell::new(Model::new(&setup)));
             apply_all(&m, trace.ops.iter().map(|(_, op)| op));
-            let got = m.0.into_inner().stats.named();
+            let got: std::collections::BTreeMap<_, _> =
+                m.0.into_inner().stats.named().into_iter().collect();
             let want = want.as_object().unwrap();
             assert_eq!(
                 got.len(),
@@ -429,7 +430,7 @@ fn model_reproduces_the_worked_examples() {
             );
             for (stat, value) in want {
                 assert_eq!(
-                    got.get(stat).copied(),
+                    got.get(stat.as_str()).copied(),
                     value.as_u64(),
                     "{stem} [{key}]: {stat}"
                 );

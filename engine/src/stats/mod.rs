@@ -21,79 +21,12 @@
 use crate::sync::{AtomicU64, Ordering};
 use crate::unwind::Caught;
 use crossbeam_utils::CachePadded;
-use serde::{Deserialize, Serialize};
 
-/// A snapshot of the statistics, with exactly the names of
-/// `docs/CONTRACT.md` §6.
-///
-/// Exact at quiescent points (no operation in flight); a snapshot taken
-/// while operations run may be momentarily inconsistent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct Stats {
-    /// Punches that passed validation.
-    pub punch_calls: u64,
-    /// Conversions that passed validation (`conversions_ok + conversions_rejected`).
-    pub convert_calls: u64,
-    /// Populates that passed validation.
-    pub populate_calls: u64,
-    /// Bits newly set by partial punches (a whole-huge-page punch sets none).
-    pub punched_subpages: u64,
-    /// Punched subpages not yet freed, now.
-    pub pending_subpages: u64,
-    /// The largest pending bytes seen at the end of an operation.
-    pub pending_bytes_peak: u64,
-    /// Completions (teardown excluded), and whole frees by `flush` or the
-    /// shrinker of huge pages whose completion's free had failed.
-    pub huge_frees: u64,
-    /// Huge pages freed whole by teardown.
-    pub teardown_frees: u64,
-    /// Subpages freed one by one: punches of `Split` huge pages, forced splits, `Split` huge pages at teardown.
-    pub small_freed_subpages: u64,
-    /// Host free calls of any size (failed ones included).
-    pub free_calls: u64,
-    /// Invalidation begin/end pairs of any kind.
-    pub invalidations: u64,
-    /// Immediate invalidations of partial punches of possibly-private ranges.
-    pub invalidations_immediate: u64,
-    /// Conversions that went ahead.
-    pub conversions_ok: u64,
-    /// Conversions to private refused over a pending punch.
-    pub conversions_rejected: u64,
-    /// Punched subpages un-punched by populate or by `CancelAndZero`.
-    pub repopulated_subpages: u64,
-    /// Huge pages split by the shrinker or `flush`.
-    pub forced_splits: u64,
-    /// Host frees that failed.
-    pub free_errors: u64,
-    /// Calls refused with `InvalidRange`.
-    pub errors_invalid_range: u64,
-    /// Calls refused with `TornDown`.
-    pub errors_torn_down: u64,
-}
+mod list;
 
-/// Counter indices into a shard.
-#[derive(Debug, Clone, Copy)]
-#[repr(usize)]
-pub(crate) enum C {
-    PunchCalls,
-    ConvertCalls,
-    PopulateCalls,
-    PunchedSubpages,
-    HugeFrees,
-    TeardownFrees,
-    SmallFreedSubpages,
-    FreeCalls,
-    Invalidations,
-    InvalidationsImmediate,
-    ConversionsOk,
-    ConversionsRejected,
-    RepopulatedSubpages,
-    ForcedSplits,
-    FreeErrors,
-    ErrorsInvalidRange,
-    ErrorsTornDown,
-}
-const N: usize = C::ErrorsTornDown as usize + 1;
+pub use list::Stats;
+pub(crate) use list::C;
+use list::N;
 
 /// What one operation changed, flushed into the shared counters once, and
 /// the first host panic it caught (resumed once the counters are applied).
@@ -125,6 +58,8 @@ impl Default for Delta {
 
 impl Delta {
     pub fn add(&mut self, c: C, n: u64) {
+        // Those two slots are the shards' residue and peak, not counters.
+        debug_assert!(!matches!(c, C::PendingSubpages | C::PendingBytesPeak));
         let i = c as usize;
         if self.touched & (1 << i) == 0 {
             self.touched |= 1 << i;
@@ -163,14 +98,17 @@ pub(crate) struct Counters {
 #[cfg(not(hugepunch_loom))]
 pub(crate) const BATCH: i64 = 64;
 /// Slot of a shard holding its thread's pending residue (an `i64` stored
-/// as its bits).
+/// as its bits): the slot of `pending_subpages`, which no operation counts.
 #[cfg(not(hugepunch_loom))]
-const RESIDUE: usize = N;
-/// Slot of a shard holding the largest pending subpages its threads saw.
+const RESIDUE: usize = C::PendingSubpages as usize;
+/// Slot of a shard holding the largest pending subpages its threads saw:
+/// the slot of `pending_bytes_peak`, which no operation counts.
 #[cfg(not(hugepunch_loom))]
-const PEAK: usize = N + 1;
+const PEAK: usize = C::PendingBytesPeak as usize;
 
-type Shard = CachePadded<[AtomicU64; N + 2]>;
+/// One slot per statistic (under loom the residue and peak slots stay
+/// unused: the pending count and the peak are the loom `Shards`' own).
+type Shard = CachePadded<[AtomicU64; N]>;
 
 fn new_shard() -> Shard {
     CachePadded::new(std::array::from_fn(|_| AtomicU64::new(0)))
@@ -183,6 +121,7 @@ type Global = CachePadded<crate::sync::AtomicI64>;
 
 /// What the sum of the shards says.
 pub(crate) struct Sum {
+    /// The counters, summed; 0 in the residue and peak slots.
     counts: [u64; N],
     pending: i64,
     peak: u64,
@@ -323,28 +262,9 @@ impl Counters {
 
     pub fn snapshot(&self) -> Stats {
         let sum = self.shards.sum();
-        let c = sum.counts;
-        let g = |k: C| c[k as usize];
-        Stats {
-            punch_calls: g(C::PunchCalls),
-            convert_calls: g(C::ConvertCalls),
-            populate_calls: g(C::PopulateCalls),
-            punched_subpages: g(C::PunchedSubpages),
-            pending_subpages: sum.pending.max(0) as u64,
-            pending_bytes_peak: sum.peak,
-            huge_frees: g(C::HugeFrees),
-            teardown_frees: g(C::TeardownFrees),
-            small_freed_subpages: g(C::SmallFreedSubpages),
-            free_calls: g(C::FreeCalls),
-            invalidations: g(C::Invalidations),
-            invalidations_immediate: g(C::InvalidationsImmediate),
-            conversions_ok: g(C::ConversionsOk),
-            conversions_rejected: g(C::ConversionsRejected),
-            repopulated_subpages: g(C::RepopulatedSubpages),
-            forced_splits: g(C::ForcedSplits),
-            free_errors: g(C::FreeErrors),
-            errors_invalid_range: g(C::ErrorsInvalidRange),
-            errors_torn_down: g(C::ErrorsTornDown),
-        }
+        let mut slots = sum.counts;
+        slots[C::PendingSubpages as usize] = sum.pending.max(0) as u64;
+        slots[C::PendingBytesPeak as usize] = sum.peak;
+        Stats::from_slots(&slots)
     }
 }

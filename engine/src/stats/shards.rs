@@ -386,9 +386,12 @@ impl Shards {
         // ORDERING: Relaxed: as above.
         let mut peak = self.peak.load(Ordering::Relaxed);
         for s in self.nodes().map(|n| &n.shard).chain([&self.orphans]) {
-            for (t, v) in counts.iter_mut().zip(s.iter()) {
-                // ORDERING: Relaxed: see `flush`.
-                *t += v.load(Ordering::Relaxed);
+            for (i, (t, v)) in counts.iter_mut().zip(s.iter()).enumerate() {
+                // The residue and peak slots are no counters: read below.
+                if i != RESIDUE && i != PEAK {
+                    // ORDERING: Relaxed: see `flush`.
+                    *t += v.load(Ordering::Relaxed);
+                }
             }
             // ORDERING: Relaxed: as above.
             pending += s[RESIDUE].load(Ordering::Relaxed) as i64;

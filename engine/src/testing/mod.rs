@@ -25,5 +25,5 @@ pub use differential::{
 };
 pub use hooked::{Action, Hook, HookedHost};
 pub use host::{Event, RecordingHost};
-pub use model::{MBacking, MPage, Model, ModelStats, Setup};
+pub use model::{MBacking, MPage, Model, Setup};
 pub use null::NullHost;

@@ -5,8 +5,10 @@
 //! The model keeps, per huge page, its backing (`Absent`, `Huge`, `Split`)
 //! and one bit per subpage (punched for a `Huge` huge page, present for a
 //! `Split` one), the attribute of every subpage, the 19 statistics of §6
-//! under their names, a "fail the next N frees" knob, and the host events
-//! it would cause (`IsShared` and `InvalidateEnd` left out).
+//! (in the engine's [`Stats`]: the model's independence is in how it
+//! counts them, not in the type that holds them), a "fail the next N
+//! frees" knob, and the host events it would cause (`IsShared` and
+//! `InvalidateEnd` left out).
 //!
 //! Where the contract (`docs/CONTRACT.md`) is terse the model reads it so
 //! (each a choice to revisit if the contract says otherwise; §8 there
@@ -21,14 +23,15 @@
 
 use super::Event;
 use crate::{
-    Attribute, Backing, ByteRange, Error, Hint, Policy, SubpageState, TeardownReport, SUBPAGE_SIZE,
+    Attribute, Backing, ByteRange, Error, Hint, Policy, Stats, SubpageState, TeardownReport,
+    SUBPAGE_SIZE,
 };
 use std::collections::BTreeSet;
 
 mod queries;
-mod stats;
+mod setup;
 
-pub use stats::ModelStats;
+pub use setup::Setup;
 
 const SUB: u64 = SUBPAGE_SIZE;
 
@@ -122,7 +125,7 @@ pub struct Model {
     /// Fail this many of the next host frees (as [`RecordingHost::fail_next_frees`](super::RecordingHost::fail_next_frees)).
     pub fail_next_frees: u64,
     /// The statistics the model expects.
-    pub stats: ModelStats,
+    pub stats: Stats,
     /// Host events the model caused, `IsShared` and `InvalidateEnd` left out.
     pub events: Vec<Event>,
 }
@@ -144,7 +147,7 @@ impl Model {
             attrs: vec![setup.start; (size / SUB) as usize],
             torn: false,
             fail_next_frees: 0,
-            stats: ModelStats::default(),
+            stats: Stats::default(),
             events: Vec::new(),
         }
     }
@@ -518,41 +521,5 @@ impl Model {
         }
         self.observe_peak();
         report
-    }
-}
-
-/// The configuration of one case: a file and its host's starting state.
-#[derive(Debug, Clone)]
-pub struct Setup {
-    /// Huge page order (1 to 18).
-    pub order: u8,
-    /// Number of huge pages of the file.
-    pub huge_pages: u64,
-    /// Pending-bytes budget, if any.
-    pub budget: Option<u64>,
-    /// Conversion policy at the start.
-    pub policy: Policy,
-    /// Whether the file starts populated (every huge page allocated whole).
-    pub populated: bool,
-    /// The attribute every subpage starts with.
-    pub start: Attribute,
-}
-
-impl Setup {
-    /// Subpages per huge page.
-    pub fn per(&self) -> u64 {
-        1 << self.order
-    }
-    /// File size in bytes.
-    pub fn size(&self) -> u64 {
-        self.huge_pages * (SUB << self.order)
-    }
-    /// Subpages of the file.
-    pub fn subpages(&self) -> u64 {
-        self.huge_pages * self.per()
-    }
-    /// Order 18: too many subpages to compare one by one after every step.
-    pub fn sparse(&self) -> bool {
-        self.order > 12
     }
 }
