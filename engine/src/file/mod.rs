@@ -343,7 +343,9 @@ pub(super) fn allocate(
 ) -> Result<(), HostError> {
     d.caught
         .call(|| cb.host().allocate(r, order))
-        .unwrap_or(Err(HostError { errno: crate::EIO }))
+        .unwrap_or(Err(HostError {
+            errno: crate::error::EIO,
+        }))
 }
 
 /// Absent subpages of a `SPLIT` huge page (owner only).
