@@ -11,7 +11,7 @@
 //! One type-0 VM per side. Guest memory ([`VmOptions::backend`],
 //! [`default_backend`]) is bound to memslot 0 at guest physical address 0:
 //! a guest_memfd created `MMAP | INIT_SHARED` through
-//! `KVM_SET_USER_MEMORY_REGION2` (by [`LinuxHost`]), or any other backend's
+//! `KVM_SET_USER_MEMORY_REGION2` (by [`LinuxHost`](crate::LinuxHost)), or any other backend's
 //! file through `KVM_SET_USER_MEMORY_REGION` over the VMM's shared, 2 MiB
 //! aligned mapping of it, as QEMU backs an ordinary guest (`memory` below).
 //! Either way it is allocated whole before the guest starts, and the guest
