@@ -2,14 +2,15 @@
 //! run within a bounded time, with a message naming the test, instead of
 //! stalling CI until its global timeout.
 //!
-//! ```ignore
+//! ```
 //! use hugepunch::testing::watchdog::Watchdog;
 //!
-//! #[test]
+//! // A `#[test]` function:
 //! fn two_threads_race() {
 //!     let _watchdog = Watchdog::arm("two_threads_race");
 //!     // ... spawn, drive, join, assert ...
 //! } // the guard is dropped here (or while a failing test unwinds): disarmed
+//! # two_threads_race();
 //! ```
 //!
 //! or [`Watchdog::start`] with a limit of its own, or, for a body that is an
