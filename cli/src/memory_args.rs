@@ -9,9 +9,9 @@ use std::path::PathBuf;
 /// `--backend` and `--path`.
 #[derive(clap::Args)]
 pub struct MemoryArgs {
-    /// memfd, guest-memfd, thp (a private huge=always tmpfs: real
-    /// transparent huge pages, root only, nothing left behind) or file (a
-    /// file in --path, as QEMU's mem-path=)
+    /// memfd, guest-memfd, thp (a private huge=always tmpfs mounted for the
+    /// run: real transparent huge pages, root only, nothing left behind) or
+    /// file (a file in --path, as QEMU's mem-path=)
     #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(Backend::NAMES))]
     backend: Option<String>,
     /// The directory of --backend file: a tmpfs mounted with -o huge=,
@@ -49,6 +49,12 @@ impl MemoryArgs {
             (None, None) => Ok(None),
         }
     }
+}
+
+/// `arg` (`--backend`) with the command's `default` after the shared help.
+pub fn with_default(arg: clap::Arg, default: &str) -> clap::Arg {
+    let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+    arg.help(format!("{help} [default: {default}]"))
 }
 
 /// `--pattern`, `--seed` and `--json`.

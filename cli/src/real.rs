@@ -1,18 +1,16 @@
 //! `hugepunch real`: the same pattern on real kernel memory, punched
 //! directly and through the engine (hugepunch-linux does the work).
 
-use crate::memory_args::{MemoryArgs, PatternArgs};
+use crate::memory_args::{self, MemoryArgs, PatternArgs};
 use anyhow::Context as _;
 use hugepunch_cli::format::{bytes, count, paragraph, seconds, table};
 use hugepunch_linux::{Backend, RealReport, RunOptions};
 
-/// The help of `--backend` here: the shared text and this command's default.
-const BACKEND_HELP: &str = "memfd, guest-memfd, thp (a private huge=always tmpfs mounted for the \
-run: real transparent huge pages, root only, nothing left behind) or file (a file in --path, as \
-QEMU's mem-path=) [default: guest-memfd where /dev/kvm offers it, else memfd, saying why]";
-
 #[derive(clap::Args)]
-#[command(mut_arg("backend", |a| a.help(BACKEND_HELP)))]
+#[command(mut_arg("backend", |a| memory_args::with_default(
+    a,
+    "guest-memfd where /dev/kvm offers it, else memfd, saying why"
+)))]
 pub struct Args {
     #[command(flatten)]
     memory: MemoryArgs,

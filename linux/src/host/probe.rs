@@ -175,7 +175,7 @@ pub fn memfd_huge_backing(size: u64) -> HugeBacking {
 
 /// The huge page backing of a file on filesystem `fs` in `dir`, and its
 /// huge page size.
-pub(super) fn file_backing(dir: &Path, fs: &sys::FsOf) -> (HugeBacking, u64) {
+fn file_backing(dir: &Path, fs: &sys::FsOf) -> (HugeBacking, u64) {
     let at = dir.display();
     match fs.magic {
         sys::HUGETLBFS_MAGIC => (

@@ -41,7 +41,7 @@ pub fn allocate(fd: impl AsFd, offset: u64, len: u64) -> Result<(), i32> {
 }
 
 /// `ftruncate(fd, size)`.
-pub fn set_len(fd: impl AsFd, size: u64) -> Result<(), i32> {
+fn set_len(fd: impl AsFd, size: u64) -> Result<(), i32> {
     rustix::fs::ftruncate(fd, size).map_err(errno)
 }
 

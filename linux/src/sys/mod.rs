@@ -19,7 +19,7 @@ mod fs;
 mod kvm;
 mod mapping;
 
-pub use fd::{allocate, allocated_bytes, memfd, pread_exact, punch_hole, set_len, SizedFile};
+pub use fd::{allocate, allocated_bytes, memfd, pread_exact, punch_hole, SizedFile};
 pub use fs::{file_in, fs_of, thp_tmpfs_file, FsOf, StepError, HUGETLBFS_MAGIC, TMPFS_MAGIC};
 pub use kvm::{
     kvm_stats_fd, Kvm, KvmError, KvmStats, Vcpu, VcpuExit, GUEST_MEMFD_FLAG_INIT_SHARED,

@@ -320,8 +320,7 @@ fn read_back(
     Ok(data)
 }
 
-/// Direct punching: what the file holds at the end is the pages the guest
-/// uses, and at most the rest of each huge page a take-back landed in.
+/// Direct punching: what the file holds at the end (see below).
 fn check_direct_residency(
     opts: &VmOptions,
     scripts: &[Vec<(u64, u64)>],
